@@ -1,0 +1,34 @@
+"""vggjax: the VGG paper (Simonyan & Zisserman, ICLR 2015) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vggjax",
+    version="0.1.0",
+    description="Very Deep Convolutional Networks (VGG) in JAX/Flax: Table 1's nets, the "
+                "paper's training and dense multi-scale evaluation, data-parallel on a Mesh.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vggjax", "vggjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "ml_collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).
+        "imagenet": ["tensorflow-cpu>=2.16"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["vggjax=vggjax.main:run"]},
+)

@@ -1,0 +1,195 @@
+"""Table 1 configurations: shapes, parameter counts (Table 2), classic vs dense form, LRN, BN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vggjax import models, summary
+
+# Table 2 and torchvision's counts (A-LRN has no parameters beyond A; C adds three 1×1 convs).
+PARAM_COUNTS = {
+    "A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
+    "D": 138_357_544, "E": 143_667_240,
+    "vgg11_bn": 132_868_840, "vgg13_bn": 133_053_736, "vgg16_bn": 138_365_992,
+    "vgg19_bn": 143_678_248,
+}
+CONV_LAYERS = {"A": 8, "A-LRN": 8, "B": 10, "C": 13, "D": 13, "E": 16, "B-shallow": 5}
+
+
+def narrow(name, crop=64, **kw):
+    return models.create_model(name, 10, width=1 / 16, fc_width=32, crop_size=crop,
+                               kernel_init="he", **kw)
+
+
+def init(model):
+    # rbg keys compile ~4× faster than threefry on CPU; the values do not matter here.
+    return models.init_variables(model, jax.random.key(0, impl="rbg"))
+
+
+@pytest.fixture(scope="module")
+def narrow_a():
+    model = narrow("A")
+    return model, init(model)
+
+
+@pytest.mark.parametrize("name,count", PARAM_COUNTS.items())
+def test_parameter_counts_match_table_2_and_torchvision(name, count):
+    variables = models.abstract_variables(models.create_model(name))
+    assert models.count_params(variables["params"]) == count
+
+
+@pytest.mark.parametrize("alias,config", [("vgg11", "A"), ("vgg11_lrn", "A-LRN"), ("vgg13", "B"),
+                                          ("vgg16", "D"), ("VGG19", "E"), ("vgg16_c", "C")])
+def test_aliases(alias, config):
+    model = models.create_model(alias)
+    assert (model.config, model.batch_norm) == (config, False)
+
+
+@pytest.mark.parametrize("name", list(models.TABLE_1))
+def test_layers_follow_table_1(name):
+    params = models.abstract_variables(narrow(name))["params"]
+    convs = [k for k in params if k.startswith("conv")]
+    assert len(convs) == CONV_LAYERS[name]
+    assert sorted(k for k in params if k.startswith("fc")) == ["fc6", "fc7", "fc8"]
+    # Channels double per stage up to 512 (×1/16 here); the last stage keeps 512.
+    last = {int(k[4]): params[k]["kernel"].shape[-1] for k in convs}
+    assert [last[s] for s in range(1, 6)] == [4, 8, 16, 32, 32]
+    # C's third conv of stages 3–5 is 1×1; the shallow net uses 5×5.
+    if name == "C":
+        assert [params[f"conv{s}_3"]["kernel"].shape[:2] for s in (3, 4, 5)] == [(1, 1)] * 3
+    if name == "B-shallow":
+        assert all(params[k]["kernel"].shape[:2] == (5, 5) for k in convs)
+
+
+@pytest.mark.parametrize("name,gmacs", [("D", 15.47), ("E", 19.63)])
+def test_summary_counts_flops_and_agrees_with_the_module(name, gmacs):
+    model = models.create_model(name)
+    rows = summary.layer_rows(model)
+    assert round(sum(r.macs for r in rows) / 1e9, 2) == gmacs
+    assert sum(r.params for r in rows) == PARAM_COUNTS[name]
+    assert rows[-1].shape == (1, 1, 1000)
+
+
+@pytest.mark.parametrize("name", list(models.TABLE_1) + ["vgg16_bn"])
+def test_summary_params_equal_module_params_for_narrow_nets(name):
+    model = narrow(name)
+    variables = models.abstract_variables(model)
+    assert sum(r.params for r in summary.layer_rows(model)) == models.count_params(variables["params"])
+
+
+def test_dense_form_at_crop_size_equals_classic_logits_full_vgg16():
+    model = models.create_model("D")
+    variables = models.init_variables(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3)) * 60.0
+    classic = model.apply(variables, x, train=False)
+    dense = model.apply(variables, x, dense=True)
+    assert classic.shape == (2, 1000) and dense.shape == (2, 1, 1, 1000)
+    rel = jnp.abs(dense[:, 0, 0] - classic).max() / jnp.abs(classic).max()
+    assert rel < 1e-4
+
+
+@pytest.mark.parametrize("name", ["A-LRN", "C", "vgg13_bn", "B-shallow"])
+def test_dense_equals_classic_for_other_configurations(name):
+    model = narrow(name, crop=224)
+    variables = init(model)
+    x = jax.random.normal(jax.random.key(1), (2, 224, 224, 3)) * 60.0
+    classic = model.apply(variables, x)
+    dense = model.apply(variables, x, dense=True)[:, 0, 0]
+    assert float(jnp.abs(classic).max()) > 0
+    np.testing.assert_allclose(dense, classic, rtol=0, atol=1e-4 * float(jnp.abs(classic).max()))
+
+
+@pytest.mark.parametrize("crop,hw,expected", [(224, (256, 352), (2, 5)), (224, (224, 480), (1, 9)),
+                                               (224, (250, 255), (1, 1)), (64, (96, 160), (2, 4))])
+def test_score_map_shape(crop, hw, expected):
+    model = narrow("A", crop=crop)
+    variables = models.abstract_variables(model)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, dense=True), variables,
+                         jax.ShapeDtypeStruct((3, *hw, 3), jnp.float32))
+    assert out.shape == (3, *expected, 10)
+
+
+def test_fc_as_conv_is_the_flattened_fc():
+    kernel = jax.random.normal(jax.random.key(0), (2 * 2 * 3, 5))
+    fmap = jax.random.normal(jax.random.key(1), (1, 2, 2, 3))
+    conv = jax.lax.conv_general_dilated(fmap, models.fc_as_conv(kernel, 2), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv[0, 0, 0], fmap.reshape(1, -1)[0] @ kernel, rtol=1e-5)
+
+
+def test_lrn_matches_krizhevsky_formula():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 9)).astype(np.float32) * 20
+    p = models.LRN_PARAMS
+    expected = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        lo, hi = max(0, c - p["size"] // 2), min(x.shape[-1], c + p["size"] // 2 + 1)
+        denom = (p["k"] + p["alpha"] * (x[..., lo:hi] ** 2).sum(-1)) ** p["beta"]
+        expected[..., c] = x[..., c] / denom
+    np.testing.assert_allclose(models.local_response_norm(jnp.asarray(x), **p), expected, rtol=1e-5)
+
+
+def test_batch_norm_train_and_eval_modes():
+    model = narrow("vgg11_bn")
+    variables = init(model)
+    assert "batch_stats" in variables and "conv1_1_bn" in variables["batch_stats"]
+    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3)) * 50
+    rngs = {"dropout": jax.random.key(2)}
+    out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+    # Training normalises with the batch's statistics and moves the running averages.
+    before = variables["batch_stats"]["conv1_1_bn"]["mean"]
+    after = updates["batch_stats"]["conv1_1_bn"]["mean"]
+    assert not np.allclose(before, after)
+    # Evaluation uses the running averages: an image's output does not depend on its batch.
+    alone = model.apply(variables, x[:1])
+    in_batch = model.apply(variables, x)[:1]
+    np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-6)
+    # ...while in training mode it does.
+    train_alone = model.apply(variables, x[:2], train=True, rngs=rngs, mutable=["batch_stats"])[0]
+    assert not np.allclose(train_alone[:1], out[:1], atol=1e-3)
+
+
+def test_dropout_only_in_training(narrow_a):
+    model, variables = narrow_a
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b)
+
+
+def test_bfloat16_compute_keeps_float32_params(narrow_a):
+    model, variables = narrow_a
+    bf16 = narrow("A", dtype=jnp.bfloat16)
+    assert jax.tree.map(jnp.shape, models.abstract_variables(bf16)) == jax.tree.map(jnp.shape, variables)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50
+    out = bf16.apply(variables, x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), model.apply(variables, x), rtol=0.1,
+                               atol=0.05 * float(jnp.abs(out).max()))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(name="vgg17"), "unknown model 'vgg17'"),
+    (dict(name="D", crop_size=100), "multiple of 32"),
+    (dict(name="D", width=0), "positive"),
+    (dict(name="D", kernel_init="zeros"), "unknown kernel_init"),
+])
+def test_create_model_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.create_model(**kwargs)
+
+
+@pytest.mark.parametrize("shape,dense,message", [
+    ((1, 64, 64, 4), False, "3 \\(RGB\\) channels"),
+    ((1, 64, 64), False, "3 \\(RGB\\) channels"),
+    ((1, 63, 100, 3), True, "at least 64×64"),
+    ((1, 96, 96, 3), False, "takes 64×64 crops"),
+])
+def test_bad_inputs_get_clear_errors(shape, dense, message):
+    model = narrow("A")
+    variables = models.abstract_variables(model)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda v, x: model.apply(v, x, dense=dense), variables,
+                       jax.ShapeDtypeStruct(shape, jnp.float32))

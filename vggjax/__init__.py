@@ -1,0 +1,5 @@
+"""vggjax: Very Deep Convolutional Networks (Simonyan & Zisserman, 2015) in JAX/Flax."""
+
+from vggjax.models import create_model
+
+__all__ = ["create_model"]

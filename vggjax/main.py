@@ -1,0 +1,95 @@
+"""Command line: `python -m vggjax.main --config=configs/vgg19.py --workdir=DIR [--mode=MODE]`.
+
+Thin on purpose: flags in, one function of vggjax out. A user mistake (a bad flag, config
+field or value) ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
+    "override fields with --config.FIELD=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "features"],
+                          "train: train (resuming from the workdir); eval: the paper's test "
+                          "protocols; summary: print the layer table; features: Appendix B "
+                          "descriptors.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "--mode=summary: count for this image "
+                                   "size (dense form) instead of the crop.")
+
+_NOT_BUILT = {"eval": "dense/multi-crop evaluation (Sect. 3.2)",
+              "features": "feature extraction (Appendix B)"}
+
+
+def _fail(message: str) -> None:
+    print(f"vggjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
+    config, mode = _CONFIG.value, _MODE.value
+    from vggjax import recipe  # after flag parsing: keeps --help fast and jax unimported
+
+    try:
+        recipe.validate(config)
+        if mode == "summary":
+            from vggjax import models, summary
+
+            model = models.create_model(config.model, config.num_classes, width=config.width,
+                                        fc_width=config.fc_width, crop_size=config.crop_size)
+            if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < config.crop_size:
+                raise ValueError(f"--image_size must be at least the crop ({config.crop_size}), "
+                                 f"got {_IMAGE_SIZE.value}")
+            print(f"Config ({config_flags.get_config_filename(flags.FLAGS['config'])}):")
+            print(config)
+            print(summary.format_summary(model, config.model, _IMAGE_SIZE.value))
+            return
+        if mode in _NOT_BUILT:
+            _fail(f"--mode={mode} ({_NOT_BUILT[mode]}) is not built yet; available modes: "
+                  f"train, summary")
+        if not _WORKDIR.value:
+            raise ValueError(f"--workdir is required for --mode={mode}")
+        from vggjax import train
+
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except ValueError as e:  # bad input: the message names it and what is allowed
+        _fail(str(e))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with one line for a bad flag instead of a usage dump or a traceback."""
+    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        config_path = argv[argv.index("--config") + 1]
+    if config_path is None:
+        _fail("--config is required, e.g. --config=configs/vgg16.py")
+    if not os.path.isfile(config_path.split(":", 1)[0]):
+        _fail(f"config file {config_path.split(':', 1)[0]!r} not found; the configs are in configs/")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # the config's own error is the last line of the message
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        flag = lines[0].split(": ", 1)[0]
+        _fail(f"{flag}: {lines[-1].split(': ', 1)[-1]}" if len(lines) > 1 else lines[0])
+    except (AttributeError, KeyError) as e:  # config_flags' way of saying "no such field"
+        name = str(e).strip("'\"")
+        field = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a),
+                     name)
+        _fail(f"unknown config field {field}; --mode=summary lists the fields of {config_path}")
+
+
+def run() -> None:
+    logging.set_verbosity(logging.INFO)
+    app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

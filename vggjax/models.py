@@ -1,0 +1,236 @@
+"""The VGG configurations of Table 1 as data, and one Flax module that builds them all.
+
+Every net is five stages of convolutions, each followed by 2×2 max-pooling, then three
+fully-connected layers (Sect. 2.1). The module has two forms over the same parameters:
+the classic one for fixed-size crops (training, Sect. 3.1) and the dense one, where the
+FC layers act as convolutions over a whole image of any size (testing, Sect. 3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
+# for a conv layer, "LRN" for local response normalisation. Max-pooling ends every stage.
+_S = {64: (3, 64), 128: (3, 128), 256: (3, 256), 512: (3, 512)}
+TABLE_1: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "A": ((_S[64],), (_S[128],), (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
+    "A-LRN": ((_S[64], "LRN"), (_S[128],), (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
+    "B": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
+    "C": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 2 + ((1, 256),),
+          (_S[512],) * 2 + ((1, 512),), (_S[512],) * 2 + ((1, 512),)),
+    "D": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 3, (_S[512],) * 3, (_S[512],) * 3),
+    "E": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 4, (_S[512],) * 4, (_S[512],) * 4),
+    # Sect. 4.1: B with each pair of 3×3 convs replaced by a single 5×5 conv.
+    "B-shallow": (((5, 64),), ((5, 128),), ((5, 256),), ((5, 512),), ((5, 512),)),
+}
+
+# Names users know from torchvision, timm and Keras. "_bn" adds batch norm after each conv.
+ALIASES = {
+    "vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D",
+    "vgg19": "E", "vgg13_shallow": "B-shallow", "shallow": "B-shallow",
+}
+BATCH_NORM_NETS = {"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D", "vgg19_bn": "E"}
+
+MODEL_NAMES = tuple(TABLE_1) + tuple(ALIASES) + tuple(BATCH_NORM_NETS)
+
+# Krizhevsky et al. (2012), Sect. 3.3: b = a / (k + alpha * sum of a^2 over `size` channels)^beta.
+LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One row of the layer table: what the module builds and what the summary counts."""
+
+    name: str  # Caffe's names (conv1_1 ... conv5_4, fc6, fc7, fc8), as in the released weights
+    kind: str  # "conv", "lrn", "pool" or "fc"
+    kernel: int = 0
+    features: int = 0
+
+
+def layer_table(config: str, width: float = 1.0, fc_width: int = 4096,
+                num_classes: int = 1000) -> list[Layer]:
+    """The layers of a Table 1 configuration with channels scaled by `width`."""
+    stages = TABLE_1[config]
+    layers = []
+    for s, stage in enumerate(stages, start=1):
+        conv = 0
+        for spec in stage:
+            if spec == "LRN":
+                layers.append(Layer(f"lrn{s}", "lrn"))
+            else:
+                conv += 1
+                kernel, channels = spec
+                layers.append(Layer(f"conv{s}_{conv}", "conv", kernel, max(1, round(channels * width))))
+        layers.append(Layer(f"pool{s}", "pool", 2))
+    layers += [Layer("fc6", "fc", 0, fc_width), Layer("fc7", "fc", 0, fc_width),
+               Layer("fc8", "fc", 0, num_classes)]
+    return layers
+
+
+def local_response_norm(x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 2.0) -> jax.Array:
+    """Cross-channel LRN of Krizhevsky et al. on NHWC input (used only by net A-LRN).
+
+    Caffe and PyTorch divide alpha by `size`; Krizhevsky's formula, used here, does not.
+    """
+    half = size // 2
+    sq = jnp.square(x.astype(jnp.float32))
+    window_sum = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                                       ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    return (x / jnp.power(k + alpha * window_sum, beta)).astype(x.dtype)
+
+
+def fc_as_conv(kernel: jax.Array, window: int) -> jax.Array:
+    """An FC kernel (in, out) as the equivalent conv kernel (window, window, in/window², out).
+
+    The classic form flattens the last feature map in NHWC order, so this reshape is exact:
+    one set of parameters serves both the classic and the dense (Sect. 3.2) form.
+    """
+    fan_in, features = kernel.shape
+    return kernel.reshape(window, window, fan_in // (window * window), features)
+
+
+KERNEL_INITS: dict[str, Callable[..., Any]] = {
+    # Sect. 3.1: "zero mean and 10^-2 variance"; the Caffe release used std 0.01, which we follow.
+    "normal": nn.initializers.normal(stddev=1e-2),
+    # Sect. 3.1: the later finding that Glorot & Bengio (2010) initialisation needs no pre-training.
+    "glorot": nn.initializers.glorot_uniform(),
+    "he": nn.initializers.he_normal(),
+}
+
+
+class FullyConnected(nn.Module):
+    """An FC layer whose kernel can also be applied as a `window`×`window` VALID conv."""
+
+    features: int
+    window: int = 1
+    kernel_init: Callable[..., Any] = KERNEL_INITS["normal"]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, dense: bool) -> jax.Array:
+        fan_in = x.shape[-1] * (self.window ** 2 if dense else 1)
+        kernel = self.param("kernel", self.kernel_init, (fan_in, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if not dense:
+            return x @ kernel + bias
+        y = jax.lax.conv_general_dilated(x, fc_as_conv(kernel, self.window), (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+class VGG(nn.Module):
+    """A VGG net. `__call__(images, train=False, dense=False)`.
+
+    images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
+    logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
+    classes) with h = H//32 − crop_size/32 + 1 (224: H//32 − 6).
+    """
+
+    config: str = "D"
+    num_classes: int = 1000
+    width: float = 1.0
+    fc_width: int = 4096
+    crop_size: int = 224
+    batch_norm: bool = False
+    dropout_rate: float = 0.5
+    kernel_init: str = "normal"
+    dtype: Any = jnp.float32
+
+    @property
+    def layers(self) -> list[Layer]:
+        return layer_table(self.config, self.width, self.fc_width, self.num_classes)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {x.shape}")
+        size = tuple(x.shape[1:3])
+        if dense and min(size) < self.crop_size:
+            raise ValueError(f"dense evaluation needs images at least {self.crop_size}×"
+                             f"{self.crop_size}, got {size[0]}×{size[1]}")
+        if not dense and size != (self.crop_size, self.crop_size):
+            raise ValueError(f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
+                             f"{size[0]}×{size[1]}; use dense=True for whole images")
+        init = KERNEL_INITS[self.kernel_init]
+        x = x.astype(self.dtype)
+        for layer in self.layers:
+            if layer.kind == "conv":
+                x = nn.Conv(layer.features, (layer.kernel, layer.kernel), padding="SAME",
+                            kernel_init=init, dtype=self.dtype, name=layer.name)(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     dtype=self.dtype, name=layer.name + "_bn")(x)
+                x = nn.relu(x)
+            elif layer.kind == "lrn":
+                x = local_response_norm(x, **LRN_PARAMS)
+            elif layer.kind == "pool":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                if layer.name == "fc6" and not dense:
+                    x = x.reshape(x.shape[0], -1)
+                window = self.crop_size // 32 if layer.name == "fc6" else 1
+                x = FullyConnected(layer.features, window, init, self.dtype, name=layer.name)(x, dense)
+                if layer.name != "fc8":
+                    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+        return x
+
+
+def resolve_name(name: str) -> tuple[str, bool]:
+    """Maps a model name or alias to (Table 1 configuration, batch_norm)."""
+    if name in TABLE_1:
+        return name, False
+    if name.lower() in ALIASES:
+        return ALIASES[name.lower()], False
+    if name.lower() in BATCH_NORM_NETS:
+        return BATCH_NORM_NETS[name.lower()], True
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def create_model(name: str, num_classes: int = 1000, *, width: float = 1.0,
+                 fc_width: int = 4096, crop_size: int = 224, dropout_rate: float = 0.5,
+                 kernel_init: str = "normal", dtype: Any = jnp.float32) -> VGG:
+    """The VGG net `name` (a Table 1 column such as "D", or an alias such as "vgg16_bn").
+
+    width scales every conv's channels and fc_width sets the FC layers' size, so tests and the
+    demo can run narrow nets of exactly the paper's shape.
+    """
+    config, batch_norm = resolve_name(name)
+    if crop_size <= 0 or crop_size % 32:
+        raise ValueError(f"crop_size must be a positive multiple of 32 (five 2×2 poolings), "
+                         f"got {crop_size}")
+    if width <= 0 or fc_width <= 0 or num_classes <= 0:
+        raise ValueError(f"width, fc_width and num_classes must be positive, got {width}, "
+                         f"{fc_width}, {num_classes}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if kernel_init not in KERNEL_INITS:
+        raise ValueError(f"unknown kernel_init {kernel_init!r}; choose one of "
+                         f"{', '.join(KERNEL_INITS)}")
+    return VGG(config, num_classes, width, fc_width, crop_size, batch_norm, dropout_rate,
+               kernel_init, jnp.dtype(dtype))
+
+
+def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
+    """Random variables for `model` (params, and batch_stats for the BN variants)."""
+    dummy = jnp.zeros((1, model.crop_size, model.crop_size, 3), jnp.float32)
+    return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
+
+
+def abstract_variables(model: VGG) -> dict[str, Any]:
+    """Shapes and dtypes of `model`'s variables without allocating them."""
+    return dict(jax.eval_shape(lambda r: model.init(r, jnp.zeros(
+        (1, model.crop_size, model.crop_size, 3), jnp.float32), train=False), jax.random.key(0)))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
