@@ -5,3 +5,35 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests build the same tiny programs many times (and in subprocesses): compile each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dir(tmp_path_factory):
+    """A small copy of the generated demo set: 10 classes, 20 train and 4 val images each."""
+    from vggjax.data import demo
+
+    return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("cache") / "demo"),
+                                    train_per_class=20, val_per_class=4)
+
+
+@pytest.fixture
+def tiny_config(tiny_demo_dir):
+    """configs/demo.py made smaller still: a few steps take seconds on a CPU."""
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data_dir = tiny_demo_dir
+    c.width, c.fc_width, c.batch_size, c.num_workers = 1 / 16, 32, 16, 0
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1000, 4
+    return c

@@ -60,7 +60,7 @@ def _main(argv: list[str]) -> None:
         from vggjax import train
 
         train.train_and_evaluate(config, _WORKDIR.value)
-    except ValueError as e:  # bad input: the message names it and what is allowed
+    except (ValueError, FloatingPointError) as e:  # bad input, or a diverged run: say which
         _fail(str(e))
 
 

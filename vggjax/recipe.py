@@ -78,7 +78,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # (first four convs and the three FC layers), or the S=256 net for S=384 and so on.
     c.init_from = ""
     c.init_layers = "net_a"  # net_a | all
-    if scale != "256":
+    if scale in ("384", "256-512"):
         # S=384 starts from the S=256 net with learning rate 1e-3; multi-scale starts from S=384
         # (the paper gives no rate for it: we keep 1e-3).
         c.init_layers = "all"

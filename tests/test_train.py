@@ -1,0 +1,193 @@
+"""Training (Sect. 3.1, 3.3): data-parallel equivalence, resume, SIGTERM, init from A, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vggjax import checkpoints, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic_batches(config, n, seed=0):
+    rng = np.random.default_rng(seed)
+    crop = config.crop_size
+    for _ in range(n):
+        mask = np.ones(config.batch_size, np.float32)
+        mask[-1] = 0.0  # an undecodable image: must not count
+        yield dict(image=rng.normal(0, 50, (config.batch_size, crop, crop, 3)).astype(np.float32),
+                   label=rng.integers(0, config.num_classes, config.batch_size).astype(np.int32),
+                   mask=mask)
+
+
+@pytest.mark.parametrize("model", ["A", "vgg11_bn"])
+def test_eight_devices_compute_the_same_update_as_one(tiny_config, model):
+    """Sect. 3.3: "the result is exactly the same as when training on a single GPU".
+
+    Each step starts both meshes from the same state, so float32 noise is not compounded.
+    """
+    assert jax.device_count() == 8
+    tiny_config.model = model
+    trainers = {n: train.Trainer(tiny_config, train.make_mesh(jax.devices()[:n])) for n in (8, 1)}
+    state = jax.device_get(trainers[1].init(jax.random.key(0)))
+    for batch in synthetic_batches(tiny_config, 3):
+        after = {}
+        for n, trainer in trainers.items():
+            new, metrics = trainer.train_step(jax.device_put(state, trainer.replicated),
+                                              trainer.global_batch(batch))
+            assert float(metrics["count"]) == tiny_config.batch_size - 1
+            after[n] = jax.device_get(new)
+        moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after[1].params),
+                                                        jax.tree.leaves(state.params)))
+        assert moved > 1e-4  # the step changed the parameters
+        # Equal up to float32 summation order (conv gradients sum 10⁵ terms in another order):
+        # under a thousandth of the step, where a wrong average (a sum over devices, or one
+        # device's shard alone) would be off by the order of the step itself.
+        for a, b in zip(jax.tree.leaves((after[8].params, after[8].opt_state)),
+                        jax.tree.leaves((after[1].params, after[1].opt_state))):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * moved)
+        # BN running averages are statistics of the global batch, not of each device's shard.
+        for a, b in zip(jax.tree.leaves(after[8].batch_stats), jax.tree.leaves(after[1].batch_stats)):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
+        state = after[1]
+
+
+def test_weight_decay_skips_biases_unless_asked(tiny_config):
+    params = {"conv1_1": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for biases, expected in ((False, 0.0), (True, 1.0)):
+        tiny_config.weight_decay_biases = biases
+        tx = train.make_optimizer(tiny_config)
+        updates, _ = tx.update(zero, tx.init(params), params)
+        # SGD's step is -lr * (grad + wd * w): zero gradient leaves only the decay term.
+        kernel_step = -tiny_config.learning_rate * tiny_config.weight_decay
+        np.testing.assert_allclose(updates["conv1_1"]["kernel"], kernel_step, rtol=1e-6)
+        np.testing.assert_allclose(updates["conv1_1"]["bias"], kernel_step * expected, rtol=1e-6)
+
+
+def test_learning_rate_drops_by_10_on_plateau_at_most_3_times(tiny_config):
+    trainer = train.Trainer(tiny_config, train.make_mesh(jax.devices()[:1]))
+    state = trainer.init(jax.random.key(0))
+    plateau = state.plateau
+    scales = []
+    errors = [0.9, 0.8] + [0.8] * 20  # improves, then stops improving
+    for e in errors:
+        plateau = trainer.plateau_step(plateau, state.params, jnp.float32(e))
+        scales.append(float(plateau.scale))
+    assert scales[:2] == [1.0, 1.0]
+    distinct = sorted(set(np.round(scales, 8)), reverse=True)
+    np.testing.assert_allclose(distinct, [1.0, 0.1, 0.01, 0.001], rtol=1e-5)
+    # Drops on the `patience`-th pass in a row without improvement, not before.
+    first_flat, patience = 2, tiny_config.plateau_patience
+    assert scales[first_flat + patience - 2] == 1.0
+    assert scales[first_flat + patience - 1] == pytest.approx(0.1)
+
+
+def read_params(workdir):
+    return jax.device_get(checkpoints.restore_params(workdir)["params"])
+
+
+def test_resume_equals_straight_run_and_writes_results(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 4
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert checkpoints.Checkpoints(str(tmp_path / "resumed")).latest_step() == 4
+    tiny_config.num_train_steps = 8
+    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    straight = train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+    assert resumed["step"] == straight["step"] == 8
+    for a, b in zip(jax.tree.leaves(read_params(tmp_path / "resumed")),
+                    jax.tree.leaves(read_params(tmp_path / "straight"))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert results["val_images"] == 40 and 0 <= results["top1_error"] <= 1
+    assert results["top5_error"] <= results["top1_error"]
+    assert any(p.name.startswith("events") for p in (tmp_path / "straight" / "tensorboard").iterdir())
+
+
+def test_restore_params_on_another_device_count(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 2
+    train.train_and_evaluate(tiny_config, str(tmp_path))  # written from 8 devices
+    mesh = train.make_mesh(jax.devices()[:2])
+    restored = checkpoints.restore_params(str(tmp_path / "checkpoints" / "2"),
+                                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    kernel = restored["params"]["fc8"]["kernel"]
+    assert kernel.sharding.mesh.size == 2 and kernel.shape == (32, 10)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        checkpoints.restore_params(str(tmp_path / "nope"))
+
+
+def test_half_written_checkpoint_is_never_loaded(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 4
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    # What a process killed mid-save leaves: orbax's temporary folder for a later step.
+    partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 10)
+    assert checkpoints.Checkpoints(str(tmp_path)).latest_step() == 4
+    assert read_params(tmp_path)["fc8"]["kernel"].shape == (32, 10)
+
+
+def test_init_from_net_a_copies_the_papers_seven_layers(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 2
+    train.train_and_evaluate(tiny_config, str(tmp_path / "a"))
+    net_a = read_params(tmp_path / "a")
+    tiny_config.model = "D"
+    tiny_config.init_from = str(tmp_path / "a")
+    trainer = train.Trainer(tiny_config, train.make_mesh())
+    net_d = jax.device_get(trainer.init(jax.random.key(1)).params)
+    for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"):
+        np.testing.assert_array_equal(net_d[name]["kernel"], net_a[name]["kernel"])
+    for name in ("conv1_2", "conv2_2", "conv3_3", "conv4_1", "conv5_3"):
+        assert name not in net_a or net_d[name]["kernel"].shape != net_a[name]["kernel"].shape \
+            or not np.array_equal(net_d[name]["kernel"], net_a[name]["kernel"])
+    tiny_config.model, tiny_config.init_layers = "B-shallow", "net_a"
+    with pytest.raises(ValueError, match="layer conv1_1 has shape"):
+        train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(1))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 4
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    good = read_params(tmp_path)
+    tiny_config.num_train_steps, tiny_config.learning_rate = 20, 1e12
+    with pytest.raises(FloatingPointError, match="NaN/Inf.*step 4"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert checkpoints.Checkpoints(str(tmp_path)).latest_step() == 4
+    for a, b in zip(jax.tree.leaves(read_params(tmp_path)), jax.tree.leaves(good)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
+    args = [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py",
+            f"--workdir={tmp_path}", f"--config.data_dir={tiny_demo_dir}", "--config.width=0.0625",
+            "--config.num_workers=0", "--config.batch_size=16", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1000", "--config.num_train_steps=100000"]
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until training is under way
+            if "step 3/" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - start < 30
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    step = checkpoints.Checkpoints(str(tmp_path)).latest_step()
+    assert step is not None and step >= 3
+    # The same command resumes from there and finishes a short budget with results.
+    result = subprocess.run(args[:-1] + [f"--config.num_train_steps={step + 2}"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Resumed from the checkpoint at step {step}" in result.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == step + 2

@@ -1,0 +1,92 @@
+"""Orbax checkpoints: a killed run resumes where it was; downstream work loads the parameters.
+
+A workdir holds `checkpoints/<step>/` with two items: `state` (parameters, optimizer and
+learning-rate state, random key, step) and `data` (each process's grain iterator position).
+Orbax writes a step into a temporary folder and renames it when complete, so a checkpoint
+half-written when the process died is never listed, and so never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data"
+
+
+def _checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+class Checkpoints:
+    """Saves and restores the training state and the data iterator of one workdir."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(_checkpoint_dir(workdir)),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
+             force: bool = False) -> None:
+        """Starts an asynchronous save; training goes on while it is written."""
+        self.manager.save(step, force=force, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: grain.checkpoint.CheckpointSave(data_iterator)}))
+
+    def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
+        """The latest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings);
+        `data_iterator` is moved to the saved position in place."""
+        restored = self.manager.restore(self.latest_step(), args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+        return restored[STATE]
+
+    def close(self) -> None:
+        """Waits for pending saves to finish."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _state_item_dir(path: str) -> str:
+    """The `state` item of: a workdir, its checkpoints/ folder, or one step's folder."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, STATE)):
+        return os.path.join(path, STATE)
+    root = _checkpoint_dir(path) if os.path.isdir(_checkpoint_dir(path)) else path
+    if not os.path.isdir(root):
+        raise ValueError(f"no checkpoint at {path}: expected a workdir, its checkpoints/ folder "
+                         f"or one step's folder")
+    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+        step = m.latest_step()
+    if step is None:
+        raise ValueError(f"no complete checkpoint in {root}")
+    return os.path.join(root, str(step), STATE)
+
+
+def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+    """The model variables (`params`, and `batch_stats` for BN nets) of a checkpoint.
+
+    path: a workdir (its latest checkpoint), its checkpoints/ folder, or one step's folder.
+    The arrays land on `sharding` (default: the first local device), whatever the device
+    count of the run that wrote them.
+    """
+    item_dir = _state_item_dir(path)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(item_dir).item_metadata.tree
+    item = {k: tree[k] for k in ("params", "batch_stats") if tree.get(k)}
+    if "params" not in item:
+        raise ValueError(f"{item_dir} holds no model parameters")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            item)
+    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))

@@ -1,0 +1,317 @@
+"""Training as in Sect. 3.1, data-parallel as in Sect. 3.3.
+
+Multinomial logistic loss, SGD with momentum 0.9, L2 weight decay 5e-4, dropout 0.5 on fc6
+and fc7, and a learning rate divided by 10 when validation accuracy stops improving (at most
+3 times). One jitted step over a 1-D device mesh: the batch is split over the `data` axis, the
+state is replicated, and XLA averages the gradients across devices, so the update is the one
+a single device would compute on the whole batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vggjax import checkpoints, metrics, models
+from vggjax.data import pipeline, sources
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any  # BN running averages; empty for the paper's nets
+    opt_state: Any
+    plateau: Any  # optax reduce_on_plateau state: `scale` multiplies the learning rate
+    rng: jax.Array  # raw key data, so checkpoints hold plain arrays
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh over all devices of all processes. Auto axes: Linen's dropout needs them."""
+    devices = devices or jax.devices()
+    return jax.sharding.Mesh(np.asarray(devices), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def model_from_config(config: ml_collections.ConfigDict) -> models.VGG:
+    return models.create_model(config.model, config.num_classes, width=config.width,
+                               fc_width=config.fc_width, crop_size=config.crop_size,
+                               dropout_rate=config.dropout_rate, kernel_init=config.kernel_init,
+                               dtype=jnp.dtype(config.dtype))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay (on kernels; on biases too if configured)."""
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: config.weight_decay_biases or path[-1].key == "kernel", params)
+
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
+                       optax.sgd(config.learning_rate, momentum=config.momentum))
+
+
+def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The learning-rate cut, stepped once per validation pass with the top-1 error."""
+    return optax.contrib.reduce_on_plateau(
+        factor=config.lr_drop_factor, patience=config.plateau_patience, rtol=0.0, atol=1e-3,
+        accumulation_size=1, min_scale=config.lr_drop_factor ** config.max_lr_drops * (1 - 1e-6))
+
+
+def init_state(model: models.VGG, tx: optax.GradientTransformation,
+               plateau: optax.GradientTransformationExtraArgs, rng: jax.Array,
+               source_params: dict[str, Any] | None = None, init_layers: str = "net_a") -> TrainState:
+    """A fresh state: random variables, with layers copied from `source_params` if given."""
+    init_rng, state_rng = jax.random.split(rng)
+    variables = models.init_variables(model, init_rng)
+    params = variables["params"]
+    if source_params is not None:
+        params = initialise_from(params, source_params, init_layers)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      plateau=plateau.init(params), rng=jax.random.key_data(state_rng))
+
+
+# Sect. 3.1: "we initialised the first four convolutional layers and the last three
+# fully-connected layers with the layers of net A". Net A's first four convs are conv1_1,
+# conv2_1, conv3_1 and conv3_2; every deeper net has layers of those names and shapes.
+NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+
+
+def initialise_from(params: dict[str, Any], source: dict[str, Any], layers: str) -> dict[str, Any]:
+    """`params` with layers copied from `source`: net A's seven (`net_a`) or all (`all`)."""
+    names = NET_A_LAYERS if layers == "net_a" else tuple(params)
+    params = dict(params)
+    for name in names:
+        if name not in source or name not in params:
+            raise ValueError(f"init_from: layer {name} is missing from the "
+                             f"{'checkpoint' if name not in source else 'model'}")
+        shapes = jax.tree.map(jnp.shape, (params[name], source[name]))
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
+                             f"but {shapes[0]} in the model")
+        params[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), source[name])
+    return params
+
+
+def train_step(model: models.VGG, tx: optax.GradientTransformation, state: TrainState,
+               batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a global batch; metrics are sums over the batch's real images."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    mask = batch["mask"]
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                      batch["image"], train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats"])
+        logits = logits.astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    steps, opt_state = tx.update(grads, state.opt_state, state.params)
+    steps = jax.tree.map(lambda s: s * state.plateau.scale, steps)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, steps),
+                              batch_stats=updates.get("batch_stats", state.batch_stats),
+                              opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    metrics = dict(loss=loss * jnp.sum(mask), **error_counts(logits, batch["label"], mask),
+                   skipped=jnp.sum(1.0 - mask), nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+def error_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Top-1 and top-5 errors summed over the real (mask 1) images, and their count."""
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit = top5 == labels[:, None]
+    return dict(top1_errors=jnp.sum((1.0 - hit[:, 0]) * mask),
+                top5_errors=jnp.sum((1.0 - jnp.any(hit, axis=1)) * mask), count=jnp.sum(mask))
+
+
+def eval_step(model: models.VGG, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Validation errors on centre crops (the pass that drives the learning-rate cut)."""
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         batch["image"], train=False)
+    return error_counts(logits.astype(jnp.float32), batch["label"], batch["mask"])
+
+
+class Trainer:
+    """The jitted steps of one model on one mesh, and the sharding of their inputs."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.config, self.mesh = config, mesh
+        self.model = model_from_config(config)
+        self.tx = make_optimizer(config)
+        self.plateau = make_plateau(config)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.train_step = jax.jit(functools.partial(train_step, self.model, self.tx),
+                                  in_shardings=(self.replicated, self.batch_sharding),
+                                  out_shardings=(self.replicated, self.replicated),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(functools.partial(eval_step, self.model),
+                                 in_shardings=(self.replicated, self.batch_sharding),
+                                 out_shardings=self.replicated)
+        self.plateau_step = jax.jit(lambda plateau, params, error: self.plateau.update(
+            updates=params, state=plateau, value=error)[1])
+
+    def init(self, rng: jax.Array) -> TrainState:
+        """A fresh state, replicated; layers from `config.init_from` when it names a checkpoint."""
+        source = None
+        if self.config.init_from:
+            source = checkpoints.restore_params(self.config.init_from, self.replicated)["params"]
+            logging.info("Initialising %s from %s.", "net A's layers" if self.config.init_layers
+                         == "net_a" else "all layers", self.config.init_from)
+        init = functools.partial(init_state, self.model, self.tx, self.plateau,
+                                 init_layers=self.config.init_layers)
+        return jax.jit(init, out_shardings=self.replicated)(rng, source)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto."""
+        shapes = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.plateau),
+                                jax.random.key(0))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                           sharding=self.replicated), shapes)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's slice of the batch → one global array sharded on `data`."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in local.items()}
+
+    def evaluate(self, state: TrainState, dataset) -> dict[str, float]:
+        """Top-1/top-5 error over one pass of `dataset` (padding masked, nothing dropped)."""
+        totals = None
+        for local in dataset:
+            counts = self.eval_step(state, self.global_batch(local))
+            totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+        totals = jax.device_get(totals)
+        n = max(float(totals["count"]), 1.0)
+        return dict(top1_error=float(totals["top1_errors"]) / n,
+                    top5_error=float(totals["top5_errors"]) / n, count=int(totals["count"]))
+
+
+class _Preemption:
+    """SIGTERM (a preempted TPU VM or cluster job) asks the loop to checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting.")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:  # all hosts must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step) or self.requested
+        return self.requested
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sum(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
+    host = jax.device_get(metrics)
+    return {k: float(sum(m[k] for m in host)) for k in host[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
+    mesh = make_mesh()
+    trainer = Trainer(config, mesh)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_source = sources.make_source(config, "train")
+    if train_source.num_classes != config.num_classes:
+        raise ValueError(f"config.num_classes is {config.num_classes} but the {config.dataset} "
+                         f"training set has {train_source.num_classes} classes")
+    steps_per_epoch = len(train_source) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {len(train_source)} images, fewer than one batch "
+                         f"of config.batch_size={config.batch_size}")
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else config.num_epochs * steps_per_epoch)
+    data = iter(pipeline.train_dataset(config, **process))
+    ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(trainer.abstract_state(), data)
+        logging.info("Resumed from the checkpoint at step %d.", int(state.step))
+    else:
+        state = trainer.init(jax.random.key(config.seed))
+    step = int(state.step)
+    logging.info("Training %s on %d devices (%d processes): %d steps of %d images, %d per epoch.",
+                 config.model, mesh.size, jax.process_count(), total_steps, config.batch_size,
+                 steps_per_epoch)
+
+    def validate() -> dict[str, float]:
+        result = trainer.evaluate(state, pipeline.eval_dataset(config, **process))
+        reporter.eval(step, "val", result)
+        return result
+
+    def save(force: bool = False) -> None:
+        check_finite()
+        ckpt.save(step, state, data, force=force)
+
+    def check_finite() -> dict[str, float] | None:
+        nonlocal pending
+        sums = _sum(pending) if pending else None
+        if sums and sums["nonfinite"]:
+            ckpt.close()
+            raise FloatingPointError(
+                f"the loss or gradients became NaN/Inf before step {step}; stopped without saving."
+                f" The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.")
+        return sums
+
+    reporter = metrics.Reporter(workdir, total_steps, config.batch_size, step)
+    preemption = _Preemption()
+    pending: list[dict[str, jax.Array]] = []
+    skipped = 0.0
+    try:
+        while step < total_steps:
+            state, step_metrics = trainer.train_step(state, trainer.global_batch(next(data)))
+            step += 1
+            pending.append(step_metrics)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                sums = check_finite()
+                skipped += sums["skipped"]
+                reporter.train(step, sums, config.learning_rate * float(state.plateau.scale))
+                pending = []
+            if step % config.eval_every_steps == 0 and step < total_steps:
+                result = validate()
+                state = state.replace(plateau=trainer.plateau_step(
+                    state.plateau, state.params, jnp.float32(result["top1_error"])))
+            if preemption.reached(step):
+                save(force=True)
+                ckpt.close()
+                logging.warning("Stopped at step %d on SIGTERM; rerun the same command to resume.",
+                                step)
+                return {"step": step, "preempted": True}
+            if step % config.checkpoint_every_steps == 0:
+                save()
+        if ckpt.latest_step() != step:
+            save(force=True)
+        result = validate()
+    finally:
+        preemption.restore()
+        reporter.close()
+    ckpt.close()
+    results = {"model": config.model, "dataset": config.dataset, "step": step,
+               "eval_scale": config.eval_scale, "crop_size": config.crop_size,
+               "top1_error": result["top1_error"], "top5_error": result["top5_error"],
+               "val_images": result["count"], "train_images_skipped": int(skipped)}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
