@@ -22,6 +22,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8"],

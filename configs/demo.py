@@ -8,7 +8,7 @@ from vggjax import recipe
 
 
 def get_config():
-    c = recipe.paper_recipe("A", "72-104")
+    c = recipe.paper_recipe("vgg11_bn", "72-104")
     c.dataset = "demo"
     c.num_classes = 10
     c.width = 0.125
@@ -18,9 +18,8 @@ def get_config():
     c.mean_rgb = (128.0, 128.0, 128.0)
     c.num_workers = 2
     c.batch_size = 64
-    c.num_epochs = 20
+    c.num_epochs = 40
     c.eval_every_steps = 200
-    c.num_eval_examples = -1
     c.checkpoint_every_steps = 200
     c.log_every_steps = 20
     c.eval.scales = (72, 88, 104)

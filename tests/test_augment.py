@@ -10,210 +10,235 @@ from vggjax.data import augment
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-  buf = io.BytesIO()
-  image.save(buf, fmt, **kwargs)
-  return buf.getvalue()
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-  """A smooth random image: JPEG-friendly, so decodes compare closely."""
-  rng = np.random.default_rng(seed)
-  small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-  return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    """A smooth random image: JPEG-friendly, so decodes compare closely."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
 
 
 def _positions(h: int, w: int) -> np.ndarray:
-  """An image whose pixels name their own (y, x), to locate crops."""
-  y, x = np.mgrid[0:h, 0:w]
-  return np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)
+    """An image whose pixels name their own (y, x), to locate crops."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([y, x, np.zeros_like(y)], -1).astype(np.uint8)
 
 
 def test_sample_scale_stays_in_range_and_reaches_both_ends():
-  rng = np.random.default_rng(0)
-  draws = {augment.sample_scale(rng, 256, 260) for _ in range(500)}
-  assert draws == {256, 257, 258, 259, 260}
-  assert {augment.sample_scale(rng, 384, 384) for _ in range(20)} == {384}
-  with pytest.raises(ValueError):
-    augment.sample_scale(rng, 5, 4)
+    rng = np.random.default_rng(0)
+    draws = {augment.sample_scale(rng, 256, 260) for _ in range(500)}
+    assert draws == {256, 257, 258, 259, 260}
+    assert {augment.sample_scale(rng, 384, 384) for _ in range(20)} == {384}
+    with pytest.raises(ValueError):
+        augment.sample_scale(rng, 5, 4)
 
 
-@pytest.mark.parametrize('shape, s, expected', [
-    ((30, 40, 3), 64, (64, 85, 3)),     # Landscape, upscaled.
-    ((40, 30, 3), 64, (85, 64, 3)),     # Portrait, upscaled.
-    ((300, 500, 3), 256, (256, 427, 3)),  # Downscaled.
-    ((77, 77, 3), 50, (50, 50, 3)),
-])
+@pytest.mark.parametrize(
+    'shape, s, expected',
+    [
+        ((30, 40, 3), 64, (64, 85, 3)),  # Landscape, upscaled.
+        ((40, 30, 3), 64, (85, 64, 3)),  # Portrait, upscaled.
+        ((300, 500, 3), 256, (256, 427, 3)),  # Downscaled.
+        ((77, 77, 3), 50, (50, 50, 3)),
+    ],
+)
 def test_rescale_makes_smallest_side_exactly_s(shape, s, expected):
-  image = _photo(*shape[:2])
-  out = augment.rescale_smallest_side(image, s)
-  assert out.shape == expected and out.dtype == np.uint8
+    image = _photo(*shape[:2])
+    out = augment.rescale_smallest_side(image, s)
+    assert out.shape == expected and out.dtype == np.uint8
 
 
 def test_rescale_keeps_colours():
-  image = np.full((20, 30, 3), (10, 200, 90), np.uint8)
-  assert (augment.rescale_smallest_side(image, 57) == (10, 200, 90)).all()
+    image = np.full((20, 30, 3), (10, 200, 90), np.uint8)
+    assert (augment.rescale_smallest_side(image, 57) == (10, 200, 90)).all()
 
 
 def test_random_crop_is_a_window_at_varied_positions():
-  image, rng = _positions(50, 60), np.random.default_rng(0)
-  corners = set()
-  for _ in range(200):
-    crop = augment.random_crop(image, 32, rng)
-    assert crop.shape == (32, 32, 3)
-    y, x = int(crop[0, 0, 0]), int(crop[0, 0, 1])
-    np.testing.assert_array_equal(crop, image[y:y + 32, x:x + 32])
-    corners.add((y, x))
-  ys, xs = zip(*corners)
-  assert (min(ys), max(ys), min(xs), max(xs)) == (0, 18, 0, 28)
+    image, rng = _positions(50, 60), np.random.default_rng(0)
+    corners = set()
+    for _ in range(200):
+        crop = augment.random_crop(image, 32, rng)
+        assert crop.shape == (32, 32, 3)
+        y, x = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+        np.testing.assert_array_equal(crop, image[y : y + 32, x : x + 32])
+        corners.add((y, x))
+    ys, xs = zip(*corners)
+    assert (min(ys), max(ys), min(xs), max(xs)) == (0, 18, 0, 28)
 
 
 def test_center_crop_is_central():
-  image = _positions(50, 61)
-  np.testing.assert_array_equal(augment.center_crop(image, 32),
-                                image[9:41, 14:46])
-  with pytest.raises(ValueError, match='cannot crop'):
-    augment.center_crop(image, 51)
-  with pytest.raises(ValueError, match='cannot crop'):
-    augment.random_crop(image, 51, np.random.default_rng(0))
+    image = _positions(50, 61)
+    np.testing.assert_array_equal(augment.center_crop(image, 32), image[9:41, 14:46])
+    with pytest.raises(ValueError, match='cannot crop'):
+        augment.center_crop(image, 51)
+    with pytest.raises(ValueError, match='cannot crop'):
+        augment.random_crop(image, 51, np.random.default_rng(0))
 
 
 def test_random_flip_mirrors_about_half_the_time():
-  image, rng = _positions(8, 9), np.random.default_rng(0)
-  flips = 0
-  for _ in range(1000):
-    out = augment.random_flip(image, rng)
-    if np.array_equal(out, image[:, ::-1]):
-      flips += 1
-    else:
-      np.testing.assert_array_equal(out, image)
-  assert 440 < flips < 560  # Binomial(1000, 0.5): about 4 sd either side.
+    image, rng = _positions(8, 9), np.random.default_rng(0)
+    flips = 0
+    for _ in range(1000):
+        out = augment.random_flip(image, rng)
+        if np.array_equal(out, image[:, ::-1]):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(out, image)
+    assert 440 < flips < 560  # Binomial(1000, 0.5): about 4 sd either side.
 
 
 def test_colour_shift_is_one_pca_shift_per_image():
-  image = _photo(6, 7).astype(np.float32)
-  rng = np.random.default_rng(0)
-  shifts = []
-  for _ in range(4000):
-    out = augment.colour_shift(image, rng, std=0.1)
-    assert out.dtype == np.float32 and out.shape == image.shape
-    delta = (out - image).reshape(-1, 3)
-    np.testing.assert_allclose(delta, delta[:1].repeat(len(delta), 0),
-                               atol=1e-3)
-    shifts.append(delta[0])
-  shifts = np.array(shifts)
-  # In the eigenbasis the shift is alpha * eigval * 255, alpha ~ N(0, 0.1).
-  alphas = shifts @ augment.IMAGENET_EIGVEC / (augment.IMAGENET_EIGVAL * 255)
-  np.testing.assert_allclose(alphas.std(0), 0.1, rtol=0.05)
-  np.testing.assert_allclose(alphas.mean(0), 0.0, atol=0.01)
-  # Per channel: std = 255 * 0.1 * |eigvec[c] * eigval|.
-  expected = 25.5 * np.linalg.norm(
-      augment.IMAGENET_EIGVEC * augment.IMAGENET_EIGVAL, axis=1)
-  np.testing.assert_allclose(shifts.std(0), expected, rtol=0.05)
-  np.testing.assert_allclose(expected, (3.17, 3.22, 3.25), atol=0.01)
+    image = _photo(6, 7).astype(np.float32)
+    rng = np.random.default_rng(0)
+    shifts = []
+    for _ in range(4000):
+        out = augment.colour_shift(image, rng, std=0.1)
+        assert out.dtype == np.float32 and out.shape == image.shape
+        delta = (out - image).reshape(-1, 3)
+        np.testing.assert_allclose(delta, delta[:1].repeat(len(delta), 0), atol=1e-3)
+        shifts.append(delta[0])
+    shifts = np.array(shifts)
+    # In the eigenbasis the shift is alpha * eigval * 255, alpha ~ N(0, 0.1).
+    alphas = shifts @ augment.IMAGENET_EIGVEC / (augment.IMAGENET_EIGVAL * 255)
+    np.testing.assert_allclose(alphas.std(0), 0.1, rtol=0.05)
+    np.testing.assert_allclose(alphas.mean(0), 0.0, atol=0.01)
+    # Per channel: std = 255 * 0.1 * |eigvec[c] * eigval|.
+    expected = 25.5 * np.linalg.norm(augment.IMAGENET_EIGVEC * augment.IMAGENET_EIGVAL, axis=1)
+    np.testing.assert_allclose(shifts.std(0), expected, rtol=0.05)
+    np.testing.assert_allclose(expected, (3.17, 3.22, 3.25), atol=0.01)
 
 
 def test_colour_shift_with_zero_std_is_identity():
-  image = _photo(5, 5)
-  out = augment.colour_shift(image, np.random.default_rng(0), std=0.0)
-  np.testing.assert_array_equal(out, image.astype(np.float32))
+    image = _photo(5, 5)
+    out = augment.colour_shift(image, np.random.default_rng(0), std=0.0)
+    np.testing.assert_array_equal(out, image.astype(np.float32))
 
 
 def test_subtract_mean():
-  image = np.full((2, 3, 3), (100, 120, 140), np.uint8)
-  out = augment.subtract_mean(image, (123.68, 116.779, 103.939))
-  assert out.dtype == np.float32
-  np.testing.assert_allclose(out[1, 2], (-23.68, 3.221, 36.061), rtol=1e-5)
+    image = np.full((2, 3, 3), (100, 120, 140), np.uint8)
+    out = augment.subtract_mean(image, (123.68, 116.779, 103.939))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[1, 2], (-23.68, 3.221, 36.061), rtol=1e-5)
 
 
 def _rgba() -> Image.Image:
-  rgba = np.zeros((4, 5, 4), np.uint8)
-  rgba[..., :3] = (200, 100, 50)
-  rgba[:2, ..., 3] = 255  # Top half opaque, bottom half transparent.
-  return Image.fromarray(rgba, 'RGBA')
+    rgba = np.zeros((4, 5, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[:2, ..., 3] = 255  # Top half opaque, bottom half transparent.
+    return Image.fromarray(rgba, 'RGBA')
 
 
-@pytest.mark.parametrize('make, expected_pixel', [
-    (lambda: _encode(Image.new('L', (5, 4), 77), 'PNG'), (77, 77, 77)),
-    (lambda: _encode(Image.new('RGB', (5, 4), (9, 8, 7)), 'PNG'), (9, 8, 7)),
-    (lambda: _encode(Image.new('RGB', (5, 4), (200, 30, 90)).convert(
-        'P', palette=Image.ADAPTIVE), 'PNG'), (200, 30, 90)),
-    (lambda: _encode(_rgba(), 'PNG'), (200, 100, 50)),
-    (lambda: _encode(Image.new('LA', (5, 4), (60, 255)), 'PNG'), (60, 60, 60)),
-    (lambda: _encode(Image.fromarray(
-        np.full((4, 5), 257 * 100, np.uint16)), 'PNG'), (100, 100, 100)),
-    (lambda: _encode(Image.fromarray(
-        np.full((4, 5), 65535, np.int32)), 'TIFF'), (255, 255, 255)),
-    (lambda: np.full((4, 5, 3), 42, np.uint8), (42, 42, 42)),
-    (lambda: np.full((4, 5), 42, np.uint8), (42, 42, 42)),
-], ids=['gray', 'rgb', 'palette', 'rgba', 'gray_alpha', '16bit_png',
-        '32bit_tiff', 'array', 'gray_array'])
+@pytest.mark.parametrize(
+    'make, expected_pixel',
+    [
+        (lambda: _encode(Image.new('L', (5, 4), 77), 'PNG'), (77, 77, 77)),
+        (lambda: _encode(Image.new('RGB', (5, 4), (9, 8, 7)), 'PNG'), (9, 8, 7)),
+        (
+            lambda: _encode(
+                Image.new('RGB', (5, 4), (200, 30, 90)).convert('P', palette=Image.ADAPTIVE), 'PNG'
+            ),
+            (200, 30, 90),
+        ),
+        (lambda: _encode(_rgba(), 'PNG'), (200, 100, 50)),
+        (lambda: _encode(Image.new('LA', (5, 4), (60, 255)), 'PNG'), (60, 60, 60)),
+        (
+            lambda: _encode(Image.fromarray(np.full((4, 5), 257 * 100, np.uint16)), 'PNG'),
+            (100, 100, 100),
+        ),
+        (
+            lambda: _encode(Image.fromarray(np.full((4, 5), 65535, np.int32)), 'TIFF'),
+            (255, 255, 255),
+        ),
+        (lambda: np.full((4, 5, 3), 42, np.uint8), (42, 42, 42)),
+        (lambda: np.full((4, 5), 42, np.uint8), (42, 42, 42)),
+    ],
+    ids=[
+        'gray',
+        'rgb',
+        'palette',
+        'rgba',
+        'gray_alpha',
+        '16bit_png',
+        '32bit_tiff',
+        'array',
+        'gray_array',
+    ],
+)
 def test_decode_gives_rgb_uint8(make, expected_pixel):
-  image = augment.decode_image(make())
-  assert image.shape == (4, 5, 3) and image.dtype == np.uint8
-  np.testing.assert_array_equal(image[0, 0], expected_pixel)
+    image = augment.decode_image(make())
+    assert image.shape == (4, 5, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[0, 0], expected_pixel)
 
 
 def test_decode_16bit_png_scales_instead_of_clipping():
-  ramp = np.linspace(0, 65535, 20).astype(np.uint16).reshape(4, 5)
-  image = augment.decode_image(_encode(Image.fromarray(ramp), 'PNG'))
-  np.testing.assert_array_equal(image[..., 0], ramp // 257)
+    ramp = np.linspace(0, 65535, 20).astype(np.uint16).reshape(4, 5)
+    image = augment.decode_image(_encode(Image.fromarray(ramp), 'PNG'))
+    np.testing.assert_array_equal(image[..., 0], ramp // 257)
 
 
 def test_decode_composites_transparency_on_black():
-  image = augment.decode_image(_encode(_rgba(), 'PNG'))
-  assert (image[:2] == (200, 100, 50)).all() and (image[2:] == 0).all()
+    image = augment.decode_image(_encode(_rgba(), 'PNG'))
+    assert (image[:2] == (200, 100, 50)).all() and (image[2:] == 0).all()
 
 
 def test_decode_cmyk_jpeg():
-  cmyk = Image.new('RGB', (16, 16), (250, 20, 20)).convert('CMYK')
-  image = augment.decode_image(_encode(cmyk, 'JPEG', quality=95))
-  assert image.shape == (16, 16, 3) and image.dtype == np.uint8
-  assert image[8, 8, 0] > 200 and image[8, 8, 1:].max() < 60
+    cmyk = Image.new('RGB', (16, 16), (250, 20, 20)).convert('CMYK')
+    image = augment.decode_image(_encode(cmyk, 'JPEG', quality=95))
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert image[8, 8, 0] > 200 and image[8, 8, 1:].max() < 60
 
 
-@pytest.mark.parametrize('data', [
-    b'',
-    _encode(Image.fromarray(_photo(64, 64)), 'JPEG')[:300],
-    b'this is a text file, not an image\n',
-    np.zeros((4, 5, 3), np.float64),
-], ids=['empty', 'truncated_jpeg', 'text', 'float_array'])
+@pytest.mark.parametrize(
+    'data',
+    [
+        b'',
+        _encode(Image.fromarray(_photo(64, 64)), 'JPEG')[:300],
+        b'this is a text file, not an image\n',
+        np.zeros((4, 5, 3), np.float64),
+    ],
+    ids=['empty', 'truncated_jpeg', 'text', 'float_array'],
+)
 def test_decode_rejects_non_images(data):
-  with pytest.raises(augment.BadImageError):
-    augment.decode_image(data)
-  assert issubclass(augment.BadImageError, ValueError)
+    with pytest.raises(augment.BadImageError):
+        augment.decode_image(data)
+    assert issubclass(augment.BadImageError, ValueError)
 
 
 def test_decode_draft_keeps_smallest_side_at_least_min_side():
-  photo = _photo(600, 800)
-  data = _encode(Image.fromarray(photo), 'JPEG', quality=95)
-  assert augment.decode_image(data).shape == (600, 800, 3)
-  small = augment.decode_image(data, min_side=100)
-  assert small.shape == (150, 200, 3)  # Decoded at 1/4 size.
-  assert augment.decode_image(data, min_side=300).shape == (300, 400, 3)
-  assert augment.decode_image(data, min_side=301).shape == (600, 800, 3)
-  # After the rescale, drafting changes pixels only slightly.
-  fast = augment.rescale_smallest_side(small, 100).astype(float)
-  full = augment.rescale_smallest_side(photo, 100).astype(float)
-  assert np.abs(fast - full).mean() < 2
+    photo = _photo(600, 800)
+    data = _encode(Image.fromarray(photo), 'JPEG', quality=95)
+    assert augment.decode_image(data).shape == (600, 800, 3)
+    small = augment.decode_image(data, min_side=100)
+    assert small.shape == (150, 200, 3)  # Decoded at 1/4 size.
+    assert augment.decode_image(data, min_side=300).shape == (300, 400, 3)
+    assert augment.decode_image(data, min_side=301).shape == (600, 800, 3)
+    # After the rescale, drafting changes pixels only slightly.
+    fast = augment.rescale_smallest_side(small, 100).astype(float)
+    full = augment.rescale_smallest_side(photo, 100).astype(float)
+    assert np.abs(fast - full).mean() < 2
 
 
 def test_train_transform_shape_range_and_determinism():
-  data = _encode(Image.fromarray(_photo(90, 120)), 'JPEG')
-  kwargs = dict(crop=32, s_min=32, s_max=64, mean_rgb=(100.0, 110.0, 120.0),
-                colour_std=0.1)
-  outs = [augment.train_transform(data, np.random.default_rng(seed), **kwargs)
-          for seed in (0, 0, 1)]
-  assert outs[0].shape == (32, 32, 3) and outs[0].dtype == np.float32
-  np.testing.assert_array_equal(outs[0], outs[1])
-  assert not np.array_equal(outs[0], outs[2])
-  assert outs[0].min() >= -120 - 50 and outs[0].max() <= 255 - 100 + 50
+    data = _encode(Image.fromarray(_photo(90, 120)), 'JPEG')
+    kwargs = dict(crop=32, s_min=32, s_max=64, mean_rgb=(100.0, 110.0, 120.0), colour_std=0.1)
+    outs = [
+        augment.train_transform(data, np.random.default_rng(seed), **kwargs) for seed in (0, 0, 1)
+    ]
+    assert outs[0].shape == (32, 32, 3) and outs[0].dtype == np.float32
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+    assert outs[0].min() >= -120 - 50 and outs[0].max() <= 255 - 100 + 50
 
 
 def test_eval_transform_is_centre_crop_of_rescaled_image_minus_mean():
-  photo = _photo(90, 120)
-  data = _encode(Image.fromarray(photo), 'PNG')
-  mean = (100.0, 110.0, 120.0)
-  out = augment.eval_transform(data, crop=48, q=64, mean_rgb=mean)
-  expected = augment.center_crop(augment.rescale_smallest_side(photo, 64), 48)
-  np.testing.assert_allclose(out, expected - np.float32(mean))
-  assert out.dtype == np.float32
+    photo = _photo(90, 120)
+    data = _encode(Image.fromarray(photo), 'PNG')
+    mean = (100.0, 110.0, 120.0)
+    out = augment.eval_transform(data, crop=48, q=64, mean_rgb=mean)
+    expected = augment.center_crop(augment.rescale_smallest_side(photo, 64), 48)
+    np.testing.assert_allclose(out, expected - np.float32(mean))
+    assert out.dtype == np.float32

@@ -6,6 +6,7 @@ field or value) ends with one line on stderr and exit status 2, never a tracebac
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 
@@ -57,6 +58,12 @@ def _main(argv: list[str]) -> None:
                   f"train, summary")
         if not _WORKDIR.value:
             raise ValueError(f"--workdir is required for --mode={mode}")
+        import jax
+
+        # Restarts and resumed runs skip XLA compilation (and GPU autotuning).
+        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            jax.config.update("jax_compilation_cache_dir", os.path.join(
+                os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax"), "jax"))
         from vggjax import train
 
         train.train_and_evaluate(config, _WORKDIR.value)
@@ -86,8 +93,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"unknown config field {field}; --mode=summary lists the fields of {config_path}")
 
 
+class _OwnInfoOnly(pylogging.Filter):
+    """INFO lines from vggjax only: orbax and jax narrate every save and backend probe."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "vggjax" in record.pathname
+
+
 def run() -> None:
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
     app.run(_main, flags_parser=_parse_flags)
 
 

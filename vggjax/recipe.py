@@ -72,7 +72,6 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.plateau_patience = 2  # validation passes without improvement before a drop
     c.eval_every_steps = 5000  # validation passes that drive the plateau schedule
     c.eval_scale = train_scale[0] + (train_scale[1] - train_scale[0]) // 2  # Q of Sect. 4.1
-    c.num_eval_examples = 10000  # of the validation split per pass; -1 for all
 
     # Initialisation from another checkpoint (Sect. 3.1): a trained net A for deeper nets
     # (first four convs and the three FC layers), or the S=256 net for S=384 and so on.

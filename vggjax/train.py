@@ -191,10 +191,13 @@ class Trainer:
 
     def evaluate(self, state: TrainState, dataset) -> dict[str, float]:
         """Top-1/top-5 error over one pass of `dataset` (padding masked, nothing dropped)."""
-        totals = None
-        for local in dataset:
-            counts = self.eval_step(state, self.global_batch(local))
-            totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+        totals, batches = None, iter(dataset)
+        try:
+            for local in batches:
+                counts = self.eval_step(state, self.global_batch(local))
+                totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+        finally:
+            batches.close()  # stops its worker processes now, not at exit
         totals = jax.device_get(totals)
         n = max(float(totals["count"]), 1.0)
         return dict(top1_error=float(totals["top1_errors"]) / n,
@@ -304,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             save(force=True)
         result = validate()
     finally:
+        data.close()
         preemption.restore()
         reporter.close()
     ckpt.close()

@@ -14,132 +14,134 @@ from PIL import Image
 # Krizhevsky et al. (2012) PCA of ImageNet RGB pixels on the [0, 1] scale.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
 IMAGENET_EIGVEC = np.array(  # Columns are the eigenvectors, rows are R, G, B.
-    [[-0.5675, 0.7192, 0.4009],
-     [-0.5808, -0.0045, -0.8140],
-     [-0.5836, -0.6948, 0.4203]], np.float32)
+    [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
+)
 
 _WIDE_INT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 
 
 class BadImageError(ValueError):
-  """Data that is not a decodable image; pipelines mask such examples out."""
+    """Data that is not a decodable image; pipelines mask such examples out."""
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-  """Any PIL mode to uint8 RGB; transparency is composited on black."""
-  if image.mode in _WIDE_INT_MODES:
-    # PIL's convert clips 16-bit values at 255; scale the 16-bit range instead.
-    wide = np.clip(np.asarray(image, np.int64), 0, 65535) // 257
-    image = Image.fromarray(wide.astype(np.uint8))
-  if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-    rgba = image.convert('RGBA')
-    image = Image.new('RGB', rgba.size)
-    image.paste(rgba, mask=rgba.getchannel('A'))
-  return np.asarray(image.convert('RGB'))
+    """Any PIL mode to uint8 RGB; transparency is composited on black."""
+    if image.mode in _WIDE_INT_MODES:
+        # PIL's convert clips 16-bit values at 255; scale the 16-bit range instead.
+        wide = np.clip(np.asarray(image, np.int64), 0, 65535) // 257
+        image = Image.fromarray(wide.astype(np.uint8))
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+        rgba = image.convert('RGBA')
+        image = Image.new('RGB', rgba.size)
+        image.paste(rgba, mask=rgba.getchannel('A'))
+    return np.asarray(image.convert('RGB'))
 
 
-def decode_image(data: bytes | np.ndarray,
-                 min_side: int | None = None) -> np.ndarray:
-  """Decodes encoded image bytes (or wraps a decoded array) to uint8 HxWx3.
+def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.ndarray:
+    """Decodes encoded image bytes (or wraps a decoded array) to uint8 HxWx3.
 
-  With `min_side`, JPEGs are decoded at 1/2, 1/4 or 1/8 size when the
-  smallest side stays >= min_side, which is much faster for large photos
-  that are about to be downscaled anyway.
-  """
-  if isinstance(data, np.ndarray):
+    With `min_side`, JPEGs are decoded at 1/2, 1/4 or 1/8 size when the
+    smallest side stays >= min_side, which is much faster for large photos
+    that are about to be downscaled anyway.
+    """
+    if isinstance(data, np.ndarray):
+        try:
+            return _to_rgb(Image.fromarray(data))
+        except (TypeError, ValueError) as e:
+            raise BadImageError(
+                f'array of shape {data.shape} and dtype {data.dtype} is not an ' f'image: {e}'
+            ) from e
+    if not data:
+        raise BadImageError('empty image data (0 bytes)')
     try:
-      return _to_rgb(Image.fromarray(data))
-    except (TypeError, ValueError) as e:
-      raise BadImageError(
-          f'array of shape {data.shape} and dtype {data.dtype} is not an '
-          f'image: {e}') from e
-  if not data:
-    raise BadImageError('empty image data (0 bytes)')
-  try:
-    image = Image.open(io.BytesIO(data))
-    if min_side is not None and image.format == 'JPEG':
-      image.draft('RGB', (min_side, min_side))
-    image.load()
-    return _to_rgb(image)
-  except (OSError, SyntaxError, ValueError, EOFError,
-          Image.DecompressionBombError) as e:
-    raise BadImageError(f'cannot decode image: {e}') from e
+        image = Image.open(io.BytesIO(data))
+        if min_side is not None and image.format == 'JPEG':
+            image.draft('RGB', (min_side, min_side))
+        image.load()
+        return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise BadImageError(f'cannot decode image: {e}') from e
 
 
 def rescale_smallest_side(image: np.ndarray, s: int) -> np.ndarray:
-  """Isotropic resize of a uint8 image so that min(H, W) == s exactly."""
-  h, w = image.shape[:2]
-  if min(h, w) == s:
-    return image
-  if h <= w:
-    size = (max(s, round(w * s / h)), s)  # PIL sizes are (width, height).
-  else:
-    size = (s, max(s, round(h * s / w)))
-  # PIL's bilinear filter widens its support when shrinking (antialiasing).
-  return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    """Isotropic resize of a uint8 image so that min(H, W) == s exactly."""
+    h, w = image.shape[:2]
+    if min(h, w) == s:
+        return image
+    if h <= w:
+        size = (max(s, round(w * s / h)), s)  # PIL sizes are (width, height).
+    else:
+        size = (s, max(s, round(h * s / w)))
+    # PIL's bilinear filter widens its support when shrinking (antialiasing).
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
 def sample_scale(rng: np.random.Generator, s_min: int, s_max: int) -> int:
-  """Training scale S ~ U{s_min, ..., s_max}; fixed S when s_min == s_max."""
-  if s_min > s_max:
-    raise ValueError(f'scale range [{s_min}, {s_max}] is empty')
-  return int(rng.integers(s_min, s_max + 1))
+    """Training scale S ~ U{s_min, ..., s_max}; fixed S when s_min == s_max."""
+    if s_min > s_max:
+        raise ValueError(f'scale range [{s_min}, {s_max}] is empty')
+    return int(rng.integers(s_min, s_max + 1))
 
 
 def _check_fits(image: np.ndarray, size: int) -> tuple[int, int]:
-  h, w = image.shape[:2]
-  if h < size or w < size:
-    raise ValueError(f'cannot crop {size}x{size} from a {h}x{w} image')
-  return h, w
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f'cannot crop {size}x{size} from a {h}x{w} image')
+    return h, w
 
 
-def random_crop(image: np.ndarray, size: int,
-                rng: np.random.Generator) -> np.ndarray:
-  """A size x size window at a uniformly random position."""
-  h, w = _check_fits(image, size)
-  y = int(rng.integers(0, h - size + 1))
-  x = int(rng.integers(0, w - size + 1))
-  return image[y:y + size, x:x + size]
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size x size window at a uniformly random position."""
+    h, w = _check_fits(image, size)
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return image[y : y + size, x : x + size]
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central size x size window."""
-  h, w = _check_fits(image, size)
-  y, x = (h - size) // 2, (w - size) // 2
-  return image[y:y + size, x:x + size]
+    """The central size x size window."""
+    h, w = _check_fits(image, size)
+    y, x = (h - size) // 2, (w - size) // 2
+    return image[y : y + size, x : x + size]
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Horizontal mirror with probability 1/2."""
-  return image[:, ::-1] if rng.random() < 0.5 else image
+    """Horizontal mirror with probability 1/2."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
-def colour_shift(image: np.ndarray, rng: np.random.Generator,
-                 std: float = 0.1) -> np.ndarray:
-  """Krizhevsky's PCA lighting on the 0-255 scale: one RGB shift per image."""
-  alpha = rng.normal(0.0, std, size=3).astype(np.float32)
-  shift = IMAGENET_EIGVEC @ (alpha * IMAGENET_EIGVAL) * 255.0
-  return image.astype(np.float32) + shift
+def colour_shift(image: np.ndarray, rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
+    """Krizhevsky's PCA lighting on the 0-255 scale: one RGB shift per image."""
+    alpha = rng.normal(0.0, std, size=3).astype(np.float32)
+    shift = IMAGENET_EIGVEC @ (alpha * IMAGENET_EIGVAL) * 255.0
+    return image.astype(np.float32) + shift
 
 
 def subtract_mean(image: np.ndarray, mean_rgb: Sequence[float]) -> np.ndarray:
-  """Centres pixels on the training set's mean RGB (the paper's only norm)."""
-  return image.astype(np.float32) - np.asarray(mean_rgb, np.float32)
+    """Centres pixels on the training set's mean RGB (the paper's only norm)."""
+    return image.astype(np.float32) - np.asarray(mean_rgb, np.float32)
 
 
-def train_transform(data: bytes | np.ndarray, rng: np.random.Generator, *,
-                    crop: int, s_min: int, s_max: int,
-                    mean_rgb: Sequence[float],
-                    colour_std: float) -> np.ndarray:
-  """Sect. 3.1 training augmentation; returns float32 crop x crop x 3."""
-  s = sample_scale(rng, s_min, s_max)
-  image = rescale_smallest_side(decode_image(data, min_side=s), s)
-  image = random_flip(random_crop(image, crop, rng), rng)
-  return subtract_mean(colour_shift(image, rng, colour_std), mean_rgb)
+def train_transform(
+    data: bytes | np.ndarray,
+    rng: np.random.Generator,
+    *,
+    crop: int,
+    s_min: int,
+    s_max: int,
+    mean_rgb: Sequence[float],
+    colour_std: float,
+) -> np.ndarray:
+    """Sect. 3.1 training augmentation; returns float32 crop x crop x 3."""
+    s = sample_scale(rng, s_min, s_max)
+    image = rescale_smallest_side(decode_image(data, min_side=s), s)
+    image = random_flip(random_crop(image, crop, rng), rng)
+    return subtract_mean(colour_shift(image, rng, colour_std), mean_rgb)
 
 
-def eval_transform(data: bytes | np.ndarray, *, crop: int, q: int,
-                   mean_rgb: Sequence[float]) -> np.ndarray:
-  """Single centre crop at test scale Q; returns float32 crop x crop x 3."""
-  image = rescale_smallest_side(decode_image(data, min_side=q), q)
-  return subtract_mean(center_crop(image, crop), mean_rgb)
+def eval_transform(
+    data: bytes | np.ndarray, *, crop: int, q: int, mean_rgb: Sequence[float]
+) -> np.ndarray:
+    """Single centre crop at test scale Q; returns float32 crop x crop x 3."""
+    image = rescale_smallest_side(decode_image(data, min_side=q), q)
+    return subtract_mean(center_crop(image, crop), mean_rgb)

@@ -30,110 +30,155 @@ _warned_ids: set[str] = set()  # Per process: each bad file is logged once.
 
 
 def local_batch_size(config: Any, process_count: int) -> int:
-  """This process's share of the global config.batch_size."""
-  if config.batch_size % process_count:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by '
-                     f'the {process_count} processes')
-  return config.batch_size // process_count
+    """This process's share of the global config.batch_size."""
+    if config.batch_size % process_count:
+        raise ValueError(
+            f'batch_size {config.batch_size} is not divisible by ' f'the {process_count} processes'
+        )
+    return config.batch_size // process_count
 
 
 def steps_per_epoch(config: Any, num_examples: int) -> int:
-  """Global batches needed to see num_examples once (the eval pass length)."""
-  return math.ceil(num_examples / config.batch_size)
+    """Global batches needed to see num_examples once (the eval pass length)."""
+    return math.ceil(num_examples / config.batch_size)
 
 
-def _example(element: dict[str, Any], image_fn: Callable[[Any], np.ndarray],
-             crop: int) -> dict[str, np.ndarray]:
-  """Applies image_fn; an undecodable image becomes a masked zero image."""
-  try:
-    image, mask = image_fn(element['data']), 1.0
-  except augment.BadImageError as e:
-    if element['id'] not in _warned_ids:
-      _warned_ids.add(element['id'])
-      logging.warning('Masking out undecodable image %s: %s', element['id'], e)
-    image, mask = np.zeros((crop, crop, 3), np.float32), 0.0
-  return {'image': image, 'label': np.int32(element['label']),
-          'mask': np.float32(mask)}
+def _masked(label: int, crop: int) -> dict[str, np.ndarray]:
+    """A zero image that keeps batch shapes fixed but must not count."""
+    return {
+        'image': np.zeros((crop, crop, 3), np.float32),
+        'label': np.int32(label),
+        'mask': np.float32(0.0),
+    }
+
+
+def _example(
+    element: dict[str, Any], image_fn: Callable[[Any], np.ndarray], crop: int
+) -> dict[str, np.ndarray]:
+    """Applies image_fn; an undecodable image becomes a masked zero image."""
+    try:
+        image = image_fn(element['data'])
+    except augment.BadImageError as e:
+        if element['id'] not in _warned_ids:
+            _warned_ids.add(element['id'])
+            logging.warning('Masking out undecodable image %s: %s', element['id'], e)
+        return _masked(element['label'], crop)
+    return {'image': image, 'label': np.int32(element['label']), 'mask': np.float32(1.0)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample(grain.transforms.RandomMap):
-  crop: int
-  train_scale: tuple[int, int]
-  mean_rgb: tuple[float, ...]
-  colour_std: float
+    crop: int
+    train_scale: tuple[int, int]
+    mean_rgb: tuple[float, ...]
+    colour_std: float
 
-  def random_map(self, element: dict[str, Any],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    transform = functools.partial(
-        augment.train_transform, rng=rng, crop=self.crop,
-        s_min=self.train_scale[0], s_max=self.train_scale[1],
-        mean_rgb=self.mean_rgb, colour_std=self.colour_std)
-    return _example(element, transform, self.crop)
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        transform = functools.partial(
+            augment.train_transform,
+            rng=rng,
+            crop=self.crop,
+            s_min=self.train_scale[0],
+            s_max=self.train_scale[1],
+            mean_rgb=self.mean_rgb,
+            colour_std=self.colour_std,
+        )
+        return _example(element, transform, self.crop)
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvalExample(grain.transforms.Map):
-  """Eval transform of stream element i; i >= len(source) is padding."""
-  source: sources.Source
-  crop: int
-  q: int
-  mean_rgb: tuple[float, ...]
+    """Eval transform of stream element i; i >= len(source) is padding."""
 
-  def map(self, index: int) -> dict[str, np.ndarray]:
-    if index >= len(self.source):
-      return {'image': np.zeros((self.crop, self.crop, 3), np.float32),
-              'label': np.int32(0), 'mask': np.float32(0.0)}
-    transform = functools.partial(augment.eval_transform, crop=self.crop,
-                                  q=self.q, mean_rgb=self.mean_rgb)
-    return _example(self.source[index], transform, self.crop)
+    source: sources.Source
+    crop: int
+    q: int
+    mean_rgb: tuple[float, ...]
 
-
-def _finish(ds: grain.MapDataset, *, batch: int, process_index: int,
-            process_count: int, num_workers: int) -> grain.IterDataset:
-  """Shards the stream by process, batches, and runs it in workers."""
-  ds = ds[process_index::process_count].batch(batch, drop_remainder=True)
-  return ds.to_iter_dataset(_READ_OPTIONS).mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers))
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        if index >= len(self.source):
+            return _masked(0, self.crop)
+        transform = functools.partial(
+            augment.eval_transform, crop=self.crop, q=self.q, mean_rgb=self.mean_rgb
+        )
+        return _example(self.source[index], transform, self.crop)
 
 
-def train_dataset(config: Any, *, process_index: int = 0,
-                  process_count: int = 1,
-                  seed: int | None = None) -> grain.IterDataset:
-  """Endless augmented training batches, reshuffled every epoch."""
-  batch = local_batch_size(config, process_count)
-  s_min, s_max = config.train_scale
-  if s_min < config.crop_size:
-    raise ValueError(f'train_scale {tuple(config.train_scale)} must not be '
-                     f'smaller than crop_size {config.crop_size}')
-  source = sources.make_source(config, 'train')
-  ds = (grain.MapDataset.source(source)
+def _finish(
+    ds: grain.MapDataset, *, batch: int, process_index: int, process_count: int, num_workers: int
+) -> grain.IterDataset:
+    """Shards the stream by process, batches, and runs it in workers."""
+    ds = ds[process_index::process_count].batch(batch, drop_remainder=True)
+    return ds.to_iter_dataset(_READ_OPTIONS).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers)
+    )
+
+
+def train_dataset(
+    config: Any, *, process_index: int = 0, process_count: int = 1, seed: int | None = None
+) -> grain.IterDataset:
+    """Endless augmented training batches, reshuffled every epoch."""
+    batch = local_batch_size(config, process_count)
+    s_min, s_max = config.train_scale
+    if s_min < config.crop_size:
+        raise ValueError(
+            f'train_scale {tuple(config.train_scale)} must not be '
+            f'smaller than crop_size {config.crop_size}'
+        )
+    source = sources.make_source(config, 'train')
+    ds = (
+        grain.MapDataset.source(source)
         .seed(config.seed if seed is None else seed)
         .shuffle()  # A fresh permutation in every epoch of the repeat.
         .repeat()
-        .random_map(_TrainExample(
-            crop=config.crop_size, train_scale=(s_min, s_max),
+        .random_map(
+            _TrainExample(
+                crop=config.crop_size,
+                train_scale=(s_min, s_max),
+                mean_rgb=tuple(config.mean_rgb),
+                colour_std=config.colour_shift_std,
+            )
+        )
+    )
+    return _finish(
+        ds,
+        batch=batch,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=config.num_workers,
+    )
+
+
+def eval_dataset(
+    config: Any, *, split: str = 'val', process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+    """One pass over `split` at scale Q = config.eval_scale, padded with masks.
+
+    The stream is padded to a multiple of the global batch size, so every
+    process yields the same number of batches and each image counts once.
+    """
+    batch = local_batch_size(config, process_count)
+    if config.eval_scale < config.crop_size:
+        raise ValueError(
+            f'eval_scale {config.eval_scale} must not be smaller '
+            f'than crop_size {config.crop_size}'
+        )
+    source = sources.make_source(config, split)
+    padded = steps_per_epoch(config, len(source)) * config.batch_size
+    ds = grain.MapDataset.range(padded).map(
+        _EvalExample(
+            source=source,
+            crop=config.crop_size,
+            q=config.eval_scale,
             mean_rgb=tuple(config.mean_rgb),
-            colour_std=config.colour_shift_std)))
-  return _finish(ds, batch=batch, process_index=process_index,
-                 process_count=process_count, num_workers=config.num_workers)
-
-
-def eval_dataset(config: Any, *, split: str = 'val', process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """One pass over `split` at scale Q = config.eval_scale, padded with masks.
-
-  The stream is padded to a multiple of the global batch size, so every
-  process yields the same number of batches and each image counts once.
-  """
-  batch = local_batch_size(config, process_count)
-  if config.eval_scale < config.crop_size:
-    raise ValueError(f'eval_scale {config.eval_scale} must not be smaller '
-                     f'than crop_size {config.crop_size}')
-  source = sources.make_source(config, split)
-  padded = steps_per_epoch(config, len(source)) * config.batch_size
-  ds = grain.MapDataset.range(padded).map(_EvalExample(
-      source=source, crop=config.crop_size, q=config.eval_scale,
-      mean_rgb=tuple(config.mean_rgb)))
-  return _finish(ds, batch=batch, process_index=process_index,
-                 process_count=process_count, num_workers=config.num_workers)
+        )
+    )
+    return _finish(
+        ds,
+        batch=batch,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=config.num_workers,
+    )

@@ -19,62 +19,63 @@ from absl import logging
 from vggjax.data import augment
 from vggjax.data import sources
 
-_DATASET = flags.DEFINE_string('dataset', 'folder',
-                               'folder, demo or imagenet2012.')
+_DATASET = flags.DEFINE_string('dataset', 'folder', 'folder, demo or imagenet2012.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where the data set lives.')
 _MAX_IMAGES = flags.DEFINE_integer(
-    'max_images', 0, 'Average over this many random images (0: all).')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0,
-                                    'Decoding processes (0: in-process).')
+    'max_images', 0, 'Average over this many random images (0: all).'
+)
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'Decoding processes (0: in-process).')
 
 # JPEGs are decoded at up to 1/8 size: the DCT keeps the mean colour.
 _DECODE_MIN_SIDE = 32
 
 
 def _image_mean(element: dict[str, Any]) -> list[float]:
-  """The image's mean RGB, or NaNs when it cannot be decoded.
+    """The image's mean RGB, or NaNs when it cannot be decoded.
 
-  A list, not an array: grain would pass arrays through shared memory.
-  """
-  try:
-    image = augment.decode_image(element['data'], min_side=_DECODE_MIN_SIDE)
-  except augment.BadImageError as e:
-    logging.warning('Skipping undecodable image %s: %s', element['id'], e)
-    return [np.nan] * 3
-  return image.reshape(-1, 3).mean(0).tolist()
+    A list, not an array: grain would pass arrays through shared memory.
+    """
+    try:
+        image = augment.decode_image(element['data'], min_side=_DECODE_MIN_SIDE)
+    except augment.BadImageError as e:
+        logging.warning('Skipping undecodable image %s: %s', element['id'], e)
+        return [np.nan] * 3
+    return image.reshape(-1, 3).mean(0).tolist()
 
 
-def mean_rgb(source: sources.Source, *, max_images: int = 0,
-             num_workers: int = 0, seed: int = 0) -> tuple[np.ndarray, int]:
-  """Mean RGB (0-255) over the images and the number of images it used."""
-  ds = grain.MapDataset.source(source)
-  if 0 < max_images < len(source):
-    ds = ds.shuffle(seed)[:max_images]
-  means = (ds.map(_image_mean).to_iter_dataset()
-           .mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
-  total, count = np.zeros(3), 0
-  for m in means:
-    if not np.isnan(m).any():
-      total, count = total + np.asarray(m), count + 1
-  if not count:
-    raise ValueError('no decodable images')
-  return total / count, count
+def mean_rgb(
+    source: sources.Source, *, max_images: int = 0, num_workers: int = 0, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """Mean RGB (0-255) over the images and the number of images it used."""
+    ds = grain.MapDataset.source(source)
+    if 0 < max_images < len(source):
+        ds = ds.shuffle(seed)[:max_images]
+    means = (
+        ds.map(_image_mean)
+        .to_iter_dataset()
+        .mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    )
+    total, count = np.zeros(3), 0
+    for m in means:
+        if not np.isnan(m).any():
+            total, count = total + np.asarray(m), count + 1
+    if not count:
+        raise ValueError('no decodable images')
+    return total / count, count
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = ml_collections.ConfigDict(
-      {'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value})
-  try:
-    source = sources.make_source(config, 'train')
-    mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value,
-                           num_workers=_NUM_WORKERS.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  logging.info('mean over %d of %d training images', count, len(source))
-  print('mean_rgb=({:.3f}, {:.3f}, {:.3f})'.format(*mean))
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config = ml_collections.ConfigDict({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value})
+    try:
+        source = sources.make_source(config, 'train')
+        mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    logging.info('mean over %d of %d training images', count, len(source))
+    print('mean_rgb=({:.3f}, {:.3f}, {:.3f})'.format(*mean))
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)
