@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
-        "optax>=0.2.4",
+        "optax>=0.2.6",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",

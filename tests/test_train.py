@@ -191,3 +191,16 @@ def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Resumed from the checkpoint at step {step}" in result.stderr
     assert json.loads((tmp_path / "results.json").read_text())["step"] == step + 2
+
+
+def test_bfloat16_compute_trains_float32_parameters(tiny_config):
+    tiny_config.dtype = "bfloat16"
+    trainer = train.Trainer(tiny_config, train.make_mesh())
+    state = trainer.init(jax.random.key(0))
+    before = jax.device_get(state.params)
+    for batch in synthetic_batches(tiny_config, 2):
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                                                        jax.tree.leaves(before)))

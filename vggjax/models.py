@@ -127,12 +127,38 @@ class FullyConnected(nn.Module):
         return y + bias
 
 
+def valid_mask(sizes: jax.Array, height: int, width: int) -> jax.Array:
+    """(N, height, width) booleans: True inside each image's top-left sizes[n] = (h, w) region."""
+    rows = jnp.arange(height)[None, :] < sizes[:, :1]
+    cols = jnp.arange(width)[None, :] < sizes[:, 1:]
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def dense_map_sizes(sizes: jax.Array, crop_size: int) -> jax.Array:
+    """The score-map size (h, w) of images of size `sizes` (N, 2) in the dense form."""
+    return sizes // 32 - crop_size // 32 + 1
+
+
+def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
+    if sizes is None:
+        return x
+    return jnp.where(valid_mask(sizes, x.shape[1], x.shape[2])[..., None], x, 0).astype(x.dtype)
+
+
 class VGG(nn.Module):
-    """A VGG net. `__call__(images, train=False, dense=False)`.
+    """A VGG net. `__call__(images, train=False, dense=False, sizes=None)`.
 
     images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
     logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
     classes) with h = H//32 − crop_size/32 + 1 (224: H//32 − 6).
+
+    sizes (dense form only): (N, 2) valid (height, width) of each image, placed top-left in a
+    larger padded batch. Every conv's input is zeroed outside the valid region, which halves
+    with floor at each pooling, so the padding acts exactly as the SAME padding of the image
+    alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for an odd valid size a
+    pooling window straddling the border carries an image value one row or column into the
+    padding.) Score-map positions inside `dense_map_sizes(sizes)` are then those of the image
+    alone, and the rest are to be ignored.
     """
 
     config: str = "D"
@@ -150,7 +176,8 @@ class VGG(nn.Module):
         return layer_table(self.config, self.width, self.fc_width, self.num_classes)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False,
+                 sizes: jax.Array | None = None) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {x.shape}")
         size = tuple(x.shape[1:3])
@@ -160,10 +187,13 @@ class VGG(nn.Module):
         if not dense and size != (self.crop_size, self.crop_size):
             raise ValueError(f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
                              f"{size[0]}×{size[1]}; use dense=True for whole images")
+        if sizes is not None and not dense:
+            raise ValueError("per-image sizes apply to the dense form only (dense=True)")
         init = KERNEL_INITS[self.kernel_init]
         x = x.astype(self.dtype)
         for layer in self.layers:
             if layer.kind == "conv":
+                x = _zero_outside(x, sizes)
                 x = nn.Conv(layer.features, (layer.kernel, layer.kernel), padding="SAME",
                             kernel_init=init, dtype=self.dtype, name=layer.name)(x)
                 if self.batch_norm:
@@ -174,6 +204,7 @@ class VGG(nn.Module):
                 x = local_response_norm(x, **LRN_PARAMS)
             elif layer.kind == "pool":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                sizes = None if sizes is None else sizes // 2
             else:
                 if layer.name == "fc6" and not dense:
                     x = x.reshape(x.shape[0], -1)

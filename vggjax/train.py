@@ -125,7 +125,7 @@ def train_step(model: models.VGG, tx: optax.GradientTransformation, state: Train
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, steps),
                               batch_stats=updates.get("batch_stats", state.batch_stats),
                               opt_state=opt_state)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     metrics = dict(loss=loss * jnp.sum(mask), **error_counts(logits, batch["label"], mask),
                    skipped=jnp.sum(1.0 - mask), nonfinite=1.0 - finite.astype(jnp.float32))
     return new_state, metrics

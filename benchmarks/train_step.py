@@ -1,0 +1,70 @@
+"""Train-step throughput on synthetic data: images/s and model FLOP utilisation.
+
+    python benchmarks/train_step.py --model=D --batch_size=8 --image_size=224
+    python benchmarks/train_step.py --model=A --width=0.25 --batch_size=32 --image_size=64 --steps=20
+
+Ends with one JSON line holding `images_per_sec`. Multiply-adds come from the layer table
+(`vggjax.summary`); a training step costs three forward passes' worth (forward, and the two
+halves of the backward pass), so FLOPs = 2 × 3 × multiply-adds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from vggjax import recipe, summary, train
+
+_MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
+_WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
+_FC_WIDTH = flags.DEFINE_integer("fc_width", 4096, "FC layer width.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
+_IMAGE = flags.DEFINE_integer("image_size", 224, "Crop size (a multiple of 32).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for utilisation (0: skip).")
+
+
+def config() -> ml_collections.ConfigDict:
+    c = recipe.paper_recipe(_MODEL.value)
+    c.width, c.fc_width, c.crop_size = _WIDTH.value, _FC_WIDTH.value, _IMAGE.value
+    c.batch_size, c.dtype, c.num_classes = _BATCH.value, _DTYPE.value, 1000
+    return c
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    c = config()
+    trainer = train.Trainer(c, train.make_mesh())
+    state = trainer.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = trainer.global_batch(dict(
+        image=rng.normal(0, 50, (c.batch_size, c.crop_size, c.crop_size, 3)).astype(np.float32),
+        label=rng.integers(0, 1000, c.batch_size).astype(np.int32),
+        mask=np.ones(c.batch_size, np.float32)))
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / _STEPS.value
+    macs = sum(r.macs for r in summary.layer_rows(trainer.model))
+    tflops = 6 * macs * c.batch_size / seconds / 1e12
+    result = dict(model=c.model, width=c.width, batch_size=c.batch_size, image_size=c.crop_size,
+                  dtype=c.dtype, devices=jax.device_count(), platform=jax.devices()[0].platform,
+                  step_ms=round(seconds * 1e3, 2), images_per_sec=round(c.batch_size / seconds, 1),
+                  model_tflops=round(tflops, 3))
+    if _PEAK.value:
+        result["mfu"] = round(tflops / _PEAK.value, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
