@@ -69,6 +69,8 @@ def test_summary_prints_the_layer_table():
     (["--config=configs/vgg16.py:12x", "--mode=summary"], "training scale must be S or SMIN-SMAX"),
     (["--config=configs/vgg16.py", "--mode=bogus"], "--mode=bogus"),
     (["--config=configs/vgg16.py", "--mode=features", "--workdir=/tmp/x"], "is not built yet"),
+    (["--config=configs/demo.py", "--config.dataset=folder", "--config.data_dir=/no/such/dir",
+      "--workdir=/tmp/x"], "'/no/such/dir' is not a directory"),
 ])
 def test_user_mistakes_get_one_clear_line(args, message):
     result = run_main(*args)

@@ -265,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def save(force: bool = False) -> None:
         check_finite()
-        ckpt.save(step, state, data, force=force)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, data, force=force)
 
     def check_finite() -> dict[str, float] | None:
         nonlocal pending
@@ -303,8 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 return {"step": step, "preempted": True}
             if step % config.checkpoint_every_steps == 0:
                 save()
-        if ckpt.latest_step() != step:
-            save(force=True)
+        save(force=True)
         result = validate()
     finally:
         data.close()
