@@ -110,6 +110,8 @@ def test_resume_equals_straight_run_and_writes_results(tiny_config, tmp_path):
     assert results["val_images"] == 40 and 0 <= results["top1_error"] <= 1
     assert results["top5_error"] <= results["top1_error"]
     assert any(p.name.startswith("events") for p in (tmp_path / "straight" / "tensorboard").iterdir())
+    written = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert (written["model"], written["num_classes"]) == (tiny_config.model, 10)
 
 
 def test_restore_params_on_another_device_count(tiny_config, tmp_path):

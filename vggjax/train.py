@@ -248,6 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    else config.num_epochs * steps_per_epoch)
     data = iter(pipeline.train_dataset(config, **process))
     ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
+    if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     if ckpt.latest_step() is not None:
         state = ckpt.restore(trainer.abstract_state(), data)
         logging.info("Resumed from the checkpoint at step %d.", int(state.step))
