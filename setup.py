@@ -25,11 +25,17 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # keras.applications: the independent reference for Keras's weights in test_convert.py,
+        # where h5py and safetensors write the published file layouts.
+        "test": ["pytest>=8", "keras>=3", "h5py>=3.8", "safetensors>=0.4"],
+        # Keras's .h5 weights for python -m vggjax.convert (.pth and .safetensors need nothing).
+        "convert": ["h5py>=3.8"],
         # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).
         "imagenet": ["tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # benchmarks/torch_train_step.py's reference (a CPU build is enough); never vggjax's own.
+        "bench": ["torch>=2.4"],
     },
     entry_points={"console_scripts": ["vggjax=vggjax.main:run"]},
 )

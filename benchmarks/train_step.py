@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -37,9 +38,12 @@ def config() -> ml_collections.ConfigDict:
     return c
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    c = config()
+Runners = dict[str, Callable[[int], None]]
+
+
+def jax_runners(c: ml_collections.ConfigDict) -> tuple[train.Trainer, Runners]:
+    """vggjax's jitted train step and forward pass on one synthetic batch: `runners[kind](n)`
+    runs n of them and waits for the result (the first call compiles)."""
     trainer = train.Trainer(c, train.make_mesh())
     state = trainer.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -47,14 +51,35 @@ def main(argv: list[str]) -> None:
         image=rng.normal(0, 50, (c.batch_size, c.crop_size, c.crop_size, 3)).astype(np.float32),
         label=rng.integers(0, 1000, c.batch_size).astype(np.int32),
         mask=np.ones(c.batch_size, np.float32)))
-    for _ in range(2):
-        state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready(state)
+    forward = jax.jit(lambda s, images: trainer.model.apply(
+        {"params": s.params, "batch_stats": s.batch_stats}, images, train=False))
+
+    def train_steps(n: int) -> None:
+        nonlocal state
+        for _ in range(n):
+            state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready((state, metrics))
+
+    def forward_passes(n: int) -> None:
+        for _ in range(n):
+            logits = forward(state, batch["image"])
+        jax.block_until_ready(logits)
+
+    return trainer, {"train": train_steps, "infer": forward_passes}
+
+
+def seconds_per_call(run: Callable[[int], None], n: int) -> float:
     start = time.perf_counter()
-    for _ in range(_STEPS.value):
-        state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / _STEPS.value
+    run(n)
+    return (time.perf_counter() - start) / n
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    c = config()
+    trainer, runners = jax_runners(c)
+    runners["train"](2)  # compiles
+    seconds = seconds_per_call(runners["train"], _STEPS.value)
     macs = sum(r.macs for r in summary.layer_rows(trainer.model))
     tflops = 6 * macs * c.batch_size / seconds / 1e12
     result = dict(model=c.model, width=c.width, batch_size=c.batch_size, image_size=c.crop_size,

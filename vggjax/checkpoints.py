@@ -90,3 +90,14 @@ def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> 
     return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))
+
+
+def save_params(workdir: str, variables: dict[str, Any]) -> None:
+    """Writes `variables` (params, and batch_stats for BN nets) as the workdir's only checkpoint,
+    step 0, with no optimizer or data state: what restore_params and `init_from` read. For
+    weights trained elsewhere (vggjax.convert)."""
+    root = os.path.abspath(_checkpoint_dir(workdir))
+    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        if manager.latest_step() is not None:
+            raise ValueError(f"{root} already holds checkpoints; choose a new directory")
+        manager.save(0, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(variables)}))

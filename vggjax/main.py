@@ -24,13 +24,48 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "feature
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "--mode=summary: count for this image "
                                    "size (dense form) instead of the crop.")
 
-_NOT_BUILT = {"eval": "dense/multi-crop evaluation (Sect. 3.2)",
-              "features": "feature extraction (Appendix B)"}
+# Multi-host runs: the same command on every host. On a TPU pod and under SLURM or Open MPI, JAX
+# finds all three values itself; elsewhere (or to override) give them on every process.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
+                                   "process 0, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes "
+                                      "run this command.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 to "
+                                   "num_processes - 1.", lower_bound=0)
+flags.register_multi_flags_validator(
+    ["process_id", "num_processes"],
+    lambda f: None in (f["process_id"], f["num_processes"]) or f["process_id"] < f["num_processes"],
+    "--process_id must be less than --num_processes")
+
+_NOT_BUILT = {"features": "feature extraction (Appendix B)"}
 
 
 def _fail(message: str) -> None:
     print(f"vggjax: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _init_distributed() -> None:
+    """Joins the other processes of a multi-host run, before JAX touches a device.
+
+    A lone process (no flags, no cluster detected) skips it: JAX raises ValueError when it can
+    find no coordinator.
+    """
+    import jax
+
+    given = {name: flag.value for name, flag in (("coordinator_address", _COORDINATOR),
+                                                 ("num_processes", _NUM_PROCESSES),
+                                                 ("process_id", _PROCESS_ID))
+             if flag.value is not None}
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as e:
+        if given:
+            raise ValueError(f"jax.distributed: {e} Outside a TPU pod, SLURM or Open MPI job, give "
+                             f"--coordinator_address, --num_processes and --process_id") from e
+        return
+    logging.info("Process %d of %d; %d devices in all.", jax.process_index(), jax.process_count(),
+                 jax.device_count())
 
 
 def _main(argv: list[str]) -> None:
@@ -55,7 +90,7 @@ def _main(argv: list[str]) -> None:
             return
         if mode in _NOT_BUILT:
             _fail(f"--mode={mode} ({_NOT_BUILT[mode]}) is not built yet; available modes: "
-                  f"train, summary")
+                  f"train, eval, summary")
         if not _WORKDIR.value:
             raise ValueError(f"--workdir is required for --mode={mode}")
         import jax
@@ -64,9 +99,15 @@ def _main(argv: list[str]) -> None:
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             jax.config.update("jax_compilation_cache_dir", os.path.join(
                 os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax"), "jax"))
-        from vggjax import train
+        _init_distributed()
+        if mode == "eval":
+            from vggjax import evaluate
 
-        train.train_and_evaluate(config, _WORKDIR.value)
+            evaluate.evaluate(config, _WORKDIR.value)
+        else:
+            from vggjax import train
+
+            train.train_and_evaluate(config, _WORKDIR.value)
     except (ValueError, FloatingPointError) as e:  # bad input, or a diverged run: say which
         _fail(str(e))
 

@@ -142,7 +142,7 @@ def dense_map_sizes(sizes: jax.Array, crop_size: int) -> jax.Array:
 def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
     if sizes is None:
         return x
-    return jnp.where(valid_mask(sizes, x.shape[1], x.shape[2])[..., None], x, 0).astype(x.dtype)
+    return jnp.where(valid_mask(sizes, x.shape[1], x.shape[2])[..., None], x, 0)
 
 
 class VGG(nn.Module):

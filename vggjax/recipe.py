@@ -5,6 +5,8 @@ Every field can be overridden on the command line (`--config.batch_size=128`).
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 # Mean RGB of the ILSVRC-2012 training set on the 0–255 scale (Sect. 2.1's only pre-processing).
@@ -92,14 +94,18 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # Testing (Sect. 3.2, 4.2–4.4).
     c.eval = ml_collections.ConfigDict()
     c.eval.scales = eval_scales_for(train_scale)  # Q
+    # Any of EVAL_PROTOCOLS (vggjax/evaluate.py says what each computes).
     c.eval.protocols = ("dense", "multi_scale_dense")
     c.eval.flip = True
     c.eval.batch_size = 32
-    c.eval.checkpoints = ()  # empty: the workdir's latest checkpoint
+    c.eval.checkpoints = ()  # empty: the workdir's latest checkpoint; several: fusion (Sect. 4.4)
+    c.eval.bucket_multiple = 32  # images are padded to sides that are multiples of this
     return c
 
 
 DATASETS = ("imagenet2012", "folder", "demo")
+EVAL_PROTOCOLS = ("dense", "multi_scale_dense", "multi_crop", "multi_crop_dense", "centre_crop",
+                  "fusion")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -132,7 +138,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, "a positive integer"),
         ("eval.scales", len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size,
          "a non-empty list of test scales Q, each at least crop_size"),
+        ("eval.protocols", set(c.eval.protocols) <= set(EVAL_PROTOCOLS)
+         and bool(set(c.eval.protocols) - {"fusion"}),
+         f"some of {EVAL_PROTOCOLS}, not fusion alone (it fuses the others)"),
+        ("eval.checkpoints", "fusion" not in c.eval.protocols or len(c.eval.checkpoints) > 1,
+         "two or more checkpoint paths for the fusion protocol"),
+        ("eval.batch_size", c.eval.batch_size > 0, "a positive integer"),
+        ("eval.bucket_multiple", c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
+         "a positive multiple of 32"),
     ]
     for field, ok, allowed in checks:
         if not ok:
-            raise ValueError(f"config.{field} must be {allowed}, got {c[field] if '.' not in field else c.eval.scales!r}")
+            value = functools.reduce(lambda config, key: config[key], field.split("."), c)
+            raise ValueError(f"config.{field} must be {allowed}, got {value!r}")

@@ -205,25 +205,33 @@ class Trainer:
 
 
 class _Preemption:
-    """SIGTERM (a preempted TPU VM or cluster job) asks the loop to checkpoint and stop."""
+    """SIGTERM (a preempted TPU VM or cluster job) asks the loop to checkpoint and stop.
+
+    With several processes, jax.distributed's own SIGTERM notifier picks one step at which all of
+    them stop, whichever got the signal, and when: a Python handler would replace it (and leave
+    the others in the next step's collectives), so there is none then.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._handling = jax.process_count() == 1
+        if self._handling:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting.")
         self.requested = True
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:  # all hosts must stop at the same step
-            from jax.experimental import multihost_utils
+        if self._handling:
+            return self.requested
+        from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step) or self.requested
-        return self.requested
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._handling:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _sum(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -1,0 +1,130 @@
+"""vggjax next to PyTorch: the same VGG train step and forward pass, timed in one run.
+
+    pip install -e '.[bench]'       # PyTorch (a CPU build is enough); not needed by vggjax
+    python benchmarks/torch_train_step.py --model=D --batch_size=8 --image_size=224 --steps=3
+
+The PyTorch net is torchvision's layout (`features`, 7×7 adaptive average pool, `classifier`)
+built here from vggjax's layer table, so both run the same layers; the step is the same too:
+cross-entropy, dropout 0.5, SGD with momentum 0.9 and weight decay 5e-4. JAX and PyTorch take
+turns, `--rounds` times `--steps` steps each, so both see the same machine load; the figures are
+each one's best round. Ends with one JSON line: images/s for both, and JAX ÷ PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import ml_collections
+from absl import app, flags
+
+import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
+from vggjax import models
+
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per framework.")
+_CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", False,
+                                   "PyTorch in channels-last memory format (NHWC).")
+
+
+def torch_vgg(model: models.VGG):
+    """torchvision's VGG for `model`'s layer table (same layers, same parameter count)."""
+    from torch import nn
+
+    features, channels = [], 3
+    for layer in model.layers:
+        if layer.kind == "conv":
+            features.append(nn.Conv2d(channels, layer.features, layer.kernel,
+                                      padding=layer.kernel // 2))
+            if model.batch_norm:
+                features.append(nn.BatchNorm2d(layer.features))
+            features.append(nn.ReLU(inplace=True))
+            channels = layer.features
+        elif layer.kind == "lrn":  # PyTorch divides alpha by the size; vggjax does not
+            lrn = models.LRN_PARAMS
+            features.append(nn.LocalResponseNorm(lrn["size"], lrn["alpha"] * lrn["size"],
+                                                 lrn["beta"], lrn["k"]))
+        elif layer.kind == "pool":
+            features.append(nn.MaxPool2d(2, 2))
+    fc6, fc7, fc8 = (layer.features for layer in model.layers if layer.kind == "fc")
+    window = model.crop_size // 32
+    return nn.Sequential(
+        nn.Sequential(*features), nn.AdaptiveAvgPool2d((window, window)), nn.Flatten(),
+        nn.Linear(channels * window * window, fc6), nn.ReLU(True), nn.Dropout(model.dropout_rate),
+        nn.Linear(fc6, fc7), nn.ReLU(True), nn.Dropout(model.dropout_rate), nn.Linear(fc7, fc8))
+
+
+def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
+                  num_params: int) -> train_step.Runners:
+    """PyTorch's train step and forward pass on one synthetic batch, like `jax_runners`."""
+    import torch
+
+    net = torch_vgg(model)
+    assert sum(p.numel() for p in net.parameters()) == num_params, "not the same net"
+    optimizer = torch.optim.SGD(net.parameters(), lr=c.learning_rate, momentum=c.momentum,
+                                weight_decay=c.weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(c.batch_size, 3, c.crop_size, c.crop_size, generator=generator) * 50
+    labels = torch.randint(0, c.num_classes, (c.batch_size,), generator=generator)
+    if _CHANNELS_LAST.value:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    # dtype="bfloat16": bfloat16 compute over float32 parameters, as vggjax does.
+    autocast = functools.partial(torch.autocast, "cpu", torch.bfloat16,
+                                 enabled=c.dtype == "bfloat16")
+
+    def train_steps(n: int) -> None:
+        net.train()
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(net(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+
+    def forward_passes(n: int) -> None:
+        net.eval()
+        with torch.inference_mode(), autocast():
+            for _ in range(n):
+                net(images)
+
+    return {"train": train_steps, "infer": forward_passes}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        import torch
+    except ImportError:
+        sys.exit("PyTorch is not installed: pip install -e '.[bench]'")
+    import jax
+
+    c = train_step.config()
+    trainer, runners = train_step.jax_runners(c)
+    num_params = sum(x.size for x in jax.tree.leaves(
+        models.abstract_variables(trainer.model)["params"]))
+    frameworks = {"jax": runners, "torch": torch_runners(c, trainer.model, num_params)}
+    best = {}
+    for kind in ("train", "infer"):
+        for runner in frameworks.values():
+            runner[kind](1)  # compiles (JAX) or warms the allocator (PyTorch)
+        for _ in range(_ROUNDS.value):
+            for name, runner in frameworks.items():
+                seconds = train_step.seconds_per_call(runner[kind], flags.FLAGS.steps)
+                best[name, kind] = min(best.get((name, kind), seconds), seconds)
+    result = dict(model=c.model, width=c.width, batch_size=c.batch_size, image_size=c.crop_size,
+                  dtype=c.dtype, platform=jax.devices()[0].platform, cpus=os.cpu_count(),
+                  jax=jax.__version__, torch=torch.__version__,
+                  torch_threads=torch.get_num_threads(), torch_channels_last=_CHANNELS_LAST.value,
+                  steps=flags.FLAGS.steps, rounds=_ROUNDS.value)
+    for kind in ("train", "infer"):
+        for name in frameworks:
+            result[f"{name}_{kind}_images_per_sec"] = round(c.batch_size / best[name, kind], 2)
+        result[f"{kind}_jax_over_torch"] = round(best["torch", kind] / best["jax", kind], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

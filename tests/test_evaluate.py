@@ -1,0 +1,259 @@
+"""Testing protocols (Sect. 3.2, 4.1–4.4): padded dense = alone, flips, crops, scales, fusion."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vggjax import checkpoints, evaluate, models, recipe, train
+from vggjax.data import augment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CROP = 64
+# Several aspect ratios, odd and even sides (odd ones exercise the floor of every pooling).
+SHAPES = [(64, 64), (67, 101), (99, 73), (64, 150), (127, 95), (80, 80)]
+
+
+def narrow(name):
+    model = models.create_model(name, 10, width=1 / 16, fc_width=32, crop_size=CROP,
+                                kernel_init="he")
+    variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
+    # Non-zero biases (as in a trained net; BN's shift too) turn the zero padding non-zero.
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"])
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def net_a():
+    return narrow("A")
+
+
+def padded_batch(images, shape=(160, 160)):
+    batch = np.zeros((len(images), *shape, 3), np.float32)
+    for i, image in enumerate(images):
+        batch[i, :image.shape[0], :image.shape[1]] = image
+    return batch, jnp.asarray([image.shape[:2] for image in images], jnp.int32)
+
+
+def random_images(shapes, seed=0, std=1.0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, std, (*shape, 3)).astype(np.float32) for shape in shapes]
+
+
+@pytest.mark.parametrize("name", ["A", "vgg11_bn"])
+def test_padded_dense_evaluation_equals_each_image_alone(name):
+    model, variables = narrow(name)
+    images = random_images(SHAPES)
+    batch, sizes = padded_batch(images)
+    scores = jax.jit(lambda v, x, s: evaluate.dense_scores(model, v, x, s))(variables, batch, sizes)
+    unmasked = jax.jit(lambda v, x: model.apply(v, x, dense=True))(variables, batch)
+    for i, image in enumerate(images):
+        alone = model.apply(variables, image[None], dense=True)[0]
+        alone_mean = alone.mean((0, 1))
+        rel = float(jnp.abs(scores[i] - alone_mean).max() / jnp.abs(alone_mean).max())
+        assert rel < 1e-4, (SHAPES[i], rel)
+        # Without the masks the padding leaks in: the same positions of the unmasked map differ.
+        h, w = alone.shape[:2]
+        leak = float(jnp.abs(unmasked[i, :h, :w] - alone).max() / jnp.abs(alone).max())
+        assert leak > 1e-3, (SHAPES[i], leak)
+
+
+def test_mirrored_image_gets_the_same_flip_averaged_posteriors(net_a):
+    model, variables = net_a
+    image = random_images([(75, 110)], seed=1)[0]
+    batch, sizes = padded_batch([image, image[:, ::-1]])
+    mirrored = evaluate.mirror(jnp.asarray(batch), sizes)
+    np.testing.assert_array_equal(mirrored[0, :75, :110], image[:, ::-1])
+    np.testing.assert_array_equal(mirrored[1, :75, :110], image)
+    both = evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)
+    np.testing.assert_allclose(both[0], both[1], rtol=0, atol=1e-6)
+    one = evaluate.dense_posteriors(model, variables, batch, sizes, flip=False)
+    assert float(jnp.abs(one[0] - one[1]).max()) > 1e-3  # the net itself is not mirror-invariant
+    np.testing.assert_allclose(both[0], (one[0] + one[1]) / 2, rtol=0, atol=1e-6)
+
+
+def classic(model, variables, crops):
+    return jax.nn.softmax(model.apply(variables, jnp.asarray(crops)))
+
+
+def test_multi_crop_is_a_5x5_grid_times_2_flips(net_a):
+    model, variables = net_a
+    assert evaluate.grid_offsets(100, CROP).tolist() == [0, 9, 18, 27, 36]  # spans 0 … H − crop
+    image = random_images([(100, 130)], seed=2)[0]
+    batch, sizes = padded_batch([image])
+    ys, xs = (evaluate.grid_offsets(n, CROP).tolist() for n in image.shape[:2])
+    crops = [image[y:y + CROP, x:x + CROP] for y in ys for x in xs]
+    assert len({(y, x) for y in ys for x in xs}) == 25
+    crops = np.stack(crops + [c[:, ::-1] for c in crops])  # 50 crops
+    expected = classic(model, variables, crops).mean(0)
+    got = evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # One crop alone (the 25 are different) gives something else.
+    assert float(jnp.abs(classic(model, variables, crops[:1])[0] - expected).max()) > 1e-3
+    centre = evaluate.centre_crop_posteriors(model, variables, batch, sizes)[0]
+    expected = classic(model, variables, augment.center_crop(image, CROP)[None])[0]
+    np.testing.assert_allclose(centre, expected, rtol=0, atol=1e-6)
+
+
+def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
+    """A crop-sized image: all 25 crops are the image, and the dense net is the classic one."""
+    model, variables = net_a
+    image = random_images([(CROP, CROP)], seed=3)[0]
+    batch, sizes = padded_batch([image], (96, 128))
+    flip_averaged = classic(model, variables, np.stack([image, image[:, ::-1]])).mean(0)
+    for got in (evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0],
+                evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)[0]):
+        np.testing.assert_allclose(got, flip_averaged, rtol=0, atol=1e-5)
+
+
+def protocols_config(protocols=recipe.EVAL_PROTOCOLS[:-1], scales=(72, 88, 104)):
+    c = recipe.paper_recipe("A", "72-104")
+    c.crop_size, c.num_classes = CROP, 4
+    c.eval.protocols, c.eval.scales = protocols, scales
+    return c
+
+
+def test_protocols_combine_scales_and_methods():
+    c = protocols_config()
+    plan = evaluate.plan(c)
+    centre = evaluate.centre_crop_scale(CROP)
+    assert centre == 73 and evaluate.centre_crop_scale(224) == 256
+    assert plan == {72: ("dense", "multi_crop"), 88: ("dense", "multi_crop"),
+                    104: ("dense", "multi_crop"), 73: ("centre_crop",)}
+    rng = np.random.default_rng(0)
+    raw = {key: rng.dirichlet(np.ones(4), 3) for key in
+           [(h, q) for q in (72, 88, 104) for h in ("dense", "multi_crop")] + [("centre_crop", 73)]}
+    out = evaluate.protocol_posteriors(raw, c)
+    assert set(out) == {"dense_q72", "dense_q88", "dense_q104", "multi_scale_dense", "multi_crop",
+                        "multi_crop_dense", "centre_crop"}
+    dense = (raw["dense", 72] + raw["dense", 88] + raw["dense", 104]) / 3
+    crops = (raw["multi_crop", 72] + raw["multi_crop", 88] + raw["multi_crop", 104]) / 3
+    np.testing.assert_allclose(out["multi_scale_dense"], dense)
+    np.testing.assert_allclose(out["multi_crop"], crops)
+    np.testing.assert_allclose(out["multi_crop_dense"], (dense + crops) / 2)
+    np.testing.assert_array_equal(out["dense_q88"], raw["dense", 88])
+    np.testing.assert_array_equal(out["centre_crop"], raw["centre_crop", 73])
+    assert evaluate.plan(protocols_config(("dense",))) == {q: ("dense",) for q in (72, 88, 104)}
+
+
+def test_fusion_averages_models_and_saved_predictions(tmp_path):
+    labels = np.array([0, 1, 2, 3])
+    bad = np.array([False, False, False, True])
+    a = {"dense_q72": np.array([[.6, .4, 0, 0], [.6, .4, 0, 0], [0, 0, 1, 0], [.25] * 4])}
+    b = {"dense_q72": np.array([[.2, .8, 0, 0], [.1, .9, 0, 0], [0, .7, .3, 0], [.25] * 4]),
+         "multi_crop": np.ones((4, 4)) / 4}
+    fused = evaluate.fuse([a, b])
+    assert list(fused) == ["dense_q72"]  # only what both models have
+    np.testing.assert_allclose(fused["dense_q72"][0], [.4, .6, 0, 0])
+    # Model a alone: right on 0 and 2; b: right on 1; fused: right on 1 and 2. Image 3 is bad.
+    assert evaluate.error_rates(a["dense_q72"], labels, bad)[0] == 0.5
+    assert evaluate.error_rates(fused["dense_q72"], labels, bad)[0] == 0.5
+    assert evaluate.error_rates(fused["dense_q72"], labels, bad)[1] == 0.25  # bad is a top-5 error
+    for name, posteriors in (("a", a), ("b", b)):
+        np.savez(tmp_path / f"{name}.npz", ids=np.array(["w", "x", "y", "z"]), labels=labels,
+                 bad=bad, **{f"posteriors_{k}": v for k, v in posteriors.items()})
+    assert evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == {
+        "dense_q72": (0.5, 0.25)}
+    np.savez(tmp_path / "c.npz", ids=np.array(["w", "x", "z", "y"]), labels=labels, bad=bad)
+    with pytest.raises(ValueError, match="other images"):
+        evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")])
+
+
+def rescaled(h, w, q):
+    """`augment.rescale_smallest_side`'s output size."""
+    return (q, max(q, round(w * q / h))) if h <= w else (max(q, round(h * q / w)), q)
+
+
+def test_bucket_shapes_stay_few_for_imagenet_like_sizes():
+    """The README's bound: sizes 300–500 × 300–500 at Q = 224, 256, 288 need 37 shapes."""
+    shapes, waste = set(), 0.0
+    for h in range(300, 501):
+        for w in range(300, 501):
+            for q in (224, 256, 288):
+                size = rescaled(h, w, q)
+                bucket = evaluate.bucket_shape(*size)
+                assert bucket[0] >= size[0] and bucket[1] >= size[1]
+                assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
+                shapes.add(bucket)
+                waste = max(waste, 1 - size[0] * size[1] / (bucket[0] * bucket[1]))
+    assert len(shapes) == 37 and waste < 0.13  # at most 12% of a bucket is padding
+    # However elongated, a few buckets per octave of aspect ratio: 8 per octave at Q = 256.
+    long_sides = {evaluate.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
+    assert len(long_sides) == 3 * 8 + 1  # 256, 288, …, 512, 576, …, 1024, 1152, …, 2048
+    assert evaluate.bucket_shape(256, 600) == (256, 640)  # past 2Q, steps of 64
+
+
+def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_dir, tmp_path):
+    """Train 2 steps, then `--mode=eval` with every protocol, fusing two checkpoints."""
+    workdir = tmp_path / "run"
+    tiny_config.num_train_steps = 2
+    train.train_and_evaluate(tiny_config, str(workdir))
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_demo_dir, "val"), data / "val")
+    (data / "val" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    args = [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", "--mode=eval",
+            f"--workdir={workdir}", "--config.dataset=folder", f"--config.data_dir={data}",
+            "--config.width=0.0625", "--config.fc_width=32", "--config.num_workers=0",
+            "--config.eval.batch_size=8",
+            f"--config.eval.protocols={recipe.EVAL_PROTOCOLS!r}",
+            f"--config.eval.checkpoints=('{workdir}', '{workdir}/checkpoints/2')"]
+    result = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "circle/broken.jpg" in result.stderr and "images/s" in result.stderr
+    assert "multi-crop & dense" in result.stdout and "top-5 val. error (%)" in result.stdout
+
+    summary = json.loads((workdir / "eval_results.json").read_text())
+    assert (summary["images"], summary["bad_images"]) == (41, 1)
+    rows = {r["name"]: r for r in summary["results"]}
+    assert set(rows) == {f"{prefix}_{name}" for prefix in ("ckpt0", "ckpt1", "fusion") for name in
+                         ("dense_q72", "dense_q88", "dense_q104", "multi_scale_dense",
+                          "multi_crop", "multi_crop_dense", "centre_crop")}
+    assert rows["fusion_multi_scale_dense"]["test_scales"] == [72, 88, 104]
+    assert rows["ckpt0_centre_crop"]["test_scales"] == [73]
+    assert all(1 / 41 <= r["top1_error"] <= 1 and r["top5_error"] <= r["top1_error"]
+               for r in rows.values())
+
+    predictions = np.load(workdir / "predictions.npz")
+    ids = list(predictions["ids"])
+    assert len(ids) == 41 and "circle/broken.jpg" in ids
+    broken = ids.index("circle/broken.jpg")
+    assert predictions["bad"].sum() == 1 and predictions["bad"][broken]
+    fused = predictions["posteriors_fusion_multi_crop_dense"]
+    assert fused.shape == (41, 10) and np.allclose(fused.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(fused[broken], 0.1)
+    p = {k[len("posteriors_ckpt0_"):]: v for k, v in predictions.items() if "ckpt0_" in k}
+    np.testing.assert_allclose(p["multi_scale_dense"],
+                               (p["dense_q72"] + p["dense_q88"] + p["dense_q104"]) / 3, atol=1e-6)
+    np.testing.assert_allclose(p["multi_crop_dense"],
+                               (p["multi_scale_dense"] + p["multi_crop"]) / 2, atol=1e-6)
+
+    # One image through the whole pipeline equals the dense net applied to it alone.
+    tiny_config.eval.scales = (88,)
+    model = train.model_from_config(tiny_config)
+    variables = checkpoints.restore_params(str(workdir))
+    index = next(i for i, name in enumerate(ids) if not predictions["bad"][i])
+    with open(data / "val" / ids[index], "rb") as f:
+        image = augment.rescale_smallest_side(augment.decode_image(f.read()), 88)
+    x = augment.subtract_mean(image, tiny_config.mean_rgb)
+    alone = [jax.nn.softmax(model.apply(variables, im[None], dense=True).mean((1, 2)))[0]
+             for im in (x, x[:, ::-1])]
+    np.testing.assert_allclose(p["dense_q88"][index], (alone[0] + alone[1]) / 2, atol=1e-5)
+
+    # Bounded compilation: one program per (scale, bucket) the images fall in.
+    expected = set()
+    for name in ids:
+        if name != "circle/broken.jpg":
+            with open(data / "val" / name, "rb") as f:
+                h, w = augment.decode_image(f.read()).shape[:2]
+            # Q = 72, 88 and 104 run the same program (dense and multi-crop); 73 the centre crop.
+            expected |= {("Q", evaluate.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
+            expected.add(("centre", evaluate.bucket_shape(*rescaled(h, w, 73))))
+    assert summary["compiled_shapes"] == len(expected) <= 8

@@ -1,0 +1,100 @@
+"""A trained net ready to use: its module, its variables and the input convention it expects.
+
+Every vggjax net takes NHWC RGB images on the 0–255 scale minus a mean RGB (Sect. 2.1). Which
+mean, and which net, is written in the workdir's `config.json`: by training (the whole config)
+and by `vggjax.convert` (the model fields, the mean it folded the source's convention into, and
+where the weights came from). So converted published weights and the checkpoints of our own
+runs load the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vggjax import checkpoints, models
+
+CONFIG_FILE = "config.json"
+# The config fields that shape the module, beyond the model name and num_classes.
+MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
+FC_LAYERS = ("fc6", "fc7", "fc8")
+
+
+def workdir_of(path: str) -> str:
+    """The workdir of what restore_params accepts: a workdir, its checkpoints/ or a step folder."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, checkpoints.STATE)):  # WORKDIR/checkpoints/STEP
+        return os.path.dirname(os.path.dirname(path))
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The workdir's config.json: what the net is and what input it takes."""
+    file = os.path.join(workdir_of(path), CONFIG_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
+                         f"input mean (vggjax.convert and training write it)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    missing = [k for k in ("model", "mean_rgb") if k not in config]
+    if missing:
+        raise ValueError(f"{file} has no {' or '.join(missing)}")
+    return config
+
+
+def subtract_mean(images: jax.Array, mean_rgb: tuple[float, float, float]) -> jax.Array:
+    """RGB images on the 0–255 scale (NHWC) → the model's input."""
+    return jnp.asarray(images, jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
+
+
+def load_pretrained(path: str, sharding: jax.sharding.Sharding | None = None
+                    ) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
+    """`model, variables, preprocess` of a converted checkpoint or a training workdir.
+
+    `model.apply(variables, preprocess(images))` gives the logits of RGB images in [0, 255].
+    A checkpoint converted from a file without the top (Keras's `_notop`) holds the conv layers
+    only: `conv_features` runs them, or add a head of your own before `model.apply`.
+    """
+    config = read_config(path)
+    model = models.create_model(config["model"], config.get("num_classes", 1000),
+                                **{k: config[k] for k in MODEL_FIELDS if k in config})
+    variables = checkpoints.restore_params(path, sharding)
+    include_top = config.get("pretrained", {}).get("include_top", True)
+    expected = models.abstract_variables(model)
+    if not include_top:
+        expected["params"] = {k: v for k, v in expected["params"].items() if k not in FC_LAYERS}
+    for name, layer in expected["params"].items():
+        if name not in variables["params"]:
+            raise ValueError(f"{path}: layer {name} is missing; the model in {CONFIG_FILE} has it")
+        want, got = (jax.tree.map(jnp.shape, t) for t in (layer, variables["params"][name]))
+        if want != got:
+            raise ValueError(f"{path}: layer {name} has shapes {got}, but the model in "
+                             f"{CONFIG_FILE} needs {want}")
+    return model, variables, functools.partial(subtract_mean, mean_rgb=tuple(config["mean_rgb"]))
+
+
+def _skip_fc(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             context: nn.module.InterceptorContext) -> Any:
+    if isinstance(context.module, models.FullyConnected) and context.method_name == "__call__":
+        return args[0]
+    return next_fun(*args, **kwargs)
+
+
+def conv_features(model: models.VGG, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+    """The last conv stage's pooled map (N, H//32, W//32, C) of preprocessed images (H, W ≥ 32).
+
+    Runs the model with its FC layers skipped: what a checkpoint without the top can compute,
+    and what Keras's `include_top=False` nets output. (The ReLU and dropout around the skipped
+    layers are identities on this non-negative map at test time.)
+    """
+    with nn.intercept_methods(_skip_fc):
+        return model.clone(crop_size=32).apply(variables, images, dense=True)
