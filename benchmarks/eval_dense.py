@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
         image = rng.integers(0, 256, (*rng.integers(300, 501, 2), 3), dtype=np.uint8)
         elements.append(dict(index=k, id=str(k), label=0, images=[
             augment.rescale_smallest_side(image, q) for q in c.eval.scales]))
-    bucketed = timed(lambda: evaluator.posteriors(variables, elements, n))
+    bucketed = timed(lambda: evaluator.outputs(variables, elements, n))
 
     step = evaluator.steps[("dense",)]
     batches = math.ceil(n / _BATCH.value)

@@ -30,6 +30,8 @@ def load_config(path, arg=None):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_is_valid_and_documents_its_command(path):
     module, config = load_config(path)
+    if not config.model:  # the net of the checkpoint it starts from, which the user names
+        config.model, config.num_classes, config.init_from = "D", 10, "ckpt"
     recipe.validate(config)
     name = os.path.relpath(path, ROOT)
     assert f"python -m vggjax.main --config={name}" in module.__doc__
@@ -68,7 +70,13 @@ def test_summary_prints_the_layer_table():
     (["--config=configs/vgg16.py", "--config.crop_size=100", "--mode=summary"], "config.crop_size must be a positive multiple of 32"),
     (["--config=configs/vgg16.py:12x", "--mode=summary"], "training scale must be S or SMIN-SMAX"),
     (["--config=configs/vgg16.py", "--mode=bogus"], "--mode=bogus"),
-    (["--config=configs/vgg16.py", "--mode=features", "--workdir=/tmp/x"], "is not built yet"),
+    (["--config=configs/demo.py", "--mode=features", "--workdir=/no/such/run"],
+     "no config.json in /no/such/run"),
+    (["--config=configs/finetune.py", "--mode=summary"], "config.init_from is empty"),
+    (["--config=configs/finetune.py", "--config.init_from=/no/ckpt", "--mode=summary"],
+     "no config.json in /no/ckpt"),
+    (["--config=configs/vgg16.py", "--config.transfer.c_values=(0,)", "--mode=summary"],
+     "config.transfer.c_values must be a non-empty list of positive numbers"),
     (["--config=configs/demo.py", "--config.dataset=folder", "--config.data_dir=/no/such/dir",
       "--workdir=/tmp/x"], "'/no/such/dir' is not a directory"),
 ])

@@ -329,7 +329,7 @@ def torch_layers(path: str, tensors: dict[str, np.ndarray], source: str
         convs.append(SourceLayer(layer, weight.transpose(2, 3, 1, 0), layers[layer]["bias"]))
     missing = [n for n in fc_names if n not in layers]
     if 0 < len(missing) < len(fc_names):
-        vgg_name = pretrained.FC_LAYERS[fc_names.index(missing[0])]
+        vgg_name = models.FC_LAYERS[fc_names.index(missing[0])]
         raise ValueError(f"{path}: FC layer {missing[0]} ({vgg_name}) is missing")
     fcs = []
     in_channels = convs[-1].kernel.shape[-1] if convs else 0
@@ -359,7 +359,7 @@ def build_params(path: str, model_name: str, convs: list[SourceLayer], fcs: list
         found = f" ({convs[0].name} … {convs[-1].name})" if convs else ""
         raise ValueError(f"{path} has {len(convs)} conv layers{found}; model {config} has "
                          f"{len(names)} ({names[0]} … {names[-1]})")
-    if fcs and len(fcs) != len(pretrained.FC_LAYERS):
+    if fcs and len(fcs) != len(models.FC_LAYERS):
         raise ValueError(f"{path} has {len(fcs)} dense layers after the convs ({fcs[0].name} … "
                          f"{fcs[-1].name}); VGG's top has 3 (fc6, fc7, fc8)")
     sizes = {}
@@ -374,7 +374,7 @@ def build_params(path: str, model_name: str, convs: list[SourceLayer], fcs: list
     model = models.create_model(config, width=convs[0].kernel.shape[-1] / 64, **sizes)
     expected = models.abstract_variables(model)["params"]
     params = {}
-    for name, layer in zip(names + list(pretrained.FC_LAYERS), convs + fcs):
+    for name, layer in zip(names + list(models.FC_LAYERS), convs + fcs):
         got = (layer.kernel.shape, layer.bias.shape)
         want = (expected[name]["kernel"].shape, expected[name]["bias"].shape)
         if got != want:

@@ -15,8 +15,8 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -121,13 +121,30 @@ def centre_crop_posteriors(model: models.VGG, variables: Any, images: jax.Array,
     return _classic_posteriors(model, variables, crops)
 
 
-def _step(model: models.VGG, heads: tuple[str, ...], flip: bool, mean_rgb: tuple[float, ...],
-          variables: Any, images: jax.Array, sizes: jax.Array) -> dict[str, jax.Array]:
-    """The posteriors `heads` need at one scale, from a padded uint8 batch."""
+class Head(NamedTuple):
+    """A per-scale output the device computes for a batch: (N, width) arrays.
+
+    compute(model, variables, images, sizes) takes mean-subtracted padded images; `fill` is the
+    row an undecodable image gets (the uniform posterior, say)."""
+
+    compute: Callable[..., jax.Array]
+    fill: Callable[[int], float]
+
+
+def posterior_heads(flip: bool = True) -> dict[str, Head]:
+    """The classification protocols' per-scale posteriors; undecodable images get 1/classes."""
+    uniform = lambda width: 1.0 / width  # noqa: E731
+    return {"dense": Head(functools.partial(dense_posteriors, flip=flip), uniform),
+            "multi_crop": Head(multi_crop_posteriors, uniform),
+            "centre_crop": Head(centre_crop_posteriors, uniform)}
+
+
+def _step(model: models.VGG, heads: tuple[tuple[str, Callable[..., jax.Array]], ...],
+          mean_rgb: tuple[float, ...], variables: Any, images: jax.Array,
+          sizes: jax.Array) -> dict[str, jax.Array]:
+    """The outputs of `heads` at one scale, from a padded uint8 batch."""
     x = images.astype(jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
-    compute = {"dense": functools.partial(dense_posteriors, flip=flip),
-               "multi_crop": multi_crop_posteriors, "centre_crop": centre_crop_posteriors}
-    return {head: compute[head](model, variables, x, sizes) for head in heads}
+    return {name: compute(model, variables, x, sizes) for name, compute in heads}
 
 
 def plan(config: ml_collections.ConfigDict) -> dict[int, tuple[str, ...]]:
@@ -228,26 +245,43 @@ class Evaluator:
     `compiled` collects the distinct (heads, bucket) programs run, each compiled once.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-        self.config, self.model, self.plan = config, train.model_from_config(config), plan(config)
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 scales: dict[int, tuple[str, ...]] | None = None,
+                 heads: dict[str, Head] | None = None):
+        """scales: test scale Q → the heads computed there (default: what `config.eval`'s
+        protocols need, `plan`); heads: what each name computes (default: `posterior_heads`)."""
+        self.config, self.model = config, train.model_from_config(config)
+        self.plan = plan(config) if scales is None else scales
+        self.heads = posterior_heads(config.eval.flip) if heads is None else heads
         self.batch_size, remainder = divmod(config.eval.batch_size, jax.process_count())
         if remainder or self.batch_size % mesh.size:
             raise ValueError(f"config.eval.batch_size ({config.eval.batch_size}) must split evenly "
                              f"over {jax.process_count()} processes of {mesh.size} devices each")
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.steps = {heads: jax.jit(
-            functools.partial(_step, self.model, heads, config.eval.flip, tuple(config.mean_rgb)),
+        self.steps = {names: jax.jit(
+            functools.partial(_step, self.model, tuple((n, self.heads[n].compute) for n in names),
+                              tuple(config.mean_rgb)),
             in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding),
-            out_shardings=self.batch_sharding) for heads in set(self.plan.values())}
+            out_shardings=self.batch_sharding) for names in set(self.plan.values())}
         self.compiled: set[tuple[tuple[str, ...], tuple[int, int]]] = set()
 
-    def posteriors(self, variables: Any, elements: Iterable[dict[str, Any]], count: int,
-                   what: str = "") -> dict[str, Any]:
-        """Per-scale posteriors `raw[head, Q]` (count × classes), labels, ids and undecodable
+    def widths(self, variables: Any) -> dict[str, int]:
+        """Each head's output width (classes for posteriors), without running anything."""
+        crop = self.model.crop_size
+        images = jax.ShapeDtypeStruct((self.batch_size, crop, crop, 3), jnp.uint8)
+        sizes = jax.ShapeDtypeStruct((self.batch_size, 2), jnp.int32)
+        shapes = {}
+        for step in self.steps.values():
+            shapes.update(jax.eval_shape(step, variables, images, sizes))
+        return {name: s.shape[-1] for name, s in shapes.items()}
+
+    def outputs(self, variables: Any, elements: Iterable[dict[str, Any]], count: int,
+                what: str = "") -> dict[str, Any]:
+        """Per-scale head outputs `raw[head, Q]` (count × width), labels, ids and undecodable
         flags of `count` elements (dicts of `_load`'s form, `index` counting from 0)."""
-        classes = self.config.num_classes
-        raw = {(head, q): np.zeros((count, classes), np.float32)
+        widths = self.widths(variables)
+        raw = {(head, q): np.zeros((count, widths[head]), np.float32)
                for q, heads in self.plan.items() for head in heads}
         labels, bad, ids = np.zeros(count, np.int32), np.zeros(count, bool), [""] * count
         queues: dict[tuple[int, tuple[int, int]], list[tuple[int, np.ndarray]]] = (
@@ -278,8 +312,8 @@ class Evaluator:
             labels[k], ids[k] = element["label"], element["id"]
             if element["images"] is None:
                 bad[k] = True
-                for p in raw.values():
-                    p[k] = 1.0 / classes
+                for (head, _), p in raw.items():
+                    p[k] = self.heads[head].fill(p.shape[1])
             else:
                 for q, image in zip(self.plan, element["images"]):
                     key = (q, bucket_shape(*image.shape[:2], self.config.eval.bucket_multiple))
@@ -303,7 +337,7 @@ class Evaluator:
 
     def evaluate_source(self, variables: Any, source: sources.Source,
                         what: str = "") -> dict[str, Any]:
-        """`posteriors` over all of `source`: this process reads its share, all get the whole."""
+        """`outputs` over all of `source`: this process reads its share, all get the whole."""
         pi, pc = jax.process_index(), jax.process_count()
         count = len(range(pi, len(source), pc))
         load = functools.partial(_load, source, tuple(self.plan))
@@ -312,7 +346,7 @@ class Evaluator:
                               prefetch_buffer_size=2 * self.batch_size)))
         # Local positions: stream element p + k·P is this process's k-th.
         elements = (dict(element, index=element["index"] // pc) for element in dataset)
-        local = self.posteriors(variables, elements, count, what)
+        local = self.outputs(variables, elements, count, what)
         arrays = dict(labels=local["labels"], bad=local["bad"],
                       **{f"{head}@{q}": p for (head, q), p in local["raw"].items()})
         arrays = _gather(arrays, len(source))

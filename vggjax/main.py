@@ -17,10 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
     "override fields with --config.FIELD=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "features"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "features", "transfer"],
                           "train: train (resuming from the workdir); eval: the paper's test "
-                          "protocols; summary: print the layer table; features: Appendix B "
-                          "descriptors.")
+                          "protocols; summary: print the layer table; features: Appendix B's "
+                          "descriptors of the data set; transfer: linear SVMs on them, scored.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "--mode=summary: count for this image "
                                    "size (dense form) instead of the crop.")
 
@@ -36,9 +36,6 @@ flags.register_multi_flags_validator(
     ["process_id", "num_processes"],
     lambda f: None in (f["process_id"], f["num_processes"]) or f["process_id"] < f["num_processes"],
     "--process_id must be less than --num_processes")
-
-_NOT_BUILT = {"features": "feature extraction (Appendix B)"}
-
 
 def _fail(message: str) -> None:
     print(f"vggjax: error: {message}", file=sys.stderr)
@@ -71,10 +68,11 @@ def _init_distributed() -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
-    config, mode = _CONFIG.value, _MODE.value
-    from vggjax import recipe  # after flag parsing: keeps --help fast and jax unimported
+    mode = _MODE.value
+    from vggjax import pretrained, recipe  # after flag parsing: keeps --help fast
 
     try:
+        config = pretrained.inherit_net(_CONFIG.value)
         recipe.validate(config)
         if mode == "summary":
             from vggjax import models, summary
@@ -88,9 +86,6 @@ def _main(argv: list[str]) -> None:
             print(config)
             print(summary.format_summary(model, config.model, _IMAGE_SIZE.value))
             return
-        if mode in _NOT_BUILT:
-            _fail(f"--mode={mode} ({_NOT_BUILT[mode]}) is not built yet; available modes: "
-                  f"train, eval, summary")
         if not _WORKDIR.value:
             raise ValueError(f"--workdir is required for --mode={mode}")
         import jax
@@ -104,6 +99,14 @@ def _main(argv: list[str]) -> None:
             from vggjax import evaluate
 
             evaluate.evaluate(config, _WORKDIR.value)
+        elif mode == "features":
+            from vggjax import features
+
+            features.run(config, _WORKDIR.value)
+        elif mode == "transfer":
+            from vggjax import transfer
+
+            transfer.run(config, _WORKDIR.value)
         else:
             from vggjax import train
 

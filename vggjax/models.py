@@ -74,6 +74,9 @@ def layer_table(config: str, width: float = 1.0, fc_width: int = 4096,
     return layers
 
 
+FC_LAYERS = ("fc6", "fc7", "fc8")
+
+
 def local_response_norm(x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 2.0) -> jax.Array:
     """Cross-channel LRN of Krizhevsky et al. on NHWC input (used only by net A-LRN).

@@ -9,21 +9,23 @@ runs load the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vggjax import checkpoints, models
 
 CONFIG_FILE = "config.json"
 # The config fields that shape the module, beyond the model name and num_classes.
 MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
-FC_LAYERS = ("fc6", "fc7", "fc8")
 
 
 def workdir_of(path: str) -> str:
@@ -51,6 +53,27 @@ def read_config(path: str) -> dict[str, Any]:
     return config
 
 
+def with_net_of(config: ml_collections.ConfigDict, path: str,
+                keep_classes: bool = False) -> ml_collections.ConfigDict:
+    """A copy of `config` describing the checkpoint's net: its Table 1 column, widths, crop,
+    mean RGB and (unless `keep_classes`) number of classes, as its config.json records them."""
+    net = read_config(path)
+    fields = ("model", "width", "fc_width", "crop_size", "mean_rgb") + ("num_classes",) * (
+        not keep_classes)
+    c = ml_collections.ConfigDict(config.to_dict())
+    for field in fields:
+        if field in net:
+            c[field] = tuple(net[field]) if field == "mean_rgb" else net[field]
+    return c
+
+
+def inherit_net(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config`, or for `config.model == ""` (fine-tuning) the net of `config.init_from`."""
+    if config.model or not config.init_from:
+        return config
+    return with_net_of(config, config.init_from, keep_classes=True)
+
+
 def subtract_mean(images: jax.Array, mean_rgb: tuple[float, float, float]) -> jax.Array:
     """RGB images on the 0–255 scale (NHWC) → the model's input."""
     return jnp.asarray(images, jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
@@ -71,7 +94,7 @@ def load_pretrained(path: str, sharding: jax.sharding.Sharding | None = None
     include_top = config.get("pretrained", {}).get("include_top", True)
     expected = models.abstract_variables(model)
     if not include_top:
-        expected["params"] = {k: v for k, v in expected["params"].items() if k not in FC_LAYERS}
+        expected["params"] = {k: v for k, v in expected["params"].items() if k not in models.FC_LAYERS}
     for name, layer in expected["params"].items():
         if name not in variables["params"]:
             raise ValueError(f"{path}: layer {name} is missing; the model in {CONFIG_FILE} has it")
@@ -82,11 +105,17 @@ def load_pretrained(path: str, sharding: jax.sharding.Sharding | None = None
     return model, variables, functools.partial(subtract_mean, mean_rgb=tuple(config["mean_rgb"]))
 
 
-def _skip_fc(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             context: nn.module.InterceptorContext) -> Any:
-    if isinstance(context.module, models.FullyConnected) and context.method_name == "__call__":
-        return args[0]
-    return next_fun(*args, **kwargs)
+@contextlib.contextmanager
+def skip_layers(names: Sequence[str]) -> Iterator[None]:
+    """Within it, the FC layers `names` of any VGG pass their input through unchanged."""
+    def skip(next_fun, args, kwargs, context):
+        if (isinstance(context.module, models.FullyConnected) and context.module.name in names
+                and context.method_name == "__call__"):
+            return args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(skip):
+        yield
 
 
 def conv_features(model: models.VGG, variables: dict[str, Any], images: jax.Array) -> jax.Array:
@@ -96,5 +125,5 @@ def conv_features(model: models.VGG, variables: dict[str, Any], images: jax.Arra
     and what Keras's `include_top=False` nets output. (The ReLU and dropout around the skipped
     layers are identities on this non-negative map at test time.)
     """
-    with nn.intercept_methods(_skip_fc):
+    with skip_layers(models.FC_LAYERS):
         return model.clone(crop_size=32).apply(variables, images, dense=True)

@@ -77,8 +77,12 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
 
     # Initialisation from another checkpoint (Sect. 3.1): a trained net A for deeper nets
     # (first four convs and the three FC layers), or the S=256 net for S=384 and so on.
+    # Fine-tuning: a new last layer (all_but_fc8), a checkpoint without the top (conv), and
+    # training some layers only (`trainable`). model "" takes the net (Table 1 column, widths,
+    # crop, mean RGB) from init_from's config.json.
     c.init_from = ""
-    c.init_layers = "net_a"  # net_a | all
+    c.init_layers = "net_a"  # one of INIT_LAYERS
+    c.trainable = "all"  # one of TRAINABLE: the layers SGD updates; the others stay as initialised
     if scale in ("384", "256-512"):
         # S=384 starts from the S=256 net with learning rate 1e-3; multi-scale starts from S=384
         # (the paper gives no rate for it: we keep 1e-3).
@@ -100,6 +104,17 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.eval.batch_size = 32
     c.eval.checkpoints = ()  # empty: the workdir's latest checkpoint; several: fusion (Sect. 4.4)
     c.eval.bucket_multiple = 32  # images are padded to sides that are multiples of this
+
+    # Features for other data sets (Appendix B): --mode=features, --mode=transfer.
+    c.features = ml_collections.ConfigDict()
+    c.features.checkpoints = ()  # empty: the workdir's; two: their descriptors stacked
+    c.features.scales = (256, 384, 512)  # Q
+    c.features.aggregation = "stack"  # over Q: "stack" (the paper's Caltech) or "average" (VOC)
+    c.features.flip = True
+    c.features.splits = ("train", "val")
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.c_values = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the SVM's C, chosen on held-out images
+    c.transfer.validation_fraction = 0.2  # of the training images, per class
     return c
 
 
@@ -107,15 +122,21 @@ DATASETS = ("imagenet2012", "folder", "demo")
 EVAL_PROTOCOLS = ("dense", "multi_scale_dense", "multi_crop", "multi_crop_dense", "centre_crop",
                   "fusion")
 DTYPES = ("float32", "bfloat16")
+AGGREGATIONS = ("stack", "average")
+INIT_LAYERS = ("net_a", "all", "all_but_fc8", "conv")
+TRAINABLE = ("all", "fc", "fc8")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first field whose value is not allowed, and what is."""
     from vggjax import models  # imports jax: only when a config is actually used
 
+    if not c.model:
+        raise ValueError("config.model is '', which takes the net of config.init_from, but "
+                         "config.init_from is empty; give a checkpoint or a model (e.g. D)")
     models.resolve_name(c.model)
     checks = [
-        ("num_classes", c.num_classes > 0, "a positive integer"),
+        ("num_classes", (c.num_classes or 0) > 0, "a positive integer"),
         ("width", c.width > 0, "a positive channel multiplier"),
         ("fc_width", c.fc_width > 0, "a positive integer"),
         ("crop_size", c.crop_size > 0 and c.crop_size % 32 == 0, "a positive multiple of 32"),
@@ -134,7 +155,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("weight_decay", c.weight_decay >= 0, "non-negative"),
         ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
         ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
-        ("init_layers", c.init_layers in ("net_a", "all"), "'net_a' or 'all'"),
+        ("init_layers", c.init_layers in INIT_LAYERS, f"one of {INIT_LAYERS}"),
+        ("trainable", c.trainable in TRAINABLE, f"one of {TRAINABLE}"),
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, "a positive integer"),
         ("eval.scales", len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size,
          "a non-empty list of test scales Q, each at least crop_size"),
@@ -146,6 +168,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("eval.batch_size", c.eval.batch_size > 0, "a positive integer"),
         ("eval.bucket_multiple", c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
          "a positive multiple of 32"),
+        ("features.scales", len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
+         "a non-empty list of test scales Q, each at least crop_size"),
+        ("features.aggregation", c.features.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+        ("features.splits", len(c.features.splits) > 0 and set(c.features.splits) <= {"train", "val"},
+         "some of ('train', 'val')"),
+        ("transfer.c_values", len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
+         "a non-empty list of positive numbers"),
+        ("transfer.validation_fraction", 0 < c.transfer.validation_fraction < 1, "in (0, 1)"),
     ]
     for field, ok, allowed in checks:
         if not ok:

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vggjax import checkpoints, metrics, models
+from vggjax import checkpoints, metrics, models, pretrained
 from vggjax.data import pipeline, sources
 
 
@@ -52,14 +52,29 @@ def model_from_config(config: ml_collections.ConfigDict) -> models.VGG:
                                dtype=jnp.dtype(config.dtype))
 
 
+# Which layers `config.trainable` lets SGD update (None: all); a BN layer goes with its conv.
+TRAINABLE_LAYERS = {"all": None, "fc": models.FC_LAYERS, "fc8": ("fc8",)}
+
+
+def _base(name: str) -> str:
+    return name.removesuffix("_bn")
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay (on kernels; on biases too if configured)."""
+    """SGD with momentum and L2 weight decay (on kernels; on biases too if configured), on the
+    layers `config.trainable` names; the others get no update, not even weight decay."""
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
             lambda path, _: config.weight_decay_biases or path[-1].key == "kernel", params)
 
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
-                       optax.sgd(config.learning_rate, momentum=config.momentum))
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
+                     optax.sgd(config.learning_rate, momentum=config.momentum))
+    layers = TRAINABLE_LAYERS[config.trainable]
+    if layers is None:
+        return tx
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: {name: "train" if _base(name) in layers else "frozen" for name in params})
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
@@ -71,13 +86,13 @@ def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformat
 
 def init_state(model: models.VGG, tx: optax.GradientTransformation,
                plateau: optax.GradientTransformationExtraArgs, rng: jax.Array,
-               source_params: dict[str, Any] | None = None, init_layers: str = "net_a") -> TrainState:
-    """A fresh state: random variables, with layers copied from `source_params` if given."""
+               source: dict[str, Any] | None = None, init_layers: str = "net_a") -> TrainState:
+    """A fresh state: random variables, with layers copied from the variables `source` if given."""
     init_rng, state_rng = jax.random.split(rng)
     variables = models.init_variables(model, init_rng)
+    if source is not None:
+        variables = initialise_from(variables, source, init_layers)
     params = variables["params"]
-    if source_params is not None:
-        params = initialise_from(params, source_params, init_layers)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       plateau=plateau.init(params), rng=jax.random.key_data(state_rng))
@@ -87,31 +102,50 @@ def init_state(model: models.VGG, tx: optax.GradientTransformation,
 # fully-connected layers with the layers of net A". Net A's first four convs are conv1_1,
 # conv2_1, conv3_1 and conv3_2; every deeper net has layers of those names and shapes.
 NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+# config.init_layers → which layers to copy. all_but_fc8: fine-tuning for new classes; conv: from
+# a checkpoint without the top (Keras's _notop files).
+INIT_LAYERS = {"net_a": lambda name: name in NET_A_LAYERS, "all": lambda name: True,
+               "all_but_fc8": lambda name: name != "fc8",
+               "conv": lambda name: name not in models.FC_LAYERS}
 
 
-def initialise_from(params: dict[str, Any], source: dict[str, Any], layers: str) -> dict[str, Any]:
-    """`params` with layers copied from `source`: net A's seven (`net_a`) or all (`all`)."""
-    names = NET_A_LAYERS if layers == "net_a" else tuple(params)
-    params = dict(params)
-    for name in names:
-        if name not in source or name not in params:
-            raise ValueError(f"init_from: layer {name} is missing from the "
-                             f"{'checkpoint' if name not in source else 'model'}")
-        shapes = jax.tree.map(jnp.shape, (params[name], source[name]))
-        if shapes[0] != shapes[1]:
-            raise ValueError(f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
-                             f"but {shapes[0]} in the model")
-        params[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), source[name])
-    return params
+def initialise_from(variables: dict[str, Any], source: dict[str, Any],
+                    layers: str) -> dict[str, Any]:
+    """`variables` with the layers `layers` (a key of INIT_LAYERS) copied from `source`: their
+    parameters, and for BN nets their batch-norm statistics."""
+    out = {}
+    for collection, tree in variables.items():
+        tree, found = dict(tree), source.get(collection, {})
+        for name in (n for n in tree if INIT_LAYERS[layers](_base(n))):
+            if name not in found:
+                raise ValueError(f"init_from: layer {name} is missing from the checkpoint"
+                                 + (" (its batch-norm statistics)" if collection != "params" else ""))
+            shapes = jax.tree.map(jnp.shape, (tree[name], found[name]))
+            if shapes[0] != shapes[1]:
+                hint = (" (a new number of classes: init_layers='all_but_fc8')"
+                        if name == "fc8" else "")
+                raise ValueError(f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
+                                 f"but {shapes[0]} in the model{hint}")
+            tree[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), found[name])
+        out[collection] = tree
+    return out
 
 
 def train_step(model: models.VGG, tx: optax.GradientTransformation, state: TrainState,
-               batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on a global batch; metrics are sums over the batch's real images."""
+               batch: dict[str, jax.Array], trainable: tuple[str, ...] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a global batch; metrics are sums over the batch's real images.
+
+    trainable: the layers to differentiate (None: all). The others are constants to autodiff,
+    so no backward pass runs below the lowest trainable layer.
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     mask = batch["mask"]
 
     def loss_fn(params):
+        if trainable is not None:
+            params = {name: p if _base(name) in trainable else jax.lax.stop_gradient(p)
+                      for name, p in params.items()}
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                       batch["image"], train=True, rngs={"dropout": rng},
                                       mutable=["batch_stats"])
@@ -146,6 +180,18 @@ def eval_step(model: models.VGG, state: TrainState, batch: dict[str, jax.Array])
     return error_counts(logits.astype(jnp.float32), batch["label"], batch["mask"])
 
 
+def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> None:
+    """Warns when the run subtracts another mean RGB than the checkpoint's net was trained with."""
+    try:
+        mean = pretrained.read_config(path)["mean_rgb"]
+    except ValueError:  # no config.json: nothing recorded to compare with
+        return
+    if not np.allclose(mean, config.mean_rgb, atol=1e-3):
+        logging.warning("config.mean_rgb is %s but %s was trained with mean_rgb %s: its layers "
+                        "see shifted inputs (model '' takes the checkpoint's net and mean).",
+                        tuple(config.mean_rgb), path, tuple(mean))
+
+
 class Trainer:
     """The jitted steps of one model on one mesh, and the sharding of their inputs."""
 
@@ -156,7 +202,8 @@ class Trainer:
         self.plateau = make_plateau(config)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.train_step = jax.jit(functools.partial(train_step, self.model, self.tx),
+        self.train_step = jax.jit(functools.partial(
+            train_step, self.model, self.tx, trainable=TRAINABLE_LAYERS[config.trainable]),
                                   in_shardings=(self.replicated, self.batch_sharding),
                                   out_shardings=(self.replicated, self.replicated),
                                   donate_argnums=0)
@@ -170,9 +217,10 @@ class Trainer:
         """A fresh state, replicated; layers from `config.init_from` when it names a checkpoint."""
         source = None
         if self.config.init_from:
-            source = checkpoints.restore_params(self.config.init_from, self.replicated)["params"]
-            logging.info("Initialising %s from %s.", "net A's layers" if self.config.init_layers
-                         == "net_a" else "all layers", self.config.init_from)
+            source = checkpoints.restore_params(self.config.init_from, self.replicated)
+            _check_input_convention(self.config, self.config.init_from)
+            logging.info("Initialising layers (%s) from %s; training %s layers.",
+                         self.config.init_layers, self.config.init_from, self.config.trainable)
         init = functools.partial(init_state, self.model, self.tx, self.plateau,
                                  init_layers=self.config.init_layers)
         return jax.jit(init, out_shardings=self.replicated)(rng, source)

@@ -1,0 +1,129 @@
+"""Appendix B: very deep features for other data sets.
+
+The net without its last FC layer is applied densely to the whole image rescaled to Q; its
+4096-D penultimate activations are averaged over the map and with those of the mirror image,
+then over several Q either averaged or stacked, and L2-normalised. Two nets' descriptors are
+stacked ("late fusion"). The images go through evaluation's bucketed loop (`evaluate.Evaluator`),
+so any image size runs exactly, batched and sharded over the devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vggjax import evaluate, models, pretrained, recipe, train
+from vggjax.data import sources
+
+def dense_descriptor(model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array,
+                     flip: bool = True) -> jax.Array:
+    """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
+    positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
+    with pretrained.skip_layers(("fc8",)):
+        d = evaluate.dense_scores(model, variables, images, sizes)
+        if flip:
+            d = (d + evaluate.dense_scores(model, variables, evaluate.mirror(images, sizes),
+                                           sizes)) / 2
+    return d
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows of unit L2 norm; all-zero rows (undecodable images) stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def aggregate(per_scale: list[np.ndarray], how: str) -> np.ndarray:
+    """Descriptors at several Q, (N, D) each → (N, D) averaged or (N, len·D) stacked, unit norm."""
+    if how not in recipe.AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {recipe.AGGREGATIONS}, got {how!r}")
+    return l2_normalise(np.mean(per_scale, 0) if how == "average" else np.concatenate(per_scale, 1))
+
+
+def settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """What a set of features depends on, stored with them (transfer reuses matching files)."""
+    paths = tuple(config.features.checkpoints) or (workdir,)
+    return dict(checkpoints=[os.path.abspath(p) for p in paths], scales=list(config.features.scales),
+                aggregation=config.features.aggregation, flip=bool(config.features.flip),
+                dataset=config.dataset, data_dir=os.path.abspath(config.data_dir or "."))
+
+
+def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict[str, np.ndarray]:
+    """Descriptors of every image of `split`: ids, labels, num_classes, bad (undecodable: zero
+    descriptor), features (N, D), from `config.features.checkpoints` (default: the workdir's)."""
+    paths = settings(config, workdir)["checkpoints"]
+    nets = [pretrained.with_net_of(config, path) for path in paths]  # bad paths fail first
+    source = sources.make_source(config, split)
+    mesh = train.make_mesh(jax.local_devices())
+    scales = tuple(config.features.scales)
+    head = evaluate.Head(functools.partial(dense_descriptor, flip=config.features.flip),
+                         fill=lambda width: 0.0)
+    per_net = []
+    for i, (path, net) in enumerate(zip(paths, nets)):
+        evaluator = evaluate.Evaluator(net, mesh, {q: ("features",) for q in scales},
+                                       {"features": head})
+        _, variables, _ = pretrained.load_pretrained(path, evaluator.replicated)
+        if "fc7" not in variables["params"]:
+            raise ValueError(f"{path} has no FC layers (converted without the top): the features "
+                             f"of Appendix B are fc7's activations")
+        data = evaluator.evaluate_source(variables, source, f"{split} features, net {i + 1}")
+        per_net.append(aggregate([data["raw"]["features", q] for q in scales],
+                                 config.features.aggregation))
+    return dict(ids=data["ids"], labels=data["labels"], bad=data["bad"],
+                num_classes=np.int32(source.num_classes),
+                features=l2_normalise(np.concatenate(per_net, 1)))
+
+
+def path_of(workdir: str, split: str) -> str:
+    return os.path.join(workdir, f"features_{split}.npz")
+
+
+def save(path: str, features: dict[str, np.ndarray], about: dict[str, Any]) -> None:
+    np.savez(path, **features, **{f"setting_{k}": np.asarray(v) for k, v in about.items()})
+
+
+def load(path: str, about: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    """The features in `path`, or None if it is missing or was made with other `about`."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        stored = {k: f[k] for k in f.files}
+    if about is not None and any(
+            f"setting_{k}" not in stored or stored[f"setting_{k}"].tolist() != v
+            for k, v in about.items()):
+        return None
+    return {k: v for k, v in stored.items() if not k.startswith("setting_")}
+
+
+def _write(workdir: str, split: str, data: dict[str, np.ndarray], about: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        save(path_of(workdir, split), data, about)
+        logging.info("Wrote %s: %d images × %d features (%d undecodable).", path_of(workdir, split),
+                     *data["features"].shape, int(data["bad"].sum()))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:
+    """`--mode=features`: writes features_<split>.npz in the workdir for each configured split."""
+    about, out = settings(config, workdir), {}
+    for split in config.features.splits:
+        out[split] = extract(config, workdir, split)
+        _write(workdir, split, out[split], about)
+    return out
+
+
+def cached(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict[str, np.ndarray]:
+    """The workdir's features of `split` if made with these settings, else extracted (and saved)."""
+    about = settings(config, workdir)
+    found = load(path_of(workdir, split), about)
+    if found is not None:
+        logging.info("Using the features in %s.", path_of(workdir, split))
+        return found
+    data = extract(config, workdir, split)
+    _write(workdir, split, data, about)
+    return data
