@@ -1,13 +1,14 @@
 """vggjax next to PyTorch: the same VGG train step and forward pass, timed in one run.
 
-    pip install -e '.[bench]'       # PyTorch (a CPU build is enough); not needed by vggjax
+    pip install -e '.[bench]'       # PyTorch; not needed by vggjax
     python benchmarks/torch_train_step.py --model=D --batch_size=8 --image_size=224 --steps=3
 
 The PyTorch net is torchvision's layout (`features`, 7×7 adaptive average pool, `classifier`)
 built here from vggjax's layer table, so both run the same layers; the step is the same too:
 cross-entropy, dropout 0.5, SGD with momentum 0.9 and weight decay 5e-4. JAX and PyTorch take
 turns, `--rounds` times `--steps` steps each, so both see the same machine load; the figures are
-each one's best round. Ends with one JSON line: images/s for both, and JAX ÷ PyTorch.
+each one's best round. Both run on JAX's platform: the GPU (CUDA) if JAX has one, else the CPU.
+Ends with one JSON line: images/s for both, and JAX ÷ PyTorch.
 """
 
 from __future__ import annotations
@@ -58,21 +59,25 @@ def torch_vgg(model: models.VGG):
 def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
                   num_params: int) -> train_step.Runners:
     """PyTorch's train step and forward pass on one synthetic batch, like `jax_runners`."""
+    import jax
     import torch
 
-    net = torch_vgg(model)
+    device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"  # where JAX runs
+    net = torch_vgg(model).to(device)
     assert sum(p.numel() for p in net.parameters()) == num_params, "not the same net"
     optimizer = torch.optim.SGD(net.parameters(), lr=c.learning_rate, momentum=c.momentum,
                                 weight_decay=c.weight_decay)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(c.batch_size, 3, c.crop_size, c.crop_size, generator=generator) * 50
-    labels = torch.randint(0, c.num_classes, (c.batch_size,), generator=generator)
+    images = (torch.randn(c.batch_size, 3, c.crop_size, c.crop_size, generator=generator)
+              * 50).to(device)
+    labels = torch.randint(0, c.num_classes, (c.batch_size,), generator=generator).to(device)
+    wait = torch.cuda.synchronize if device == "cuda" else lambda: None
     if _CHANNELS_LAST.value:
         net = net.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
 
     # dtype="bfloat16": bfloat16 compute over float32 parameters, as vggjax does.
-    autocast = functools.partial(torch.autocast, "cpu", torch.bfloat16,
+    autocast = functools.partial(torch.autocast, device, torch.bfloat16,
                                  enabled=c.dtype == "bfloat16")
 
     def train_steps(n: int) -> None:
@@ -83,12 +88,14 @@ def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
                 loss = torch.nn.functional.cross_entropy(net(images).float(), labels)
             loss.backward()
             optimizer.step()
+        wait()
 
     def forward_passes(n: int) -> None:
         net.eval()
         with torch.inference_mode(), autocast():
             for _ in range(n):
                 net(images)
+        wait()
 
     return {"train": train_steps, "infer": forward_passes}
 
@@ -118,6 +125,8 @@ def main(argv: list[str]) -> None:
                   dtype=c.dtype, platform=jax.devices()[0].platform, cpus=os.cpu_count(),
                   jax=jax.__version__, torch=torch.__version__,
                   torch_threads=torch.get_num_threads(), torch_channels_last=_CHANNELS_LAST.value,
+                  torch_tf32=dict(conv=torch.backends.cudnn.allow_tf32,
+                                  matmul=torch.backends.cuda.matmul.allow_tf32),
                   steps=flags.FLAGS.steps, rounds=_ROUNDS.value)
     for kind in ("train", "infer"):
         for name in frameworks:

@@ -1,0 +1,152 @@
+"""Appendix B: dense-net features, linear SVMs on them, and the scores the paper reports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vggjax import features, pretrained, recipe, transfer
+from vggjax.data import augment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def transfer_config(data_dir, checkpoints, scales=(72, 88, 104), aggregation="stack"):
+    c = recipe.paper_recipe("A")
+    c.dataset, c.data_dir, c.crop_size, c.num_workers = "folder", data_dir, 64, 0
+    c.eval.batch_size = 16
+    c.features.checkpoints, c.features.scales = tuple(checkpoints), scales
+    c.features.aggregation = aggregation
+    return c
+
+
+def fc7_descriptor(model, variables, image):
+    """fc7's ReLU activations averaged over the dense map, read off Flax's captured
+    intermediates: a path independent of the interceptor `features` uses."""
+    _, state = model.apply(variables, image[None], dense=True, capture_intermediates=True)
+    return np.asarray(jax.nn.relu(state["intermediates"]["fc7"]["__call__"][0])).mean((1, 2))[0]
+
+
+def test_features_mode_writes_the_papers_descriptors(trained_demo_net, tiny_demo_dir, tmp_path):
+    """`--mode=features` on two nets and two scales, stacked: shapes, unit norms, ids; one
+    image's descriptor recomputed from the net applied to it alone."""
+    workdir = tmp_path / "features"
+    result = subprocess.run(
+        [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", "--mode=features",
+         f"--workdir={workdir}", "--config.dataset=folder", f"--config.data_dir={tiny_demo_dir}",
+         "--config.num_workers=0", "--config.eval.batch_size=8", "--config.features.scales=(72,104)",
+         f"--config.features.checkpoints=('{trained_demo_net}','{trained_demo_net}')",
+         "--config.features.splits=('val',)"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "features_val.npz: 40 images × 128 features" in result.stderr
+    data = np.load(workdir / "features_val.npz")
+    x = data["features"]
+    assert x.shape == (40, 2 * 2 * 32) and not data["bad"].any() and int(data["num_classes"]) == 10
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(x[:, :64], x[:, 64:])  # the same net twice: equal halves
+    assert list(data["setting_scales"]) == [72, 104]
+    assert data["ids"][0] == "circle/0000.jpg" and data["labels"][-1] == 9
+
+    model, variables, preprocess = pretrained.load_pretrained(trained_demo_net)
+    with open(os.path.join(tiny_demo_dir, "val", data["ids"][5]), "rb") as f:
+        image = augment.decode_image(f.read())
+    per_scale = []
+    for q in (72, 104):
+        x_q = preprocess(augment.rescale_smallest_side(image, q))
+        d = (fc7_descriptor(model, variables, x_q) + fc7_descriptor(model, variables, x_q[:, ::-1])) / 2
+        per_scale.append(d)
+    alone = np.concatenate(per_scale) / np.linalg.norm(np.concatenate(per_scale))
+    np.testing.assert_allclose(x[5, :64] * np.sqrt(2), alone, atol=1e-5)
+
+
+def test_svm_on_demo_features_beats_chance_by_a_wide_margin(trained_demo_net, tiny_demo_dir,
+                                                            tmp_path, caplog):
+    """`--mode=transfer`'s path: 3 scales stacked, C chosen on held-out images. Control: the
+    same pipeline with shuffled training labels stays near chance."""
+    c = transfer_config(tiny_demo_dir, [trained_demo_net])
+    result = transfer.run(c, str(tmp_path))
+    saved = json.loads((tmp_path / "transfer_results.json").read_text())
+    assert saved["mean_class_recall"] == result["mean_class_recall"]
+    assert (result["train_images"], result["test_images"], result["feature_dim"]) == (200, 40, 96)
+    assert result["chance_recall"] == 0.1
+    assert result["mean_class_recall"] >= 0.4 and result["mean_ap"] >= 0.4, result
+
+    train = features.load(features.path_of(str(tmp_path), "train"))  # written by the run
+    test = features.load(features.path_of(str(tmp_path), "val"))
+    shuffled = dict(train, labels=np.random.default_rng(0).permutation(train["labels"]))
+    control = transfer.evaluate_svm(shuffled, test, 10, c.transfer.c_values)
+    assert control["mean_class_recall"] <= 0.25, control
+
+    caplog.set_level("INFO")  # a second run reuses the features made with the same settings
+    assert transfer.run(c, str(tmp_path))["mean_class_recall"] == result["mean_class_recall"]
+    assert "Using the features" in caplog.text
+
+
+def test_feature_files_are_reused_only_with_the_same_settings(tmp_path):
+    about = dict(checkpoints=["/a"], scales=[256, 384], aggregation="stack", flip=True)
+    path = str(tmp_path / "f.npz")
+    features.save(path, dict(features=np.ones((2, 3)), labels=np.zeros(2)), about)
+    assert features.load(path, about)["features"].shape == (2, 3)
+    assert features.load(path, dict(about, scales=[256])) is None
+    assert features.load(path, dict(about, aggregation="average")) is None
+    assert features.load(str(tmp_path / "missing.npz"), about) is None
+
+
+def test_aggregation_over_scales():
+    a, b = np.array([[3.0, 0.0]]), np.array([[0.0, 4.0]])
+    np.testing.assert_allclose(features.aggregate([a, b], "stack"), [[0.6, 0, 0, 0.8]])
+    np.testing.assert_allclose(features.aggregate([a, b], "average"), [[0.6, 0.8]])
+    np.testing.assert_array_equal(features.l2_normalise(np.zeros((1, 3))), 0)  # undecodable
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        features.aggregate([a], "max")
+
+
+def test_svm_solves_the_squared_hinge_problem():
+    """x = ±1 with labels ±1: ½w² + C·2(1 − w)² is least at w = 4C/(1 + 4C), b = 0."""
+    x = jnp.array([[1.0], [-1.0]])
+    positives = jnp.array([[True], [False]])
+    for c in (0.1, 1.0, 10.0):
+        w, b = transfer.fit_linear_svm(x, positives, c)
+        np.testing.assert_allclose(w[0, 0], 4 * c / (1 + 4 * c), rtol=1e-4)
+        np.testing.assert_allclose(b[0], 0.0, atol=1e-4)
+
+
+def test_svm_separates_classes_one_vs_rest():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (5, 20))
+    labels = np.repeat(np.arange(5), 30)
+    x = centres[labels] + rng.normal(0, 0.3, (150, 20))
+    params = transfer.fit_linear_svm(jnp.asarray(x), transfer.one_hot(labels, 5), 1.0)
+    assert np.mean(transfer.scores_of(params, x).argmax(1) == labels) == 1.0
+
+
+def test_average_precision_all_point_and_eleven_point():
+    scores, positive = np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, False, True, False])
+    # Hits at ranks 1 and 3: precision 1 at recall ½, ⅔ at recall 1.
+    assert transfer.average_precision(scores, positive) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert transfer.average_precision(scores, positive, eleven_point=True) == pytest.approx(
+        (6 * 1 + 5 * 2 / 3) / 11)
+    assert transfer.average_precision(-scores, ~positive) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # A ranking with every positive first scores 1, whatever the scale of the scores.
+    assert transfer.average_precision(np.array([5.0, 4, -1, -2]),
+                                      np.array([True, True, False, False])) == 1.0
+
+
+def test_mean_class_recall_weighs_classes_equally():
+    labels = np.array([0] * 8 + [1] * 2)
+    scores = np.zeros((10, 2))
+    scores[:, 0] = 1  # always class 0: accuracy 80%, mean class recall 50%
+    assert transfer.mean_class_recall(scores, labels) == 0.5
+
+
+def test_held_out_takes_a_fraction_of_each_class():
+    labels = np.array([0] * 10 + [1] * 5 + [2])
+    mask = transfer.held_out(labels, 0.2)
+    assert [int(mask[labels == k].sum()) for k in range(3)] == [2, 1, 0]
