@@ -46,9 +46,11 @@ def images(n: int, size: int, seed: int = 1) -> np.ndarray:
 
 # torchvision's layout ----------------------------------------------------------------------------
 
-def torchvision_state(cfg, divisor, fc, classes, window, seed=0) -> dict[str, np.ndarray]:
+def torchvision_state(cfg, divisor, fc, classes, window, seed=0,
+                      batch_norm=False) -> dict[str, np.ndarray]:
     """Random weights named and shaped as torchvision's VGG state dict (He-scaled kernels and
-    non-zero biases, so a misplaced bias shows in the logits)."""
+    non-zero biases, so a misplaced bias shows in the logits); with `batch_norm`, vgg*_bn's,
+    each BN with random scale, shift and running statistics."""
     rng = np.random.default_rng(seed)
 
     def layer(shape, fan_in):
@@ -63,6 +65,12 @@ def torchvision_state(cfg, divisor, fc, classes, window, seed=0) -> dict[str, np
         state[f"features.{i}.weight"], state[f"features.{i}.bias"] = layer(
             (v // divisor, channels, 3, 3), 9 * channels)
         channels, i = v // divisor, i + 2
+        if batch_norm:
+            state.update({f"features.{i - 1}.{k}": rng.uniform(lo, hi, channels).astype(np.float32)
+                          for k, lo, hi in (("weight", 0.5, 1.5), ("bias", -1, 1),
+                                            ("running_mean", -1, 1), ("running_var", 0.5, 2))})
+            state[f"features.{i - 1}.num_batches_tracked"] = np.array(7, np.int64)
+            i += 1
     for name, shape in (("classifier.0", (fc, channels * window ** 2)), ("classifier.3", (fc, fc)),
                         ("classifier.6", (classes, fc))):
         state[f"{name}.weight"], state[f"{name}.bias"] = layer(shape, shape[1])
@@ -85,8 +93,10 @@ def timm_state(state: dict[str, np.ndarray], channels: int, window: int) -> dict
     return out
 
 
-def nchw_forward(state: dict[str, np.ndarray], cfg: list, rgb: np.ndarray) -> np.ndarray:
-    """torchvision's VGG forward pass on RGB images in [0, 255]: NCHW, OIHW, NCHW flattening."""
+def nchw_forward(state: dict[str, np.ndarray], cfg: list, rgb: np.ndarray,
+                 batch_norm: bool = False) -> np.ndarray:
+    """torchvision's VGG forward pass on RGB images in [0, 255]: NCHW, OIHW, NCHW flattening;
+    with `batch_norm`, vgg*_bn's in eval mode (running statistics, eps 1e-5)."""
     x = jnp.asarray(((rgb / 255 - TORCH_MEAN) / TORCH_STD).transpose(0, 3, 1, 2))
     i = 0
     for v in cfg:
@@ -96,7 +106,14 @@ def nchw_forward(state: dict[str, np.ndarray], cfg: list, rgb: np.ndarray) -> np
             continue
         x = jax.lax.conv_general_dilated(x, state[f"features.{i}.weight"], (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        x = jax.nn.relu(x + state[f"features.{i}.bias"][:, None, None])
+        x = x + state[f"features.{i}.bias"][:, None, None]
+        if batch_norm:
+            bn = {k: state[f"features.{i + 1}.{k}"][:, None, None]
+                  for k in ("weight", "bias", "running_mean", "running_var")}
+            x = ((x - bn["running_mean"]) / jnp.sqrt(bn["running_var"] + 1e-5) * bn["weight"]
+                 + bn["bias"])
+            i += 1
+        x = jax.nn.relu(x)
         i += 2
     x = x.reshape(x.shape[0], -1)
     for j in (0, 3, 6):
@@ -184,7 +201,7 @@ def write_torch_layout(path, state, fmt: str) -> None:
         write_torch(path, state, legacy=fmt == "legacy")
 
 
-def torch_vgg(cfg, divisor, fc, classes, window):
+def torch_vgg(cfg, divisor, fc, classes, window, batch_norm=False):
     """torchvision's VGG module at 1/divisor width, with torch.nn (skips without torch)."""
     nn = pytest.importorskip("torch").nn
 
@@ -196,7 +213,8 @@ def torch_vgg(cfg, divisor, fc, classes, window):
                 if v == "M":
                     layers.append(nn.MaxPool2d(2, 2))
                 else:
-                    layers += [nn.Conv2d(channels, v // divisor, 3, padding=1), nn.ReLU(True)]
+                    layers += [nn.Conv2d(channels, v // divisor, 3, padding=1),
+                               *[nn.BatchNorm2d(v // divisor)] * batch_norm, nn.ReLU(True)]
                     channels = v // divisor
             self.features = nn.Sequential(*layers)
             self.avgpool = nn.AdaptiveAvgPool2d(window)
@@ -211,6 +229,11 @@ def torch_vgg(cfg, divisor, fc, classes, window):
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.normal_(module.bias)  # torch starts biases at zero or near it
+        if isinstance(module, nn.BatchNorm2d):  # statistics as if trained, not 0 and 1
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.normal_(module.bias)
+            nn.init.normal_(module.running_mean)
+            nn.init.uniform_(module.running_var, 0.5, 2)
     return net
 
 
@@ -298,6 +321,45 @@ def test_torch_layouts_match_torchvisions_forward_pass(tmp_path, source, fmt):
         torch = pytest.importorskip("torch")
         loaded = torch.load(tmp_path / "w", weights_only=True)
         assert all(np.array_equal(loaded[k].numpy(), v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("source,fmt", [("torchvision", "zip"), ("timm", "safetensors")])
+def test_batch_norm_nets_convert_with_their_statistics(tmp_path, source, fmt):
+    """vgg16_bn: each BN's scale and shift become conv*_bn's parameters, its running
+    statistics batch_stats; the logits equal torchvision's eval-mode forward pass."""
+    state = torchvision_state(CFG["D"], **NARROW, batch_norm=True)
+    file_state = timm_state(state, 32, 2) if source == "timm" else state
+    write_torch_layout(tmp_path / "w", file_state, fmt)
+    config = convert.convert(source, str(tmp_path / "w"), "vgg16_bn", str(tmp_path / "out"))
+    assert config["model"] == "vgg16_bn"
+    model, variables, preprocess = pretrained.load_pretrained(str(tmp_path / "out"))
+    assert model.batch_norm and set(variables) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(variables["batch_stats"]["conv5_3_bn"]["var"],
+                                  state["features.41.running_var"])
+    rgb = images(2, 64)
+    assert relative_difference(model.apply(variables, preprocess(rgb)),
+                               nchw_forward(state, CFG["D"], rgb, batch_norm=True)) < 1e-5
+    assert "convert it with --model=vgg16_bn" in _convert_error(tmp_path / "e1", source,
+                                                                 tmp_path / "w")
+    write_torch(tmp_path / "plain.pth", torchvision_state(CFG["D"], **NARROW))
+    assert "has a batch norm after every conv, but features.0 has none" in _convert_error(
+        tmp_path / "e2", "torchvision", tmp_path / "plain.pth", "vgg16_bn")
+
+
+def test_torch_batch_norm_net_matches_torch(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    net = torch_vgg(CFG["D"], **NARROW, batch_norm=True)
+    torch.save(net.state_dict(), tmp_path / "vgg16_bn.pth")
+    convert.convert("torchvision", str(tmp_path / "vgg16_bn.pth"), "vgg16_bn", str(tmp_path / "o"))
+    model, variables, preprocess = pretrained.load_pretrained(str(tmp_path / "o"))
+    rgb = images(2, 64)
+    assert relative_difference(model.apply(variables, preprocess(rgb)),
+                               torch_logits(net, rgb)) < 1e-5
+    stub = types.SimpleNamespace(models=types.SimpleNamespace(vgg16_bn=lambda num_classes: net))
+    monkeypatch.setitem(sys.modules, "torchvision", stub)  # --verify builds vgg16_bn
+    difference, _ = convert.verify(str(tmp_path / "o"), convert.reference(
+        "torchvision", str(tmp_path / "vgg16_bn.pth")))
+    assert difference < 1e-5
 
 
 def test_torch_saved_files_match_torch(tmp_path, monkeypatch, capsys):
@@ -489,7 +551,7 @@ def test_verify_says_when_the_reference_library_is_missing(tmp_path, monkeypatch
 def test_verify_fails_when_the_outputs_differ(tmp_path, monkeypatch, capsys):
     write_torch(tmp_path / "w.pth", torchvision_state(CFG["D"], **NARROW))
     monkeypatch.setattr(convert, "reference", lambda source, path: (
-        lambda config, top, classes, rgb: np.ones((len(rgb), classes), np.float32)))
+        lambda model, top, rgb: np.ones((len(rgb), model.num_classes), np.float32)))
     with pytest.raises(SystemExit) as e:
         convert.main(["--from=torchvision", str(tmp_path / "w.pth"), "--model=D", "--verify",
                       f"--output={tmp_path / 'out'}"])

@@ -14,6 +14,9 @@ conv1_1, so the converted net takes what every vggjax net takes, RGB on 0–255 
 - torchvision, timm: RGB/255 normalised by mean m and std s → conv1_1's input channels divided
   by 255·s, since (x/255 − m)/s = (x − 255m)/(255s); mean RGB 255·m.
 
+Their batch-norm nets (vgg16_bn, ...) convert too: each BN's scale and shift go to the conv's
+`<conv>_bn` parameters, its running mean and variance to `batch_stats`.
+
 No file's code is run: Keras files are read through their h5 attributes as Keras's own legacy
 loader reads them (so files of any Keras version load), PyTorch's through an unpickler that
 builds nothing but dicts and tensors, safetensors from its JSON header.
@@ -49,6 +52,7 @@ TORCH_STD_RGB = (0.229, 0.224, 0.225)
 TORCH_FC_NAMES = {"torchvision": ("classifier.0", "classifier.3", "classifier.6"),
                   "timm": ("pre_logits.fc1", "pre_logits.fc2", "head.fc")}
 MAX_RELATIVE_DIFFERENCE = 1e-4
+_TORCH_NORM_STATS = ("running_mean", "running_var")
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -68,6 +72,9 @@ class SourceLayer:
     name: str  # as the file names it, for messages
     kernel: np.ndarray
     bias: np.ndarray
+    # The batch norm after a conv (torchvision's and timm's vgg*_bn): weight, bias, running_mean,
+    # running_var, as named in the file.
+    norm: dict[str, np.ndarray] | None = None
 
 
 # Keras .h5 ---------------------------------------------------------------------------------------
@@ -309,20 +316,28 @@ def torch_layers(path: str, tensors: dict[str, np.ndarray], source: str
     layers: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         layer, _, kind = key.rpartition(".")
+        if kind == "num_batches_tracked":  # a BN layer's training counter: not needed
+            continue
         if not (re.fullmatch(r"features\.\d+", layer) or layer in fc_names) or kind not in (
-                "weight", "bias"):
-            raise ValueError(f"{path}: unexpected tensor {key}; a {source} VGG without batch norm "
-                             f"has features.N and {', '.join(fc_names)}")
+                "weight", "bias") + _TORCH_NORM_STATS:
+            raise ValueError(f"{path}: unexpected tensor {key}; a {source} VGG has features.N "
+                             f"(convs, and batch norms in the _bn nets) and {', '.join(fc_names)}")
         layers.setdefault(layer, {})[kind] = value
     for layer, weights in layers.items():
-        for kind in ("weight", "bias"):
+        kinds = ("weight", "bias") + _TORCH_NORM_STATS * any(k in weights for k in _TORCH_NORM_STATS)
+        for kind in kinds:
             if kind not in weights:
                 raise ValueError(f"{path}: {layer}.{kind} is missing")
 
-    convs = []
+    convs: list[SourceLayer] = []
     conv_names = [k for k in layers if k not in fc_names]
     for layer in sorted(conv_names, key=lambda k: int(k.split(".")[1])):  # features.N by N
         weight = layers[layer]["weight"]
+        if "running_mean" in layers[layer]:  # a batch norm: belongs to the conv just before it
+            if not convs or convs[-1].norm is not None:
+                raise ValueError(f"{path}: batch norm {layer} follows no conv layer")
+            convs[-1].norm = layers[layer]
+            continue
         if weight.ndim != 4:
             raise ValueError(f"{path}: {layer}.weight has shape {weight.shape}, not a conv "
                              f"kernel (out, in, h, w)")
@@ -347,13 +362,19 @@ def split_keras_layers(layers: list[SourceLayer]) -> tuple[list[SourceLayer], li
     return convs, layers[len(convs):]
 
 
-def build_params(path: str, model_name: str, convs: list[SourceLayer], fcs: list[SourceLayer]
-                 ) -> tuple[models.VGG, dict[str, dict[str, np.ndarray]]]:
+def build_variables(path: str, model_name: str, convs: list[SourceLayer], fcs: list[SourceLayer]
+                    ) -> tuple[models.VGG, dict[str, Any]]:
     """The vggjax model the layers fit (width, FC size, classes and crop read off their shapes)
-    and its params; ValueError naming the first layer that does not fit `model_name`."""
+    and its variables (params; batch_stats for BN nets); ValueError naming the first layer that
+    does not fit `model_name`."""
     config, batch_norm = models.resolve_name(model_name)
-    if batch_norm:
-        raise ValueError(f"--model={model_name}: only nets without batch norm are converted")
+    normed = [layer.name for layer in convs if layer.norm is not None]
+    if normed and not batch_norm:
+        raise ValueError(f"{path} has batch norm layers after its convs (after {normed[0]}): "
+                         f"convert it with --model={_bn_name(config) or 'vgg16_bn'}")
+    if batch_norm and len(normed) != len(convs):
+        raise ValueError(f"{path}: --model={model_name} has a batch norm after every conv, but "
+                         f"{next(layer.name for layer in convs if layer.norm is None)} has none")
     names = [layer.name for layer in models.layer_table(config) if layer.kind == "conv"]
     if len(convs) != len(names):
         found = f" ({convs[0].name} … {convs[-1].name})" if convs else ""
@@ -371,18 +392,35 @@ def build_params(path: str, model_name: str, convs: list[SourceLayer], fcs: list
                              f"of the last conv's {channels} channels")
         sizes = dict(num_classes=fcs[2].kernel.shape[1], fc_width=fcs[0].kernel.shape[1],
                      crop_size=32 * window)
-    model = models.create_model(config, width=convs[0].kernel.shape[-1] / 64, **sizes)
+    model = models.create_model(_bn_name(config) if batch_norm else config,
+                                width=convs[0].kernel.shape[-1] / 64, **sizes)
     expected = models.abstract_variables(model)["params"]
-    params = {}
+    params, stats = {}, {}
+
+    def f32(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32, copy=False)
+
     for name, layer in zip(names + list(models.FC_LAYERS), convs + fcs):
         got = (layer.kernel.shape, layer.bias.shape)
         want = (expected[name]["kernel"].shape, expected[name]["bias"].shape)
         if got != want:
             raise ValueError(f"{path}: {layer.name} ({name}) has kernel and bias shapes {got} in "
                              f"vggjax's layout, but model {config} needs {want} there")
-        params[name] = {"kernel": layer.kernel.astype(np.float32, copy=False),
-                        "bias": layer.bias.astype(np.float32, copy=False)}
-    return model, params
+        params[name] = {"kernel": f32(layer.kernel), "bias": f32(layer.bias)}
+        if layer.norm is not None:
+            norm = layer.norm
+            if any(norm[k].shape != layer.bias.shape for k in ("weight",) + _TORCH_NORM_STATS):
+                raise ValueError(f"{path}: the batch norm after {layer.name} does not have "
+                                 f"{layer.bias.shape[0]} channels like the conv")
+            params[name + "_bn"] = {"scale": f32(norm["weight"]), "bias": f32(norm["bias"])}
+            stats[name + "_bn"] = {"mean": f32(norm["running_mean"]),
+                                   "var": f32(norm["running_var"])}
+    return model, {"params": params, **({"batch_stats": stats} if stats else {})}
+
+
+def _bn_name(config: str) -> str | None:
+    """The name of Table 1 column `config` with batch norm (vgg16_bn for D), if it has one."""
+    return next((name for name, c in models.BATCH_NORM_NETS.items() if c == config), None)
 
 
 def fold_input_convention(params: dict[str, dict[str, np.ndarray]], source: str
@@ -430,16 +468,17 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ValueError(f"--output {output} exists and is not an empty directory")
     convs, fcs = read_layers(source, path)
-    model, params = build_params(path, model_name, convs, fcs)
-    mean = fold_input_convention(params, source)
-    config = dict(model=model.config, width=model.width, mean_rgb=list(mean))
+    model, variables = build_variables(path, model_name, convs, fcs)
+    mean = fold_input_convention(variables["params"], source)
+    config = dict(model=_bn_name(model.config) if model.batch_norm else model.config,
+                  width=model.width, mean_rgb=list(mean))
     if fcs:
         config.update(num_classes=model.num_classes, fc_width=model.fc_width,
                       crop_size=model.crop_size)
     config["pretrained"] = dict(source=source, file=os.path.basename(path), include_top=bool(fcs),
                                 input="RGB on 0-255 minus mean_rgb (the source's convention "
                                       "folded into conv1_1)")
-    checkpoints.save_params(output, {"params": params})
+    checkpoints.save_params(output, variables)
     with open(os.path.join(output, pretrained.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return config
@@ -455,22 +494,23 @@ def _library(name: str, source: str, install: str) -> Any:
                          f"({install})") from None
 
 
-def reference(source: str, path: str) -> Callable[[str, bool, int, np.ndarray], np.ndarray]:
-    """The source library's own outputs on `path`: run(config, include_top, num_classes, RGB
-    images on 0–255) → logits, or the last pooled map without the top. ValueError at once if the
-    library is missing, so nothing is converted for a check that cannot run."""
+def reference(source: str, path: str) -> Callable[[models.VGG, bool, np.ndarray], np.ndarray]:
+    """The source library's own outputs on `path`: run(model, include_top, RGB images on
+    0–255) → logits, or the last pooled map without the top, of the library's net of `model`'s
+    configuration. ValueError at once if the library is missing, so nothing is converted for a
+    check that cannot run."""
     if source == "keras":
         os.environ.setdefault("KERAS_BACKEND", "jax")
         keras = _library("keras", source, "pip install keras")
 
-        def run(config: str, include_top: bool, num_classes: int, images: np.ndarray) -> np.ndarray:
-            depth = {"D": 16, "E": 19}.get(config)
-            if depth is None:
+        def run(model: models.VGG, include_top: bool, images: np.ndarray) -> np.ndarray:
+            depth = {"D": 16, "E": 19}.get(model.config)
+            if depth is None or model.batch_norm:
                 raise ValueError("--verify: keras.applications has VGG16 (D) and VGG19 (E) only")
             app = getattr(keras.applications, f"vgg{depth}")
             net = getattr(app, f"VGG{depth}")(
                 weights=None, include_top=include_top, input_shape=images.shape[1:],
-                classes=num_classes, classifier_activation=None)
+                classes=model.num_classes, classifier_activation=None)
             net.load_weights(path)
             return np.asarray(net(app.preprocess_input(images.copy()), training=False))
         return run
@@ -481,12 +521,14 @@ def reference(source: str, path: str) -> Callable[[str, bool, int, np.ndarray], 
             if file_format(path) == "safetensors" else
             lambda p: torch.load(p, weights_only=True))
 
-    def run(config: str, include_top: bool, num_classes: int, images: np.ndarray) -> np.ndarray:
-        name = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}.get(config)
+    def run(model: models.VGG, include_top: bool, images: np.ndarray) -> np.ndarray:
+        name = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}.get(model.config)
         if name is None:
-            raise ValueError(f"--verify: {source} has no VGG of configuration {config}")
-        net = (getattr(library.models, name)(num_classes=num_classes) if source == "torchvision"
-               else library.create_model(name, pretrained=False, num_classes=num_classes))
+            raise ValueError(f"--verify: {source} has no VGG of configuration {model.config}")
+        name += "_bn" * model.batch_norm
+        net = (getattr(library.models, name)(num_classes=model.num_classes)
+               if source == "torchvision" else
+               library.create_model(name, pretrained=False, num_classes=model.num_classes))
         net.load_state_dict(load(path))
         x = (images / 255.0 - np.float32(TORCH_MEAN_RGB)) / np.float32(TORCH_STD_RGB)
         with torch.no_grad():
@@ -494,7 +536,7 @@ def reference(source: str, path: str) -> Callable[[str, bool, int, np.ndarray], 
     return run
 
 
-def verify(output: str, run: Callable[[str, bool, int, np.ndarray], np.ndarray],
+def verify(output: str, run: Callable[[models.VGG, bool, np.ndarray], np.ndarray],
            num_images: int = 2) -> tuple[float, str]:
     """max |vggjax − reference| / max |reference| of the converted net in `output` and the
     source library's, on the same random RGB images, and what was compared."""
@@ -503,7 +545,7 @@ def verify(output: str, run: Callable[[str, bool, int, np.ndarray], np.ndarray],
     images = np.random.default_rng(0).uniform(0, 255, (num_images, model.crop_size,
                                                        model.crop_size, 3)).astype(np.float32)
     try:
-        expected = run(model.config, include_top, model.num_classes, images)
+        expected = run(model, include_top, images)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise ValueError(f"--verify: the reference could not run: {e}".splitlines()[0]) from None
     x = preprocess(images)
@@ -535,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                         help="whose layout the file is in")
     parser.add_argument("--model", required=True, help="Table 1 configuration: D (vgg16) or E "
-                        "(vgg19); A (vgg11) and B (vgg13) for torchvision and timm")
+                        "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
+                        "for torchvision and timm")
     parser.add_argument("--output", required=True, help="new or empty directory to write")
     parser.add_argument("--verify", action="store_true", help="compare the converted net's "
                         "outputs with the source library's own (needs that library)")
