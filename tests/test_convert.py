@@ -34,6 +34,7 @@ CFG = {"D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
              512, 512, 512, 512, "M"]}
 NARROW = dict(divisor=16, fc=16, classes=10, window=2)  # D at 1/16 width, 64×64 crops
 TORCH_MEAN, TORCH_STD = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+CAFFE_MEAN_BGR = np.float32([103.939, 116.779, 123.68])  # the VGG release's mean pixel
 
 
 def relative_difference(got, want) -> float:
@@ -94,10 +95,12 @@ def timm_state(state: dict[str, np.ndarray], channels: int, window: int) -> dict
 
 
 def nchw_forward(state: dict[str, np.ndarray], cfg: list, rgb: np.ndarray,
-                 batch_norm: bool = False) -> np.ndarray:
+                 batch_norm: bool = False, caffe: bool = False) -> np.ndarray:
     """torchvision's VGG forward pass on RGB images in [0, 255]: NCHW, OIHW, NCHW flattening;
-    with `batch_norm`, vgg*_bn's in eval mode (running statistics, eps 1e-5)."""
-    x = jnp.asarray(((rgb / 255 - TORCH_MEAN) / TORCH_STD).transpose(0, 3, 1, 2))
+    with `batch_norm`, vgg*_bn's in eval mode (running statistics, eps 1e-5); with `caffe`, the
+    Caffe release's input instead (BGR minus the mean BGR pixel), which is all it differs in."""
+    x = (rgb[..., ::-1] - CAFFE_MEAN_BGR) if caffe else (rgb / 255 - TORCH_MEAN) / TORCH_STD
+    x = jnp.asarray(x.transpose(0, 3, 1, 2))
     i = 0
     for v in cfg:
         if v == "M":
@@ -243,6 +246,115 @@ def torch_logits(net, rgb: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return net(torch.from_numpy(((rgb / 255 - TORCH_MEAN) / TORCH_STD).transpose(0, 3, 1, 2))
                    ).numpy()
+
+
+# The Caffe release's layout -------------------------------------------------------------------------
+
+def caffe_messages() -> dict[str, type]:
+    """The caffe.proto messages a .caffemodel's weights live in, built with protobuf's own
+    descriptors (the field numbers and types of caffe.proto), to write files as Caffe does."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    T = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="caffe_test.proto", package="caffe_test")
+    specs = {
+        "BlobShape": [("dim", 1, T.TYPE_INT64, True, None)],
+        "BlobProto": [("num", 1, T.TYPE_INT32, False, None), ("channels", 2, T.TYPE_INT32, False, None),
+                      ("height", 3, T.TYPE_INT32, False, None), ("width", 4, T.TYPE_INT32, False, None),
+                      ("data", 5, T.TYPE_FLOAT, True, None), ("shape", 7, T.TYPE_MESSAGE, False, "BlobShape")],
+        "V1LayerParameter": [("name", 4, T.TYPE_STRING, False, None), ("type", 5, T.TYPE_INT32, False, None),
+                             ("blobs", 6, T.TYPE_MESSAGE, True, "BlobProto")],
+        "LayerParameter": [("name", 1, T.TYPE_STRING, False, None), ("type", 2, T.TYPE_STRING, False, None),
+                           ("blobs", 7, T.TYPE_MESSAGE, True, "BlobProto")],
+        "NetParameter": [("name", 1, T.TYPE_STRING, False, None),
+                         ("layers", 2, T.TYPE_MESSAGE, True, "V1LayerParameter"),
+                         ("layer", 100, T.TYPE_MESSAGE, True, "LayerParameter")],
+    }
+    for message, fields in specs.items():
+        m = proto.message_type.add(name=message)
+        for name, number, kind, repeated, type_name in fields:
+            f = m.field.add(name=name, number=number, type=kind,
+                            label=T.LABEL_REPEATED if repeated else T.LABEL_OPTIONAL)
+            if type_name:
+                f.type_name = f".caffe_test.{type_name}"
+            if repeated and kind != T.TYPE_MESSAGE:
+                f.options.packed = True
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe_test.{name}"))
+            for name in specs}
+
+
+def write_caffemodel(path, state: dict[str, np.ndarray], cfg: list, legacy: bool = True) -> None:
+    """torchvision-layout weights as the authors' .caffemodel: layers conv1_1 … fc8 with ReLU,
+    pooling and dropout layers between them; `legacy`: the 2014 V1 format (4-D blobs given as
+    num/channels/height/width, enum layer types), else the later one (BlobShape, type names)."""
+    m = caffe_messages()
+    net = m["NetParameter"](name="VGG_ILSVRC_16_layers")
+    types_ = {"conv": (4, "Convolution"), "relu": (18, "ReLU"), "pool": (17, "Pooling"),
+              "fc": (14, "InnerProduct"), "drop": (6, "Dropout")}
+
+    def add(name, kind, *blobs):
+        layer = (net.layers if legacy else net.layer).add(name=name)
+        layer.type = types_[kind][0 if legacy else 1]
+        for blob in blobs:
+            b = layer.blobs.add()
+            b.data.extend(blob.ravel().tolist())
+            if legacy:
+                b.num, b.channels, b.height, b.width = (1,) * (4 - blob.ndim) + blob.shape
+            else:
+                b.shape.dim.extend(blob.shape)
+
+    stage, conv, i = 1, 1, 0
+    for v in cfg:
+        if v == "M":
+            add(f"pool{stage}", "pool")
+            stage, conv, i = stage + 1, 1, i + 1
+            continue
+        add(f"conv{stage}_{conv}", "conv", state[f"features.{i}.weight"], state[f"features.{i}.bias"])
+        add(f"relu{stage}_{conv}", "relu")
+        conv, i = conv + 1, i + 2
+    for n, j in ((6, 0), (7, 3), (8, 6)):
+        add(f"fc{n}", "fc", state[f"classifier.{j}.weight"], state[f"classifier.{j}.bias"])
+        if n < 8:
+            add(f"relu{n}", "relu")
+            add(f"drop{n}", "drop")
+    with open(path, "wb") as f:
+        f.write(net.SerializeToString())
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_caffe_release_layout_matches_its_forward_pass(tmp_path, legacy):
+    state = torchvision_state(CFG["D"], **NARROW)
+    write_caffemodel(tmp_path / "vgg16.caffemodel", state, CFG["D"], legacy)
+    config = convert.convert("caffe", str(tmp_path / "vgg16.caffemodel"), "D", str(tmp_path / "o"))
+    assert config["mean_rgb"] == [123.68, 116.779, 103.939]
+    assert (config["model"], config["num_classes"], config["crop_size"]) == ("D", 10, 64)
+    model, variables, preprocess = pretrained.load_pretrained(str(tmp_path / "o"))
+    rgb = images(2, 64)
+    assert relative_difference(model.apply(variables, preprocess(rgb)),
+                               nchw_forward(state, CFG["D"], rgb, caffe=True)) < 1e-5
+
+
+def test_bad_caffemodels_are_named(tmp_path, capsys):
+    state = torchvision_state(CFG["D"], **NARROW)
+    write_caffemodel(tmp_path / "w.caffemodel", state, CFG["D"])
+    data = (tmp_path / "w.caffemodel").read_bytes()
+    (tmp_path / "cut.caffemodel").write_bytes(data[:len(data) * 9 // 10])
+    assert "truncated .caffemodel" in _convert_error(tmp_path, "caffe", tmp_path / "cut.caffemodel")
+    net_class = caffe_messages()["NetParameter"]
+    full, gap = net_class.FromString(data), net_class()
+    gap.layers.extend(layer for layer in full.layers if layer.name != "conv3_1")
+    (tmp_path / "gap.caffemodel").write_bytes(gap.SerializeToString())
+    assert "has 12 conv layers (conv1_1 … conv5_3); model D has 13" in _convert_error(
+        tmp_path, "caffe", tmp_path / "gap.caffemodel")
+    (tmp_path / "empty.caffemodel").write_bytes(net_class(name="x").SerializeToString())
+    assert "no convolution layers found" in _convert_error(tmp_path, "caffe",
+                                                           tmp_path / "empty.caffemodel")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--from=caffe", str(tmp_path / "w.caffemodel"), "--model=D", "--verify",
+                      f"--output={tmp_path / 'v'}"])
+    assert e.value.code == 2 and "--verify has no reference for --from=caffe" in capsys.readouterr().err
 
 
 # Keras's layout ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Published VGG weights → a vggjax checkpoint: Keras .h5, torchvision .pth, timm or torchvision
-.safetensors.
+.safetensors, and the authors' Caffe .caffemodel.
 
     python -m vggjax.convert --from=keras vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
         --model=D --output=DIR [--verify]
@@ -9,8 +9,8 @@ DIR becomes a workdir that `vggjax.load_pretrained` and `restore_params` (so als
 input mean and where the weights came from. Each source's input convention is folded exactly into
 conv1_1, so the converted net takes what every vggjax net takes, RGB on 0–255 minus a mean RGB:
 
-- Keras (the Caffe release): BGR minus [103.939, 116.779, 123.68] → conv1_1's input channels
-  reversed; mean RGB (123.68, 116.779, 103.939).
+- Keras and the Caffe release itself: BGR minus [103.939, 116.779, 123.68] → conv1_1's input
+  channels reversed; mean RGB (123.68, 116.779, 103.939).
 - torchvision, timm: RGB/255 normalised by mean m and std s → conv1_1's input channels divided
   by 255·s, since (x/255 − m)/s = (x − 255m)/(255s); mean RGB 255·m.
 
@@ -19,7 +19,9 @@ Their batch-norm nets (vgg16_bn, ...) convert too: each BN's scale and shift go 
 
 No file's code is run: Keras files are read through their h5 attributes as Keras's own legacy
 loader reads them (so files of any Keras version load), PyTorch's through an unpickler that
-builds nothing but dicts and tensors, safetensors from its JSON header.
+builds nothing but dicts and tensors, safetensors from its JSON header, .caffemodel files from
+the protobuf wire format (no Caffe needed; the .prototxt is not needed either: the weights carry
+their layer names and shapes).
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ import pickle
 import re
 import sys
 import zipfile
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
 from vggjax import checkpoints, models, pretrained
 
-SOURCES = ("keras", "torchvision", "timm")
+SOURCES = ("keras", "torchvision", "timm", "caffe")
 KERAS_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
@@ -296,6 +299,116 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+# Caffe .caffemodel --------------------------------------------------------------------------------
+# The authors' own release (VGG_ILSVRC_16_layers.caffemodel, ..._19_layers): a protobuf NetParameter,
+# read here from the wire format with the few field numbers of caffe.proto it needs, so neither
+# Caffe nor its generated protobuf code is required. Both of caffe.proto's layer messages occur:
+# V1LayerParameter (`layers`, the 2014 release) and LayerParameter (`layer`, files re-saved later).
+
+_CAFFE_LAYERS = {2: dict(name=4, type=5, blobs=6), 100: dict(name=1, type=2, blobs=7)}
+_CAFFE_WEIGHT_TYPES = {4: "conv", 14: "fc", "Convolution": "conv", "InnerProduct": "fc"}
+
+
+def _varint(path: str, data: bytes, i: int) -> tuple[int, int]:
+    """The varint at data[i:] and the index after it."""
+    value = shift = 0
+    while True:
+        if i >= len(data):
+            raise ValueError(f"{path}: the file ends inside a record (a truncated .caffemodel?)")
+        value |= (data[i] & 0x7F) << shift
+        shift, i = shift + 7, i + 1
+        if not data[i - 1] & 0x80:
+            return value, i
+
+
+def _protobuf_fields(path: str, data: bytes) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(path, data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(path, data, i)
+        elif wire in (1, 2, 5):
+            size, i = (8, i) if wire == 1 else (4, i) if wire == 5 else _varint(path, data, i)
+            value, i = data[i:i + size], i + size
+            if i > len(data):
+                raise ValueError(f"{path}: the file ends inside a record (a truncated "
+                                 f".caffemodel?)")
+        else:
+            raise ValueError(f"{path}: not a Caffe .caffemodel (protobuf wire type {wire})")
+        yield field, wire, value
+
+
+def _caffe_blob(path: str, layer: str, data: bytes) -> np.ndarray:
+    """A BlobProto: float data (packed or not) shaped by `shape` or by num/channels/height/width."""
+    legacy, dims, values = {}, [], []
+    for field, wire, value in _protobuf_fields(path, data):
+        if field in (1, 2, 3, 4) and wire == 0:
+            legacy[field] = value
+        elif field == 5:
+            values.append(np.frombuffer(value, "<f4"))
+        elif field == 8:
+            values.append(np.frombuffer(value, "<f8").astype(np.float32))
+        elif field == 7:
+            for dim_field, dim_wire, dim in _protobuf_fields(path, value):
+                if dim_field == 1 and dim_wire == 0:
+                    dims.append(dim)
+                elif dim_field == 1:  # packed: varints back to back
+                    i = 0
+                    while i < len(dim):
+                        d, i = _varint(path, dim, i)
+                        dims.append(d)
+    shape = dims or [legacy.get(k, 1) for k in (1, 2, 3, 4)]
+    array = np.concatenate(values) if values else np.zeros(0, np.float32)
+    if array.size != math.prod(shape):
+        raise ValueError(f"{path}: layer {layer} has {array.size} values for a blob of shape "
+                         f"{tuple(shape)} (a truncated .caffemodel?)")
+    return array.reshape(shape)
+
+
+def read_caffemodel(path: str) -> tuple[list[SourceLayer], list[SourceLayer]]:
+    """The conv and FC layers of a Caffe .caffemodel (in file order), in vggjax's layout."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    convs, fcs = [], []
+    for field, wire, value in _protobuf_fields(path, data):
+        if field not in _CAFFE_LAYERS or wire != 2:
+            continue
+        names, layer = _CAFFE_LAYERS[field], {"blobs": []}
+        for f, _, v in _protobuf_fields(path, value):
+            if f == names["name"]:
+                layer["name"] = v.decode("utf8", "replace")
+            elif f == names["type"]:
+                layer["type"] = v.decode("utf8", "replace") if isinstance(v, bytes) else v
+            elif f == names["blobs"]:
+                layer["blobs"].append(v)
+        kind = _CAFFE_WEIGHT_TYPES.get(layer.get("type"))
+        if kind is None or not layer["blobs"]:
+            continue  # ReLU, pooling, dropout, softmax, data layers: no weights
+        name = layer.get("name", "?")
+        if len(layer["blobs"]) != 2:
+            raise ValueError(f"{path}: layer {name} has {len(layer['blobs'])} blobs, not a weight "
+                             f"and a bias")
+        weight, bias = (_caffe_blob(path, name, b) for b in layer["blobs"])
+        if kind == "conv":
+            if weight.ndim != 4:
+                raise ValueError(f"{path}: layer {name} has a weight of shape {weight.shape}, not "
+                                 f"a conv kernel (out, in, h, w)")
+            convs.append(SourceLayer(name, weight.transpose(2, 3, 1, 0), bias.reshape(-1)))
+        else:  # (out, in) or the old format's (1, 1, out, in); fc6's input flattened CHW
+            weight = weight.reshape(weight.shape[-2:])
+            in_channels = convs[-1].kernel.shape[-1] if not fcs and convs else weight.shape[1]
+            fcs.append(SourceLayer(name, _torch_fc(path, name, weight, in_channels),
+                                   bias.reshape(-1)))
+    if not convs:
+        raise ValueError(f"{path}: no convolution layers found; not a Caffe .caffemodel of a VGG")
+    return convs, fcs
+
+
 # Layouts -----------------------------------------------------------------------------------------
 
 def _torch_fc(path: str, name: str, weight: np.ndarray, in_channels: int) -> np.ndarray:
@@ -427,7 +540,7 @@ def fold_input_convention(params: dict[str, dict[str, np.ndarray]], source: str
                           ) -> tuple[float, float, float]:
     """Makes conv1_1 take RGB on 0–255 minus the returned mean RGB, exactly (in place)."""
     kernel = params["conv1_1"]["kernel"]  # (h, w, in = 3, out)
-    if source == "keras":  # Caffe's BGR order: reverse the input channels
+    if source in ("keras", "caffe"):  # Caffe's BGR order: reverse the input channels
         params["conv1_1"]["kernel"] = np.ascontiguousarray(kernel[:, :, ::-1])
         return KERAS_MEAN_BGR[::-1]
     scale = 255.0 * np.asarray(TORCH_STD_RGB)[:, None]
@@ -453,6 +566,8 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
     """The conv and FC layers of a published weight file, in vggjax's layout."""
     if source not in SOURCES:
         raise ValueError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "caffe":
+        return read_caffemodel(path)
     found = file_format(path)
     if (source == "keras") != (found == "hdf5"):
         raise ValueError(f"{path} is {'an' if found == 'hdf5' else 'not an'} HDF5 file; "
@@ -499,6 +614,10 @@ def reference(source: str, path: str) -> Callable[[models.VGG, bool, np.ndarray]
     0–255) → logits, or the last pooled map without the top, of the library's net of `model`'s
     configuration. ValueError at once if the library is missing, so nothing is converted for a
     check that cannot run."""
+    if source == "caffe":
+        raise ValueError("--verify has no reference for --from=caffe: it would need Caffe itself "
+                         "(the converted net can be checked against Keras's VGG16/VGG19 files, "
+                         "which were converted from the same release)")
     if source == "keras":
         os.environ.setdefault("KERAS_BACKEND", "jax")
         keras = _library("keras", source, "pip install keras")
@@ -573,7 +692,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="python -m vggjax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", help="the published weight file (.h5, .pth or .safetensors)")
+    parser.add_argument("file", help="the published weight file (.h5, .pth, .safetensors or "
+                        ".caffemodel)")
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                         help="whose layout the file is in")
     parser.add_argument("--model", required=True, help="Table 1 configuration: D (vgg16) or E "
