@@ -118,3 +118,27 @@ def test_bad_distributed_flags_get_one_clear_line(tiny_demo_dir, tmp_path, flags
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_two_processes_extract_the_features_one_does(trained_demo_net, tiny_demo_dir, tmp_path):
+    """`--mode=features` (evaluation's loop) on 2 processes × 4 devices: each reads and runs its
+    share of the images, all are gathered in order, process 0 alone writes, and the file equals
+    one process's."""
+    args = ["--config=configs/demo.py", "--mode=features", f"--workdir={tmp_path / 'two'}",
+            "--config.dataset=folder", f"--config.data_dir={tiny_demo_dir}",
+            "--config.num_workers=0", "--config.eval.batch_size=8",
+            "--config.features.scales=(72,104)", "--config.features.splits=('val',)",
+            f"--config.features.checkpoints=('{trained_demo_net}',)"]
+    outputs = run_two_processes(args, tmp_path)
+    assert "features_val.npz: 40 images" in outputs[0] and "Wrote" not in outputs[1]
+
+    from vggjax import features, recipe  # one process, 8 devices
+
+    c = recipe.paper_recipe("A")
+    c.dataset, c.data_dir, c.num_workers, c.eval.batch_size = "folder", tiny_demo_dir, 0, 8
+    c.features.scales, c.features.splits = (72, 104), ("val",)
+    c.features.checkpoints = (trained_demo_net,)
+    one = features.run(c, str(tmp_path / "one"))["val"]
+    two = np.load(tmp_path / "two" / "features_val.npz")
+    assert list(two["ids"]) == list(one["ids"]) and np.array_equal(two["labels"], one["labels"])
+    np.testing.assert_allclose(two["features"], one["features"], rtol=0, atol=1e-6)
