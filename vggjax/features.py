@@ -21,6 +21,7 @@ from absl import logging
 from vggjax import evaluate, models, pretrained, recipe, train
 from vggjax.data import sources
 
+
 def dense_descriptor(model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array,
                      flip: bool = True) -> jax.Array:
     """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map

@@ -328,7 +328,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.save(step, state, data, force=force)
 
     def check_finite() -> dict[str, float] | None:
-        nonlocal pending
         sums = _sum(pending) if pending else None
         if sums and sums["nonfinite"]:
             ckpt.close()
