@@ -72,6 +72,29 @@ def test_finetune_all_layers_moves_the_convs(converted, tiny_config, tmp_path):
     assert not np.array_equal(tuned["conv1_1"]["kernel"], source["conv1_1"]["kernel"])
 
 
+@pytest.mark.parametrize("trainable", ["fc", "all"])
+def test_frozen_conv_layers_keep_their_batch_norm_statistics(tiny_config, tmp_path, trainable):
+    """A converted vgg16_bn fine-tuned with trainable=fc: its BN layers run in inference mode,
+    so statistics and all conv-side parameters stay exactly as converted (as Keras does for
+    frozen layers); with trainable=all the statistics follow the new data."""
+    state = torchvision_state(CFG["D"], **dict(NARROW, classes=7), batch_norm=True)
+    write_torch(tmp_path / "bn.pth", state)
+    convert.convert("torchvision", str(tmp_path / "bn.pth"), "vgg16_bn", str(tmp_path / "ckpt"))
+    c = pretrained.inherit_net(_finetune_config(tiny_config, str(tmp_path / "ckpt")))
+    c.trainable = trainable
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    source = checkpoints.restore_params(str(tmp_path / "ckpt"))
+    tuned = checkpoints.restore_params(str(tmp_path / "run"))
+    same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["batch_stats"]),
+                                                  jax.tree.leaves(source["batch_stats"]))]
+    assert all(same) if trainable == "fc" else not any(same)
+    if trainable == "fc":
+        for name in (n for n in source["params"] if n.startswith("conv")):
+            for a, b in zip(jax.tree.leaves(tuned["params"][name]),
+                            jax.tree.leaves(source["params"][name])):
+                np.testing.assert_array_equal(a, b)
+
+
 def _finetune_config(tiny_config, init_from):
     c = tiny_config
     c.model, c.init_from, c.init_layers, c.trainable = "", init_from, "all_but_fc8", "all"

@@ -173,6 +173,9 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     kernel_init: str = "normal"
     dtype: Any = jnp.float32
+    # Batch norm in inference mode even when training: the conv layers are frozen (fine-tuning
+    # the FC layers only), so their BN layers keep their statistics, as Keras does.
+    batch_norm_frozen: bool = False
 
     @property
     def layers(self) -> list[Layer]:
@@ -200,7 +203,8 @@ class VGG(nn.Module):
                 x = nn.Conv(layer.features, (layer.kernel, layer.kernel), padding="SAME",
                             kernel_init=init, dtype=self.dtype, name=layer.name)(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    x = nn.BatchNorm(use_running_average=not train or self.batch_norm_frozen,
+                                     momentum=0.9, epsilon=1e-5,
                                      dtype=self.dtype, name=layer.name + "_bn")(x)
                 x = nn.relu(x)
             elif layer.kind == "lrn":

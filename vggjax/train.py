@@ -197,7 +197,9 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.config, self.mesh = config, mesh
-        self.model = model_from_config(config)
+        # With the conv layers frozen, their batch norms keep their statistics too.
+        self.model = model_from_config(config).clone(
+            batch_norm_frozen=TRAINABLE_LAYERS[config.trainable] is not None)
         self.tx = make_optimizer(config)
         self.plateau = make_plateau(config)
         self.replicated = NamedSharding(mesh, P())
