@@ -147,6 +147,16 @@ def test_mean_class_recall_weighs_classes_equally():
 
 
 def test_held_out_takes_a_fraction_of_each_class():
-    labels = np.array([0] * 10 + [1] * 5 + [2])
+    labels = np.array([0] * 10 + [1] * 5 + [2] + [3] * 2)
     mask = transfer.held_out(labels, 0.2)
-    assert [int(mask[labels == k].sum()) for k in range(3)] == [2, 1, 0]
+    assert [int(mask[labels == k].sum()) for k in range(4)] == [2, 1, 0, 1]
+    mask = transfer.held_out(labels, 0.9)  # never a whole class
+    assert [int(mask[labels == k].sum()) for k in range(4)] == [9, 4, 0, 1]
+
+
+def test_one_image_per_class_needs_a_single_c():
+    data = dict(features=np.eye(3, 4), labels=np.arange(3), bad=np.zeros(3, bool))
+    with pytest.raises(ValueError, match="every class has a single training image"):
+        transfer.evaluate_svm(data, data, 3, (0.1, 1.0))
+    result = transfer.evaluate_svm(data, data, 3, (1.0,))
+    assert result["c"] == 1.0 and result["mean_class_recall"] == 1.0

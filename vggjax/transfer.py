@@ -98,13 +98,14 @@ def mean_average_precision(scores: np.ndarray, positives: np.ndarray,
 
 
 def held_out(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """A boolean mask of `fraction` of each class's images (at least one, if it has two)."""
+    """A boolean mask of `fraction` of each class's images: at least one of a class that has
+    two or more, and never all of them, so every class keeps a training image."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), bool)
     for k in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == k))
         if len(members) > 1:
-            mask[members[:max(1, round(fraction * len(members)))]] = True
+            mask[members[:min(len(members) - 1, max(1, round(fraction * len(members))))]] = True
     return mask
 
 
@@ -116,17 +117,25 @@ def scores_of(params: tuple[jax.Array, jax.Array], x: np.ndarray) -> np.ndarray:
 def evaluate_svm(train: dict[str, np.ndarray], test: dict[str, np.ndarray], num_classes: int,
                  c_values: tuple[float, ...], validation_fraction: float = 0.2,
                  seed: int = 0) -> dict[str, Any]:
-    """Chooses C on held-out training images (by mean class recall), refits on all training
-    images, and scores the test images. Undecodable training images are left out; undecodable
-    test images keep their zero descriptor (scored by the biases alone) and count."""
+    """Chooses C on held-out training images (by mean class recall; no choice for one C),
+    refits on all training images, and scores the test images. Undecodable training images are
+    left out; undecodable test images keep their zero descriptor (scored by the biases alone)
+    and count."""
     keep = ~train["bad"]
     x, labels = train["features"][keep], train["labels"][keep]
-    validation = held_out(labels, validation_fraction, seed)
     recall_at = {}
-    for c in c_values:
-        params = fit_linear_svm(x[~validation], one_hot(labels[~validation], num_classes), c)
-        recall_at[c] = mean_class_recall(scores_of(params, x[validation]), labels[validation])
-    best = max(c_values, key=lambda c: (recall_at[c], -c))  # ties: the stronger regularisation
+    if len(c_values) > 1:
+        validation = held_out(labels, validation_fraction, seed)
+        if not validation.any():
+            raise ValueError("every class has a single training image: none can be held out to "
+                             "choose the SVM's C; give one, e.g. --config.transfer.c_values="
+                             "'(1.0,)'")
+        for c in c_values:
+            params = fit_linear_svm(x[~validation], one_hot(labels[~validation], num_classes), c)
+            recall_at[c] = mean_class_recall(scores_of(params, x[validation]),
+                                             labels[validation])
+    # The best held-out recall; ties go to the stronger regularisation (the smaller C).
+    best = max(c_values, key=lambda c: (recall_at.get(c, 0.0), -c))
     params = fit_linear_svm(x, one_hot(labels, num_classes), best)
     scores = scores_of(params, test["features"])
     positives = one_hot(test["labels"], num_classes)
