@@ -88,6 +88,13 @@ def test_svm_on_demo_features_beats_chance_by_a_wide_margin(trained_demo_net, ti
     assert transfer.run(c, str(tmp_path))["mean_class_recall"] == result["mean_class_recall"]
     assert "Using the features" in caplog.text
 
+    # The Caltech protocol: random splits of the training folder alone, mean ± std. (These are
+    # the images the net was trained on, so the figure, 78% here, flatters the features.)
+    c.transfer.random_splits, c.transfer.train_per_class, c.transfer.test_per_class = 3, 10, 10
+    splits = transfer.run(c, str(tmp_path))
+    assert [(r["train_images"], r["test_images"]) for r in splits["splits"]] == [(100, 100)] * 3
+    assert splits["mean_class_recall"] >= 0.4 and splits["mean_class_recall_std"] > 0, splits
+
 
 def test_feature_files_are_reused_only_with_the_same_settings(tmp_path):
     about = dict(checkpoints=["/a"], scales=[256, 384], aggregation="stack", flip=True)
@@ -152,6 +159,18 @@ def test_held_out_takes_a_fraction_of_each_class():
     assert [int(mask[labels == k].sum()) for k in range(4)] == [2, 1, 0, 1]
     mask = transfer.held_out(labels, 0.9)  # never a whole class
     assert [int(mask[labels == k].sum()) for k in range(4)] == [9, 4, 0, 1]
+
+
+def test_random_splits_are_disjoint_and_per_class():
+    labels = np.repeat(np.arange(3), [5, 8, 4])
+    splits = transfer.random_splits(labels, 3, 2, count=4)
+    assert len(splits) == 4 and not np.array_equal(splits[0][0], splits[1][0])
+    for train, test in splits:
+        assert not set(train) & set(test)
+        assert np.bincount(labels[train]).tolist() == [3, 3, 3]
+        assert np.bincount(labels[test]).tolist() == [2, 2, 1]  # up to 2: class 2 has 1 left
+    with pytest.raises(ValueError, match="class 2 has 4 images; the random splits take 4"):
+        transfer.random_splits(labels, 4, 2, count=1)
 
 
 def test_one_image_per_class_needs_a_single_c():

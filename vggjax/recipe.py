@@ -115,6 +115,11 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.transfer = ml_collections.ConfigDict()
     c.transfer.c_values = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the SVM's C, chosen on held-out images
     c.transfer.validation_fraction = 0.2  # of the training images, per class
+    # > 0: the Caltech protocol on the 'train' folder alone: this many random splits into
+    # train_per_class training and up to test_per_class test images per class ('val' unused).
+    c.transfer.random_splits = 0
+    c.transfer.train_per_class = 30
+    c.transfer.test_per_class = 50
     return c
 
 
@@ -176,6 +181,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("transfer.c_values", len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
          "a non-empty list of positive numbers"),
         ("transfer.validation_fraction", 0 < c.transfer.validation_fraction < 1, "in (0, 1)"),
+        ("transfer.random_splits", c.transfer.random_splits >= 0, "a non-negative integer"),
+        ("transfer.train_per_class", c.transfer.train_per_class > 0, "a positive integer"),
+        ("transfer.test_per_class", c.transfer.test_per_class > 0, "a positive integer"),
     ]
     for field, ok, allowed in checks:
         if not ok:

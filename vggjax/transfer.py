@@ -148,21 +148,67 @@ def evaluate_svm(train: dict[str, np.ndarray], test: dict[str, np.ndarray], num_
                 test_images=len(test["labels"]), feature_dim=int(x.shape[1]))
 
 
+def random_splits(labels: np.ndarray, train_per_class: int, test_per_class: int, count: int,
+                  seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The Caltech protocol's splits of one labelled set: `count` times, per class,
+    `train_per_class` random images to train on and up to `test_per_class` of the rest to test
+    on (index arrays). Every class needs more than `train_per_class` images."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    if sizes.min() <= train_per_class:
+        raise ValueError(f"class {classes[sizes.argmin()]} has {sizes.min()} images; the random "
+                         f"splits take {train_per_class} per class to train on and need at least "
+                         f"one more to test (config.transfer.train_per_class)")
+    rng = np.random.default_rng(seed)
+    splits = []
+    for _ in range(count):
+        train, test = [], []
+        for k in classes:
+            members = rng.permutation(np.flatnonzero(labels == k))
+            train.append(members[:train_per_class])
+            test.append(members[train_per_class:train_per_class + test_per_class])
+        splits.append((np.sort(np.concatenate(train)), np.sort(np.concatenate(test))))
+    return splits
+
+
+def _subset(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: data[k][index] for k in ("features", "labels", "bad")}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--mode=transfer`: features of the 'train' and 'val' splits (reusing the workdir's
-    features_<split>.npz when made with the same settings), SVMs fitted on train, scored on val;
-    writes transfer_results.json."""
-    data = {split: features.cached(config, workdir, split) for split in ("train", "val")}
-    result = evaluate_svm(data["train"], data["val"], int(data["train"]["num_classes"]),
-                          tuple(config.transfer.c_values), config.transfer.validation_fraction,
-                          config.seed)
+    """`--mode=transfer`: SVMs fitted on the 'train' split's features and scored on 'val's; or,
+    with `transfer.random_splits`, on random splits of 'train' alone (Caltech's protocol:
+    mean and standard deviation over the splits). Features are reused from the workdir's
+    features_<split>.npz when made with the same settings. Writes transfer_results.json."""
+    t = config.transfer
+    fit = functools.partial(evaluate_svm, c_values=tuple(t.c_values),
+                            validation_fraction=t.validation_fraction, seed=config.seed)
+    train = features.cached(config, workdir, "train")
+    num_classes = int(train["num_classes"])
+    if t.random_splits:
+        splits = random_splits(train["labels"], t.train_per_class, t.test_per_class,
+                               t.random_splits, config.seed)
+        runs = [fit(_subset(train, a), _subset(train, b), num_classes) for a, b in splits]
+        result = {k: runs[0][k] for k in ("chance_recall", "feature_dim")}
+        for k in ("mean_class_recall", "accuracy", "mean_ap", "mean_ap_11pt"):
+            values = [r[k] for r in runs]
+            result.update({k: float(np.mean(values)), f"{k}_std": float(np.std(values))})
+        result["splits"] = runs
+        what = (f"{t.random_splits} random splits of {t.train_per_class} training and up to "
+                f"{t.test_per_class} test images per class")
+    else:
+        result = fit(train, features.cached(config, workdir, "val"), num_classes)
+        what = (f"{result['train_images']} training images (C={result['c']:g}); "
+                f"{result['test_images']} test images")
     result = dict(features.settings(config, workdir), **result)
     if jax.process_index() == 0:
-        print(f"Linear SVM (C={result['c']:g}) on {result['feature_dim']}-D features of "
-              f"{result['train_images']} training images; {result['test_images']} test images:")
-        print(f"  mean class recall {100 * result['mean_class_recall']:.1f}% (chance "
-              f"{100 * result['chance_recall']:.1f}%), accuracy {100 * result['accuracy']:.1f}%, "
-              f"mAP {100 * result['mean_ap']:.1f}% (11-point {100 * result['mean_ap_11pt']:.1f}%)")
+        def figure(k: str) -> str:
+            std = f" ± {100 * result[k + '_std']:.1f}" if k + "_std" in result else ""
+            return f"{100 * result[k]:.1f}{std}%"
+
+        print(f"Linear SVM on {result['feature_dim']}-D features, {what}:")
+        print(f"  mean class recall {figure('mean_class_recall')} (chance "
+              f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
+              f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})")
         with open(os.path.join(workdir, "transfer_results.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
