@@ -1,13 +1,15 @@
 """vggjax: the VGG paper (Simonyan & Zisserman, ICLR 2015) in JAX/Flax."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
     name="vggjax",
     version="0.1.0",
     description="Very Deep Convolutional Networks (VGG) in JAX/Flax: Table 1's nets, the "
-                "paper's training and dense multi-scale evaluation, data-parallel on a Mesh.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    "paper's training and dense multi-scale evaluation, data-parallel on a Mesh.",
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vggjax", "vggjax.*"]),
     python_requires=">=3.10",
@@ -27,7 +29,7 @@ setup(
     extras_require={
         # keras.applications: the independent reference for Keras's weights in test_convert.py,
         # where h5py and safetensors write the published file layouts.
-        "test": ["pytest>=8", "keras>=3", "h5py>=3.8", "safetensors>=0.4"],
+        "test": ["pytest>=8", "ruff==0.17.6", "keras>=3", "h5py>=3.8", "safetensors>=0.4"],
         # Keras's .h5 weights for python -m vggjax.convert (.pth and .safetensors need nothing).
         "convert": ["h5py>=3.8"],
         # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).

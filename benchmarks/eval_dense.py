@@ -54,15 +54,22 @@ def main(argv: list[str]) -> None:
     c.eval.protocols, c.eval.flip = ("multi_scale_dense",), _FLIP.value
     c.eval.batch_size = _BATCH.value
     evaluator = evaluate.Evaluator(c, train.make_mesh())
-    variables = jax.device_put(models.init_variables(evaluator.model, jax.random.key(0)),
-                               evaluator.replicated)
+    variables = jax.device_put(
+        models.init_variables(evaluator.model, jax.random.key(0)), evaluator.replicated
+    )
     rng = np.random.default_rng(0)
     n = _NUM_IMAGES.value
     elements = []
     for k in range(n):
         image = rng.integers(0, 256, (*rng.integers(300, 501, 2), 3), dtype=np.uint8)
-        elements.append(dict(index=k, id=str(k), label=0, images=[
-            augment.rescale_smallest_side(image, q) for q in c.eval.scales]))
+        elements.append(
+            dict(
+                index=k,
+                id=str(k),
+                label=0,
+                images=[augment.rescale_smallest_side(image, q) for q in c.eval.scales],
+            )
+        )
     bucketed = timed(lambda: evaluator.outputs(variables, elements, n))
 
     step = evaluator.steps[("dense",)]
@@ -73,10 +80,12 @@ def main(argv: list[str]) -> None:
         width = max(q, round(pixels / n / q / 32) * 32)
         valid_pixels += pixels
         fixed_pixels += batches * _BATCH.value * q * width
-        images = jax.device_put(np.zeros((_BATCH.value, q, width, 3), np.uint8),
-                                evaluator.batch_sharding)
-        sizes = jax.device_put(np.tile(np.int32([q, width]), (_BATCH.value, 1)),
-                               evaluator.batch_sharding)
+        images = jax.device_put(
+            np.zeros((_BATCH.value, q, width, 3), np.uint8), evaluator.batch_sharding
+        )
+        sizes = jax.device_put(
+            np.tile(np.int32([q, width]), (_BATCH.value, 1)), evaluator.batch_sharding
+        )
         fixed.append((images, sizes))
 
     def fixed_pass():
@@ -85,14 +94,24 @@ def main(argv: list[str]) -> None:
     fixed_seconds = timed(fixed_pass)
     counts = collections.Counter(
         (q, evaluate.bucket_shape(*e["images"][i].shape[:2], c.eval.bucket_multiple))
-        for e in elements for i, q in enumerate(c.eval.scales))
+        for e in elements
+        for i, q in enumerate(c.eval.scales)
+    )
     bucketed_batches = {key: math.ceil(count / _BATCH.value) for key, count in counts.items()}
     bucketed_pixels = sum(b * _BATCH.value * h * w for (_, (h, w)), b in bucketed_batches.items())
     result = dict(
-        model=c.model, width=c.width, dtype=c.dtype, scales=list(c.eval.scales), flip=c.eval.flip,
-        batch_size=_BATCH.value, num_images=n, devices=jax.device_count(),
-        platform=jax.devices()[0].platform, compiled_shapes=len(evaluator.compiled),
-        bucketed_batches=sum(bucketed_batches.values()), fixed_batches=batches * len(fixed),
+        model=c.model,
+        width=c.width,
+        dtype=c.dtype,
+        scales=list(c.eval.scales),
+        flip=c.eval.flip,
+        batch_size=_BATCH.value,
+        num_images=n,
+        devices=jax.device_count(),
+        platform=jax.devices()[0].platform,
+        compiled_shapes=len(evaluator.compiled),
+        bucketed_batches=sum(bucketed_batches.values()),
+        fixed_batches=batches * len(fixed),
         valid_megapixels=round(valid_pixels / 1e6, 2),
         bucketed_megapixels=round(bucketed_pixels / 1e6, 2),
         fixed_megapixels=round(fixed_pixels / 1e6, 2),
@@ -100,7 +119,8 @@ def main(argv: list[str]) -> None:
         fixed_shape_images_per_sec=round(n / fixed_seconds, 2),
         # Pixels the device ran (padding included): what masking costs, apart from batch fill.
         bucketed_megapixels_per_sec=round(bucketed_pixels / 1e6 / bucketed, 2),
-        fixed_megapixels_per_sec=round(fixed_pixels / 1e6 / fixed_seconds, 2))
+        fixed_megapixels_per_sec=round(fixed_pixels / 1e6 / fixed_seconds, 2),
+    )
     print(json.dumps(result))
 
 

@@ -41,8 +41,12 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Worker processes (0: in t
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per batch.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches (after one warm-up batch).")
 _SCALE = flags.DEFINE_string("scale", "256", "Training scale S or S_MIN-S_MAX.")
-_CPUS = flags.DEFINE_integer("cpus", 0, "Pin this process and its workers to the first N CPUs "
-                             "(0: all); --cpus=1 --num_workers=0 gives the per-core figures.")
+_CPUS = flags.DEFINE_integer(
+    "cpus",
+    0,
+    "Pin this process and its workers to the first N CPUs "
+    "(0: all); --cpus=1 --num_workers=0 gives the per-core figures.",
+)
 
 SIZES = ((500, 375), (375, 500), (640, 480))  # (width, height)
 CROP = 224
@@ -109,8 +113,9 @@ def vggjax_rate(data_dir: str, scale: tuple[int, int]) -> float:
 def torchvision_rate(data_dir: str, scale: tuple[int, int]) -> float:
     paths = sorted(str(p) for p in pathlib.Path(data_dir).glob("train/*/*.jpg"))
     rng = np.random.default_rng(0)
-    jobs = ((list(rng.choice(paths, _BATCH.value)), seed, *scale)
-            for seed in range(_BATCHES.value + 1))
+    jobs = (
+        (list(rng.choice(paths, _BATCH.value)), seed, *scale) for seed in range(_BATCHES.value + 1)
+    )
     if not _NUM_WORKERS.value:
         return time_batches(map(torchvision_batch, jobs), _BATCHES.value)
     with multiprocessing.get_context("spawn").Pool(_NUM_WORKERS.value) as pool:
@@ -128,9 +133,16 @@ def main(argv: list[str]) -> None:
         kb = sum(f.stat().st_size for f in files) / len(files) / 1024
         rates = {"vggjax": vggjax_rate(data_dir, scale), "pil": torchvision_rate(data_dir, scale)}
     workers = max(_NUM_WORKERS.value, 1)
-    result = dict(images=len(files), mean_jpeg_kb=round(kb, 1), scale=_SCALE.value, crop=CROP,
-                  batch_size=_BATCH.value, batches=_BATCHES.value, num_workers=_NUM_WORKERS.value,
-                  cpus=len(os.sched_getaffinity(0)))
+    result = dict(
+        images=len(files),
+        mean_jpeg_kb=round(kb, 1),
+        scale=_SCALE.value,
+        crop=CROP,
+        batch_size=_BATCH.value,
+        batches=_BATCHES.value,
+        num_workers=_NUM_WORKERS.value,
+        cpus=len(os.sched_getaffinity(0)),
+    )
     for name, rate in rates.items():
         result[f"{name}_images_per_sec"] = round(rate, 1)
         result[f"{name}_images_per_sec_per_worker"] = round(rate / workers, 1)

@@ -19,14 +19,15 @@ import os
 import sys
 
 import ml_collections
+import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
 from absl import app, flags
 
-import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
 from vggjax import models
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per framework.")
-_CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", False,
-                                   "PyTorch in channels-last memory format (NHWC).")
+_CHANNELS_LAST = flags.DEFINE_bool(
+    "torch_channels_last", False, "PyTorch in channels-last memory format (NHWC)."
+)
 
 
 def torch_vgg(model: models.VGG):
@@ -36,28 +37,39 @@ def torch_vgg(model: models.VGG):
     features, channels = [], 3
     for layer in model.layers:
         if layer.kind == "conv":
-            features.append(nn.Conv2d(channels, layer.features, layer.kernel,
-                                      padding=layer.kernel // 2))
+            features.append(
+                nn.Conv2d(channels, layer.features, layer.kernel, padding=layer.kernel // 2)
+            )
             if model.batch_norm:
                 features.append(nn.BatchNorm2d(layer.features))
             features.append(nn.ReLU(inplace=True))
             channels = layer.features
         elif layer.kind == "lrn":  # PyTorch divides alpha by the size; vggjax does not
             lrn = models.LRN_PARAMS
-            features.append(nn.LocalResponseNorm(lrn["size"], lrn["alpha"] * lrn["size"],
-                                                 lrn["beta"], lrn["k"]))
+            features.append(
+                nn.LocalResponseNorm(lrn["size"], lrn["alpha"] * lrn["size"], lrn["beta"], lrn["k"])
+            )
         elif layer.kind == "pool":
             features.append(nn.MaxPool2d(2, 2))
     fc6, fc7, fc8 = (layer.features for layer in model.layers if layer.kind == "fc")
     window = model.crop_size // 32
     return nn.Sequential(
-        nn.Sequential(*features), nn.AdaptiveAvgPool2d((window, window)), nn.Flatten(),
-        nn.Linear(channels * window * window, fc6), nn.ReLU(True), nn.Dropout(model.dropout_rate),
-        nn.Linear(fc6, fc7), nn.ReLU(True), nn.Dropout(model.dropout_rate), nn.Linear(fc7, fc8))
+        nn.Sequential(*features),
+        nn.AdaptiveAvgPool2d((window, window)),
+        nn.Flatten(),
+        nn.Linear(channels * window * window, fc6),
+        nn.ReLU(True),
+        nn.Dropout(model.dropout_rate),
+        nn.Linear(fc6, fc7),
+        nn.ReLU(True),
+        nn.Dropout(model.dropout_rate),
+        nn.Linear(fc7, fc8),
+    )
 
 
-def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
-                  num_params: int) -> train_step.Runners:
+def torch_runners(
+    c: ml_collections.ConfigDict, model: models.VGG, num_params: int
+) -> train_step.Runners:
     """PyTorch's train step and forward pass on one synthetic batch, like `jax_runners`."""
     import jax
     import torch
@@ -65,11 +77,13 @@ def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
     device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"  # where JAX runs
     net = torch_vgg(model).to(device)
     assert sum(p.numel() for p in net.parameters()) == num_params, "not the same net"
-    optimizer = torch.optim.SGD(net.parameters(), lr=c.learning_rate, momentum=c.momentum,
-                                weight_decay=c.weight_decay)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay
+    )
     generator = torch.Generator().manual_seed(0)
-    images = (torch.randn(c.batch_size, 3, c.crop_size, c.crop_size, generator=generator)
-              * 50).to(device)
+    images = (torch.randn(c.batch_size, 3, c.crop_size, c.crop_size, generator=generator) * 50).to(
+        device
+    )
     labels = torch.randint(0, c.num_classes, (c.batch_size,), generator=generator).to(device)
     wait = torch.cuda.synchronize if device == "cuda" else lambda: None
     if _CHANNELS_LAST.value:
@@ -77,8 +91,9 @@ def torch_runners(c: ml_collections.ConfigDict, model: models.VGG,
         images = images.contiguous(memory_format=torch.channels_last)
 
     # dtype="bfloat16": bfloat16 compute over float32 parameters, as vggjax does.
-    autocast = functools.partial(torch.autocast, device, torch.bfloat16,
-                                 enabled=c.dtype == "bfloat16")
+    autocast = functools.partial(
+        torch.autocast, device, torch.bfloat16, enabled=c.dtype == "bfloat16"
+    )
 
     def train_steps(n: int) -> None:
         net.train()
@@ -110,8 +125,9 @@ def main(argv: list[str]) -> None:
 
     c = train_step.config()
     trainer, runners = train_step.jax_runners(c)
-    num_params = sum(x.size for x in jax.tree.leaves(
-        models.abstract_variables(trainer.model)["params"]))
+    num_params = sum(
+        x.size for x in jax.tree.leaves(models.abstract_variables(trainer.model)["params"])
+    )
     frameworks = {"jax": runners, "torch": torch_runners(c, trainer.model, num_params)}
     best = {}
     for kind in ("train", "infer"):
@@ -121,13 +137,24 @@ def main(argv: list[str]) -> None:
             for name, runner in frameworks.items():
                 seconds = train_step.seconds_per_call(runner[kind], flags.FLAGS.steps)
                 best[name, kind] = min(best.get((name, kind), seconds), seconds)
-    result = dict(model=c.model, width=c.width, batch_size=c.batch_size, image_size=c.crop_size,
-                  dtype=c.dtype, platform=jax.devices()[0].platform, cpus=os.cpu_count(),
-                  jax=jax.__version__, torch=torch.__version__,
-                  torch_threads=torch.get_num_threads(), torch_channels_last=_CHANNELS_LAST.value,
-                  torch_tf32=dict(conv=torch.backends.cudnn.allow_tf32,
-                                  matmul=torch.backends.cuda.matmul.allow_tf32),
-                  steps=flags.FLAGS.steps, rounds=_ROUNDS.value)
+    result = dict(
+        model=c.model,
+        width=c.width,
+        batch_size=c.batch_size,
+        image_size=c.crop_size,
+        dtype=c.dtype,
+        platform=jax.devices()[0].platform,
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        torch_channels_last=_CHANNELS_LAST.value,
+        torch_tf32=dict(
+            conv=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32
+        ),
+        steps=flags.FLAGS.steps,
+        rounds=_ROUNDS.value,
+    )
     for kind in ("train", "infer"):
         for name in frameworks:
             result[f"{name}_{kind}_images_per_sec"] = round(c.batch_size / best[name, kind], 2)

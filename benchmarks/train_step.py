@@ -47,12 +47,18 @@ def jax_runners(c: ml_collections.ConfigDict) -> tuple[train.Trainer, Runners]:
     trainer = train.Trainer(c, train.make_mesh())
     state = trainer.init(jax.random.key(0))
     rng = np.random.default_rng(0)
-    batch = trainer.global_batch(dict(
-        image=rng.normal(0, 50, (c.batch_size, c.crop_size, c.crop_size, 3)).astype(np.float32),
-        label=rng.integers(0, 1000, c.batch_size).astype(np.int32),
-        mask=np.ones(c.batch_size, np.float32)))
-    forward = jax.jit(lambda s, images: trainer.model.apply(
-        {"params": s.params, "batch_stats": s.batch_stats}, images, train=False))
+    batch = trainer.global_batch(
+        dict(
+            image=rng.normal(0, 50, (c.batch_size, c.crop_size, c.crop_size, 3)).astype(np.float32),
+            label=rng.integers(0, 1000, c.batch_size).astype(np.int32),
+            mask=np.ones(c.batch_size, np.float32),
+        )
+    )
+    forward = jax.jit(
+        lambda s, images: trainer.model.apply(
+            {"params": s.params, "batch_stats": s.batch_stats}, images, train=False
+        )
+    )
 
     def train_steps(n: int) -> None:
         nonlocal state
@@ -82,10 +88,18 @@ def main(argv: list[str]) -> None:
     seconds = seconds_per_call(runners["train"], _STEPS.value)
     macs = sum(r.macs for r in summary.layer_rows(trainer.model))
     tflops = 6 * macs * c.batch_size / seconds / 1e12
-    result = dict(model=c.model, width=c.width, batch_size=c.batch_size, image_size=c.crop_size,
-                  dtype=c.dtype, devices=jax.device_count(), platform=jax.devices()[0].platform,
-                  step_ms=round(seconds * 1e3, 2), images_per_sec=round(c.batch_size / seconds, 1),
-                  model_tflops=round(tflops, 3))
+    result = dict(
+        model=c.model,
+        width=c.width,
+        batch_size=c.batch_size,
+        image_size=c.crop_size,
+        dtype=c.dtype,
+        devices=jax.device_count(),
+        platform=jax.devices()[0].platform,
+        step_ms=round(seconds * 1e3, 2),
+        images_per_sec=round(c.batch_size / seconds, 1),
+        model_tflops=round(tflops, 3),
+    )
     if _PEAK.value:
         result["mfu"] = round(tflops / _PEAK.value, 3)
     print(json.dumps(result))

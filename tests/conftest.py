@@ -2,19 +2,24 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests build the same tiny programs many times (and in subprocesses): compile each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"
+    ),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import importlib.util
+import subprocess
+import sys
 
-import pytest  # noqa: E402
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,12 +29,15 @@ def tiny_demo_dir(tmp_path_factory):
     """A small copy of the generated demo set: 10 classes, 20 train and 4 val images each."""
     from vggjax.data import demo
 
-    return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("cache") / "demo"),
-                                    train_per_class=20, val_per_class=4)
+    return demo.ensure_demo_dataset(
+        str(tmp_path_factory.mktemp("cache") / "demo"), train_per_class=20, val_per_class=4
+    )
 
 
 def _tiny_config(data_dir):
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "demo_config", os.path.join(ROOT, "configs", "demo.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -55,11 +63,23 @@ def trained_demo_net(tmp_path_factory, tiny_demo_dir):
     40 s rendezvous limit (the process aborts). Data parallelism has its own tests."""
     workdir = str(tmp_path_factory.mktemp("trained"))
     steps = 300
-    args = [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-            f"--config.data_dir={tiny_demo_dir}", "--config.width=0.0625", "--config.fc_width=32",
-            "--config.batch_size=32", "--config.num_workers=0", f"--config.num_train_steps={steps}",
-            *(f"--config.{k}={steps}" for k in ("log_every_steps", "eval_every_steps",
-                                                  "checkpoint_every_steps"))]
+    args = [
+        sys.executable,
+        "-m",
+        "vggjax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.width=0.0625",
+        "--config.fc_width=32",
+        "--config.batch_size=32",
+        "--config.num_workers=0",
+        f"--config.num_train_steps={steps}",
+        *(
+            f"--config.{k}={steps}"
+            for k in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
+        ),
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -38,7 +38,7 @@ def test_sample_scale_stays_in_range_and_reaches_both_ends():
 
 
 @pytest.mark.parametrize(
-    'shape, s, expected',
+    "shape, s, expected",
     [
         ((30, 40, 3), 64, (64, 85, 3)),  # Landscape, upscaled.
         ((40, 30, 3), 64, (85, 64, 3)),  # Portrait, upscaled.
@@ -73,9 +73,9 @@ def test_random_crop_is_a_window_at_varied_positions():
 def test_center_crop_is_central():
     image = _positions(50, 61)
     np.testing.assert_array_equal(augment.center_crop(image, 32), image[9:41, 14:46])
-    with pytest.raises(ValueError, match='cannot crop'):
+    with pytest.raises(ValueError, match="cannot crop"):
         augment.center_crop(image, 51)
-    with pytest.raises(ValueError, match='cannot crop'):
+    with pytest.raises(ValueError, match="cannot crop"):
         augment.random_crop(image, 51, np.random.default_rng(0))
 
 
@@ -129,43 +129,43 @@ def _rgba() -> Image.Image:
     rgba = np.zeros((4, 5, 4), np.uint8)
     rgba[..., :3] = (200, 100, 50)
     rgba[:2, ..., 3] = 255  # Top half opaque, bottom half transparent.
-    return Image.fromarray(rgba, 'RGBA')
+    return Image.fromarray(rgba, "RGBA")
 
 
 @pytest.mark.parametrize(
-    'make, expected_pixel',
+    "make, expected_pixel",
     [
-        (lambda: _encode(Image.new('L', (5, 4), 77), 'PNG'), (77, 77, 77)),
-        (lambda: _encode(Image.new('RGB', (5, 4), (9, 8, 7)), 'PNG'), (9, 8, 7)),
+        (lambda: _encode(Image.new("L", (5, 4), 77), "PNG"), (77, 77, 77)),
+        (lambda: _encode(Image.new("RGB", (5, 4), (9, 8, 7)), "PNG"), (9, 8, 7)),
         (
             lambda: _encode(
-                Image.new('RGB', (5, 4), (200, 30, 90)).convert('P', palette=Image.ADAPTIVE), 'PNG'
+                Image.new("RGB", (5, 4), (200, 30, 90)).convert("P", palette=Image.ADAPTIVE), "PNG"
             ),
             (200, 30, 90),
         ),
-        (lambda: _encode(_rgba(), 'PNG'), (200, 100, 50)),
-        (lambda: _encode(Image.new('LA', (5, 4), (60, 255)), 'PNG'), (60, 60, 60)),
+        (lambda: _encode(_rgba(), "PNG"), (200, 100, 50)),
+        (lambda: _encode(Image.new("LA", (5, 4), (60, 255)), "PNG"), (60, 60, 60)),
         (
-            lambda: _encode(Image.fromarray(np.full((4, 5), 257 * 100, np.uint16)), 'PNG'),
+            lambda: _encode(Image.fromarray(np.full((4, 5), 257 * 100, np.uint16)), "PNG"),
             (100, 100, 100),
         ),
         (
-            lambda: _encode(Image.fromarray(np.full((4, 5), 65535, np.int32)), 'TIFF'),
+            lambda: _encode(Image.fromarray(np.full((4, 5), 65535, np.int32)), "TIFF"),
             (255, 255, 255),
         ),
         (lambda: np.full((4, 5, 3), 42, np.uint8), (42, 42, 42)),
         (lambda: np.full((4, 5), 42, np.uint8), (42, 42, 42)),
     ],
     ids=[
-        'gray',
-        'rgb',
-        'palette',
-        'rgba',
-        'gray_alpha',
-        '16bit_png',
-        '32bit_tiff',
-        'array',
-        'gray_array',
+        "gray",
+        "rgb",
+        "palette",
+        "rgba",
+        "gray_alpha",
+        "16bit_png",
+        "32bit_tiff",
+        "array",
+        "gray_array",
     ],
 )
 def test_decode_gives_rgb_uint8(make, expected_pixel):
@@ -176,31 +176,31 @@ def test_decode_gives_rgb_uint8(make, expected_pixel):
 
 def test_decode_16bit_png_scales_instead_of_clipping():
     ramp = np.linspace(0, 65535, 20).astype(np.uint16).reshape(4, 5)
-    image = augment.decode_image(_encode(Image.fromarray(ramp), 'PNG'))
+    image = augment.decode_image(_encode(Image.fromarray(ramp), "PNG"))
     np.testing.assert_array_equal(image[..., 0], ramp // 257)
 
 
 def test_decode_composites_transparency_on_black():
-    image = augment.decode_image(_encode(_rgba(), 'PNG'))
+    image = augment.decode_image(_encode(_rgba(), "PNG"))
     assert (image[:2] == (200, 100, 50)).all() and (image[2:] == 0).all()
 
 
 def test_decode_cmyk_jpeg():
-    cmyk = Image.new('RGB', (16, 16), (250, 20, 20)).convert('CMYK')
-    image = augment.decode_image(_encode(cmyk, 'JPEG', quality=95))
+    cmyk = Image.new("RGB", (16, 16), (250, 20, 20)).convert("CMYK")
+    image = augment.decode_image(_encode(cmyk, "JPEG", quality=95))
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert image[8, 8, 0] > 200 and image[8, 8, 1:].max() < 60
 
 
 @pytest.mark.parametrize(
-    'data',
+    "data",
     [
-        b'',
-        _encode(Image.fromarray(_photo(64, 64)), 'JPEG')[:300],
-        b'this is a text file, not an image\n',
+        b"",
+        _encode(Image.fromarray(_photo(64, 64)), "JPEG")[:300],
+        b"this is a text file, not an image\n",
         np.zeros((4, 5, 3), np.float64),
     ],
-    ids=['empty', 'truncated_jpeg', 'text', 'float_array'],
+    ids=["empty", "truncated_jpeg", "text", "float_array"],
 )
 def test_decode_rejects_non_images(data):
     with pytest.raises(augment.BadImageError):
@@ -210,7 +210,7 @@ def test_decode_rejects_non_images(data):
 
 def test_decode_draft_keeps_smallest_side_at_least_min_side():
     photo = _photo(600, 800)
-    data = _encode(Image.fromarray(photo), 'JPEG', quality=95)
+    data = _encode(Image.fromarray(photo), "JPEG", quality=95)
     assert augment.decode_image(data).shape == (600, 800, 3)
     small = augment.decode_image(data, min_side=100)
     assert small.shape == (150, 200, 3)  # Decoded at 1/4 size.
@@ -223,7 +223,7 @@ def test_decode_draft_keeps_smallest_side_at_least_min_side():
 
 
 def test_train_transform_shape_range_and_determinism():
-    data = _encode(Image.fromarray(_photo(90, 120)), 'JPEG')
+    data = _encode(Image.fromarray(_photo(90, 120)), "JPEG")
     kwargs = dict(crop=32, s_min=32, s_max=64, mean_rgb=(100.0, 110.0, 120.0), colour_std=0.1)
     outs = [
         augment.train_transform(data, np.random.default_rng(seed), **kwargs) for seed in (0, 0, 1)
@@ -236,7 +236,7 @@ def test_train_transform_shape_range_and_determinism():
 
 def test_eval_transform_is_centre_crop_of_rescaled_image_minus_mean():
     photo = _photo(90, 120)
-    data = _encode(Image.fromarray(photo), 'PNG')
+    data = _encode(Image.fromarray(photo), "PNG")
     mean = (100.0, 110.0, 120.0)
     out = augment.eval_transform(data, crop=48, q=64, mean_rgb=mean)
     expected = augment.center_crop(augment.rescale_smallest_side(photo, 64), 48)

@@ -16,8 +16,14 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 def run_main(*args):
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "vggjax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vggjax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def load_config(path, arg=None):
@@ -35,18 +41,36 @@ def test_every_config_is_valid_and_documents_its_command(path):
     recipe.validate(config)
     name = os.path.relpath(path, ROOT)
     assert f"python -m vggjax.main --config={name}" in module.__doc__
-    for field in ("model", "dataset", "data_dir", "batch_size", "num_train_steps",
-                  "checkpoint_every_steps", "seed"):
+    for field in (
+        "model",
+        "dataset",
+        "data_dir",
+        "batch_size",
+        "num_train_steps",
+        "checkpoint_every_steps",
+        "seed",
+    ):
         assert field in config
 
 
 def test_paper_recipe_defaults():
     _, c = load_config(os.path.join(ROOT, "configs", "vgg19.py"))
-    assert (c.model, c.batch_size, c.momentum, c.weight_decay, c.dropout_rate) == ("E", 256, 0.9, 5e-4, 0.5)
+    assert (c.model, c.batch_size, c.momentum, c.weight_decay, c.dropout_rate) == (
+        "E",
+        256,
+        0.9,
+        5e-4,
+        0.5,
+    )
     assert (c.learning_rate, c.lr_drop_factor, c.max_lr_drops, c.num_epochs) == (1e-2, 0.1, 3, 74)
     assert (c.train_scale, c.crop_size, c.eval.scales) == ((256, 256), 224, (224, 256, 288))
     _, c = load_config(os.path.join(ROOT, "configs", "vgg16.py"), "384")
-    assert (c.train_scale, c.learning_rate, c.init_layers, c.eval.scales) == ((384, 384), 1e-3, "all", (352, 384, 416))
+    assert (c.train_scale, c.learning_rate, c.init_layers, c.eval.scales) == (
+        (384, 384),
+        1e-3,
+        "all",
+        (352, 384, 416),
+    )
     _, c = load_config(os.path.join(ROOT, "configs", "vgg16.py"), "256-512")
     assert (c.train_scale, c.eval_scale, c.eval.scales) == ((256, 512), 384, (256, 384, 512))
 
@@ -61,25 +85,53 @@ def test_summary_prints_the_layer_table():
     assert "143,667,240" in result.stdout and "2×2×1000" in result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
-    (["--mode=summary"], "--config is required"),
-    (["--config=configs/vgg16.py", "--config.nope=3", "--mode=summary"], "unknown config field --config.nope"),
-    (["--config=configs/vgg16.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
-    (["--config=configs/vgg16.py", "--config.model=vgg17", "--mode=summary"], "unknown model 'vgg17'; choose one of"),
-    (["--config=configs/vgg16.py", "--config.crop_size=100", "--mode=summary"], "config.crop_size must be a positive multiple of 32"),
-    (["--config=configs/vgg16.py:12x", "--mode=summary"], "training scale must be S or SMIN-SMAX"),
-    (["--config=configs/vgg16.py", "--mode=bogus"], "--mode=bogus"),
-    (["--config=configs/demo.py", "--mode=features", "--workdir=/no/such/run"],
-     "no config.json in /no/such/run"),
-    (["--config=configs/finetune.py", "--mode=summary"], "config.init_from is empty"),
-    (["--config=configs/finetune.py", "--config.init_from=/no/ckpt", "--mode=summary"],
-     "no config.json in /no/ckpt"),
-    (["--config=configs/vgg16.py", "--config.transfer.c_values=(0,)", "--mode=summary"],
-     "config.transfer.c_values must be a non-empty list of positive numbers"),
-    (["--config=configs/demo.py", "--config.dataset=folder", "--config.data_dir=/no/such/dir",
-      "--workdir=/tmp/x"], "'/no/such/dir' is not a directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=configs/nope.py"], "config file 'configs/nope.py' not found"),
+        (["--mode=summary"], "--config is required"),
+        (
+            ["--config=configs/vgg16.py", "--config.nope=3", "--mode=summary"],
+            "unknown config field --config.nope",
+        ),
+        (["--config=configs/vgg16.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
+        (
+            ["--config=configs/vgg16.py", "--config.model=vgg17", "--mode=summary"],
+            "unknown model 'vgg17'; choose one of",
+        ),
+        (
+            ["--config=configs/vgg16.py", "--config.crop_size=100", "--mode=summary"],
+            "config.crop_size must be a positive multiple of 32",
+        ),
+        (
+            ["--config=configs/vgg16.py:12x", "--mode=summary"],
+            "training scale must be S or SMIN-SMAX",
+        ),
+        (["--config=configs/vgg16.py", "--mode=bogus"], "--mode=bogus"),
+        (
+            ["--config=configs/demo.py", "--mode=features", "--workdir=/no/such/run"],
+            "no config.json in /no/such/run",
+        ),
+        (["--config=configs/finetune.py", "--mode=summary"], "config.init_from is empty"),
+        (
+            ["--config=configs/finetune.py", "--config.init_from=/no/ckpt", "--mode=summary"],
+            "no config.json in /no/ckpt",
+        ),
+        (
+            ["--config=configs/vgg16.py", "--config.transfer.c_values=(0,)", "--mode=summary"],
+            "config.transfer.c_values must be a non-empty list of positive numbers",
+        ),
+        (
+            [
+                "--config=configs/demo.py",
+                "--config.dataset=folder",
+                "--config.data_dir=/no/such/dir",
+                "--workdir=/tmp/x",
+            ],
+            "'/no/such/dir' is not a directory",
+        ),
+    ],
+)
 def test_user_mistakes_get_one_clear_line(args, message):
     result = run_main(*args)
     assert result.returncode != 0

@@ -11,9 +11,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from vggjax.data import demo
-from vggjax.data import pipeline
-from vggjax.data import sources
+from vggjax.data import demo, pipeline, sources
 
 N_TRAIN, N_VAL = 24, 10  # The indexed set: image i has the colour (i, 0, 0).
 
@@ -21,7 +19,7 @@ N_TRAIN, N_VAL = 24, 10  # The indexed set: image i has the colour (i, 0, 0).
 def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
-            dataset='folder',
+            dataset="folder",
             data_dir=data_dir,
             batch_size=4,
             crop_size=4,
@@ -41,31 +39,31 @@ def _write_indexed(root, split: str, n: int) -> None:
     """n small PNGs in 3 classes; pixel values name the image, so batches can
     be traced back to source images (no colour shift, zero mean)."""
     for i in range(n):
-        folder = root / split / f'class{i % 3}'
+        folder = root / split / f"class{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         size = (8 + i % 4, 7 + i % 5)  # Varied sizes and aspect ratios.
-        Image.new('RGB', size, (i, 0, 0)).save(folder / f'{i:03d}.png')
+        Image.new("RGB", size, (i, 0, 0)).save(folder / f"{i:03d}.png")
 
 
 def _ids(batch: dict[str, np.ndarray]) -> list[int]:
     """Source indices of a batch's real (mask 1) images."""
     return [
-        int(round(image[..., 0].mean())) for image, m in zip(batch['image'], batch['mask']) if m
+        int(round(image[..., 0].mean())) for image, m in zip(batch["image"], batch["mask"]) if m
     ]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def indexed_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp('indexed')
-    _write_indexed(root, 'train', N_TRAIN)
-    _write_indexed(root, 'val', N_VAL)
+    root = tmp_path_factory.mktemp("indexed")
+    _write_indexed(root, "train", N_TRAIN)
+    _write_indexed(root, "val", N_VAL)
     return str(root)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> str:
     return demo.ensure_demo_dataset(
-        str(tmp_path_factory.mktemp('cache') / 'demo'), train_per_class=3, val_per_class=2
+        str(tmp_path_factory.mktemp("cache") / "demo"), train_per_class=3, val_per_class=2
     )
 
 
@@ -82,24 +80,24 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_demo_layout_and_boxes(demo_dir):
-    assert sorted(os.listdir(demo_dir)) == ['boxes.json', 'train', 'val']
-    with open(os.path.join(demo_dir, 'boxes.json')) as f:
+    assert sorted(os.listdir(demo_dir)) == ["boxes.json", "train", "val"]
+    with open(os.path.join(demo_dir, "boxes.json")) as f:
         boxes = json.load(f)
     files = []
-    for split, count in (('train', 3), ('val', 2)):
+    for split, count in (("train", 3), ("val", 2)):
         assert sorted(os.listdir(os.path.join(demo_dir, split))) == sorted(demo.CLASSES)
         for name in demo.CLASSES:
             names = sorted(os.listdir(os.path.join(demo_dir, split, name)))
             assert len(names) == count
-            files += [f'{split}/{name}/{n}' for n in names]
+            files += [f"{split}/{name}/{n}" for n in names]
     assert sorted(boxes) == sorted(files)
     sizes = set()
     for relpath, (x0, y0, x1, y1) in boxes.items():
         with Image.open(os.path.join(demo_dir, relpath)) as image:
-            assert image.format == 'JPEG' and image.mode == 'RGB'
+            assert image.format == "JPEG" and image.mode == "RGB"
             w, h = image.size
         sizes.add((w, h))
-        assert 64 <= min(w, h) and max(w, h) <= 160
+        assert min(w, h) >= 64 and max(w, h) <= 160
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         # Large enough to survive a 64 px crop of a 64-96 px rescale.
         assert max(x1 - x0, y1 - y0) >= 0.4 * min(w, h)
@@ -107,40 +105,41 @@ def test_demo_layout_and_boxes(demo_dir):
 
 
 def test_demo_is_deterministic(demo_dir, tmp_path):
-    other = demo.ensure_demo_dataset(str(tmp_path / 'again'), train_per_class=1, val_per_class=1)
-    for relpath in ('train/circle/0000.jpg', 'train/star/0000.jpg', 'val/crescent/0000.jpg'):
-        with open(os.path.join(demo_dir, relpath), 'rb') as a, open(
-            os.path.join(other, relpath), 'rb'
-        ) as b:
+    other = demo.ensure_demo_dataset(str(tmp_path / "again"), train_per_class=1, val_per_class=1)
+    for relpath in ("train/circle/0000.jpg", "train/star/0000.jpg", "val/crescent/0000.jpg"):
+        with (
+            open(os.path.join(demo_dir, relpath), "rb") as a,
+            open(os.path.join(other, relpath), "rb") as b,
+        ):
             assert a.read() == b.read()
 
 
 def test_demo_reuses_an_existing_set(demo_dir):
-    boxes = os.path.join(demo_dir, 'boxes.json')
+    boxes = os.path.join(demo_dir, "boxes.json")
     before = os.stat(boxes).st_mtime_ns
     assert demo.ensure_demo_dataset(demo_dir) == demo_dir
     assert os.stat(boxes).st_mtime_ns == before
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path):
-    (tmp_path / 'mine.txt').write_text('not a demo set')
-    with pytest.raises(ValueError, match='holds no demo data set'):
+    (tmp_path / "mine.txt").write_text("not a demo set")
+    with pytest.raises(ValueError, match="holds no demo data set"):
         demo.ensure_demo_dataset(str(tmp_path))
 
 
 def test_demo_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def killed(root, counts):
-        os.makedirs(os.path.join(root, 'train'))
+        os.makedirs(os.path.join(root, "train"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, '_generate', killed)
+    monkeypatch.setattr(demo, "_generate", killed)
     with pytest.raises(KeyboardInterrupt):
-        demo.ensure_demo_dataset(str(tmp_path / 'demo'))
+        demo.ensure_demo_dataset(str(tmp_path / "demo"))
     assert os.listdir(tmp_path) == []
 
 
 def test_demo_concurrent_callers_share_one_complete_set(tmp_path):
-    root, results = str(tmp_path / 'demo'), []
+    root, results = str(tmp_path / "demo"), []
     threads = [
         threading.Thread(
             target=lambda: results.append(
@@ -154,61 +153,61 @@ def test_demo_concurrent_callers_share_one_complete_set(tmp_path):
     for t in threads:
         t.join()
     assert results == [root] * 3
-    assert os.listdir(tmp_path) == ['demo']  # No temporary directories left.
-    assert len(sources.FolderSource(os.path.join(root, 'train'))) == 20
+    assert os.listdir(tmp_path) == ["demo"]  # No temporary directories left.
+    assert len(sources.FolderSource(os.path.join(root, "train"))) == 20
 
 
 def test_demo_default_root_follows_env(monkeypatch, tmp_path):
-    monkeypatch.setenv('VGGJAX_CACHE', str(tmp_path))
-    assert demo.default_root() == os.path.join(str(tmp_path), 'demo-v1')
+    monkeypatch.setenv("VGGJAX_CACHE", str(tmp_path))
+    assert demo.default_root() == os.path.join(str(tmp_path), "demo-v1")
 
 
 # Sources.
 
 
 def test_folder_source(indexed_dir):
-    source = sources.make_source(_config(indexed_dir), 'train')
+    source = sources.make_source(_config(indexed_dir), "train")
     assert len(source) == N_TRAIN and source.num_classes == 3
-    assert source.class_names == ('class0', 'class1', 'class2')
+    assert source.class_names == ("class0", "class1", "class2")
     first = source[0]
-    assert first['id'] == 'class0/000.png' and first['label'] == 0
-    assert first['data'].startswith(b'\x89PNG')
-    assert source[len(source) - 1]['id'] == 'class2/023.png'
+    assert first["id"] == "class0/000.png" and first["label"] == 0
+    assert first["data"].startswith(b"\x89PNG")
+    assert source[len(source) - 1]["id"] == "class2/023.png"
 
 
 def test_demo_source(demo_dir):
-    source = sources.make_source(_config(demo_dir, dataset='demo'), 'val')
+    source = sources.make_source(_config(demo_dir, dataset="demo"), "val")
     assert len(source) == 20 and source.class_names == tuple(sorted(demo.CLASSES))
 
 
 @pytest.mark.parametrize(
-    'layout, match',
+    "layout, match",
     [
-        (None, 'is not a directory'),
-        ('train', r'val is not a directory: expected .*/val/<class>/'),
-        ('val/empty_class', 'holds no image files'),
+        (None, "is not a directory"),
+        ("train", r"val is not a directory: expected .*/val/<class>/"),
+        ("val/empty_class", "holds no image files"),
     ],
 )
 def test_bad_folders_raise_clear_errors(tmp_path, layout, match):
-    data_dir = tmp_path / 'data'
+    data_dir = tmp_path / "data"
     if layout:
         (data_dir / layout).mkdir(parents=True)
     with pytest.raises(ValueError, match=match) as e:
-        sources.make_source(_config(str(data_dir)), 'val')
-    assert str(data_dir) in str(e.value) and '\n' not in str(e.value)
+        sources.make_source(_config(str(data_dir)), "val")
+    assert str(data_dir) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_unknown_dataset_and_split():
-    with pytest.raises(ValueError, match='unknown dataset'):
-        sources.make_source(_config('/tmp', dataset='mnist'), 'train')
-    with pytest.raises(ValueError, match='split'):
-        sources.make_source(_config('/tmp'), 'test')
+    with pytest.raises(ValueError, match="unknown dataset"):
+        sources.make_source(_config("/tmp", dataset="mnist"), "train")
+    with pytest.raises(ValueError, match="split"):
+        sources.make_source(_config("/tmp"), "test")
 
 
 def test_unprepared_imagenet_says_how_to_prepare(tmp_path):
-    config = _config(str(tmp_path), dataset='imagenet2012')
-    with pytest.raises(ValueError, match='tfds build imagenet2012'):
-        sources.make_source(config, 'train')
+    config = _config(str(tmp_path), dataset="imagenet2012")
+    with pytest.raises(ValueError, match="tfds build imagenet2012"):
+        sources.make_source(config, "train")
 
 
 # Training pipeline.
@@ -217,7 +216,7 @@ def test_unprepared_imagenet_says_how_to_prepare(tmp_path):
 def test_train_batches_have_documented_shapes(demo_dir):
     config = _config(
         demo_dir,
-        dataset='demo',
+        dataset="demo",
         batch_size=6,
         crop_size=64,
         train_scale=(64, 96),
@@ -226,13 +225,13 @@ def test_train_batches_have_documented_shapes(demo_dir):
     )
     batches = _take(config, 2)
     for batch in batches:
-        assert batch['image'].shape == (6, 64, 64, 3)
-        assert batch['image'].dtype == np.float32
-        assert batch['label'].shape == (6,) and batch['label'].dtype == np.int32
-        assert batch['mask'].dtype == np.float32
-        assert (batch['mask'] == 1).all()
-        assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
-        assert -160 < batch['image'].min() and batch['image'].max() < 160
+        assert batch["image"].shape == (6, 64, 64, 3)
+        assert batch["image"].dtype == np.float32
+        assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
+        assert batch["mask"].dtype == np.float32
+        assert (batch["mask"] == 1).all()
+        assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
+        assert batch["image"].min() > -160 and batch["image"].max() < 160
     assert _same(batches, _take(config, 2))
     assert not _same(batches, _take(config, 2, seed=1))
 
@@ -247,7 +246,7 @@ def test_train_epochs_cover_the_set_and_reshuffle(indexed_dir):
 
 def test_train_labels_match_images(indexed_dir):
     for batch in _take(_config(indexed_dir), 3):
-        assert [i % 3 for i in _ids(batch)] == batch['label'].tolist()
+        assert [i % 3 for i in _ids(batch)] == batch["label"].tolist()
 
 
 def _shards(config, steps: int) -> list[list[dict[str, np.ndarray]]]:
@@ -261,26 +260,26 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(indexed_dir):
     assert len(seen[0]) == len(seen[1]) == N_TRAIN // 2
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(N_TRAIN))
-    with pytest.raises(ValueError, match='not divisible'):
+    with pytest.raises(ValueError, match="not divisible"):
         pipeline.train_dataset(config, process_index=0, process_count=3)
 
 
 def test_process_shards_interleave_the_single_process_batches(demo_dir):
     # Augmentation included: global batches do not depend on process count.
     config = _config(
-        demo_dir, dataset='demo', crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
+        demo_dir, dataset="demo", crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
     )
     shards, single = _shards(config, 2), _take(config, 2)
     for t in range(2):
-        assert shards[0][t]['image'].shape == (2, 32, 32, 3)
+        assert shards[0][t]["image"].shape == (2, 32, 32, 3)
         for p in range(2):
-            for k in ('image', 'label', 'mask'):
+            for k in ("image", "label", "mask"):
                 np.testing.assert_array_equal(shards[p][t][k], single[t][k][p::2])
 
 
 def test_resume_from_state_continues_exactly(demo_dir):
     config = _config(
-        demo_dir, dataset='demo', crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
+        demo_dir, dataset="demo", crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
     )
     it = iter(pipeline.train_dataset(config))
     for _ in range(5):
@@ -293,38 +292,38 @@ def test_resume_from_state_continues_exactly(demo_dir):
 
 
 def test_bad_files_are_masked_and_logged_once(demo_dir, tmp_path, caplog):
-    data_dir = tmp_path / 'data'
-    _write_indexed(data_dir, 'train', 9)
-    broken = data_dir / 'train' / 'zz_broken'
+    data_dir = tmp_path / "data"
+    _write_indexed(data_dir, "train", 9)
+    broken = data_dir / "train" / "zz_broken"
     broken.mkdir()
-    (broken / 'empty.jpg').write_bytes(b'')
-    (broken / 'notes.txt').write_text('not an image')
-    with open(os.path.join(demo_dir, 'train', 'ring', '0000.jpg'), 'rb') as f:
+    (broken / "empty.jpg").write_bytes(b"")
+    (broken / "notes.txt").write_text("not an image")
+    with open(os.path.join(demo_dir, "train", "ring", "0000.jpg"), "rb") as f:
         jpeg = f.read()
-    (broken / 'truncated.jpg').write_bytes(jpeg[: len(jpeg) // 2])
+    (broken / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     config = _config(str(data_dir))
     with caplog.at_level(logging.WARNING):
         batches = _take(config, 6)  # Two epochs of 12 images.
-    labels = np.concatenate([b['label'] for b in batches])
-    masks = np.concatenate([b['mask'] for b in batches])
-    images = np.concatenate([b['image'] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    masks = np.concatenate([b["mask"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
     np.testing.assert_array_equal(masks, (labels != 3).astype(np.float32))
     assert (labels == 3).sum() == 6 and not images[labels == 3].any()
-    warnings = [r.getMessage() for r in caplog.records if 'zz_broken' in r.getMessage()]
-    assert len(warnings) == 3 and all('Masking out' in w for w in warnings)
+    warnings = [r.getMessage() for r in caplog.records if "zz_broken" in r.getMessage()]
+    assert len(warnings) == 3 and all("Masking out" in w for w in warnings)
 
 
 def test_scale_smaller_than_crop_is_rejected(indexed_dir):
-    with pytest.raises(ValueError, match='train_scale'):
+    with pytest.raises(ValueError, match="train_scale"):
         pipeline.train_dataset(_config(indexed_dir, train_scale=(3, 6)))
-    with pytest.raises(ValueError, match='eval_scale'):
+    with pytest.raises(ValueError, match="eval_scale"):
         pipeline.eval_dataset(_config(indexed_dir, eval_scale=3))
 
 
 # Evaluation pipeline.
 
 
-@pytest.mark.parametrize('process_count', [1, 2])
+@pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_covers_every_image_once(indexed_dir, process_count):
     config = _config(indexed_dir)
     per_process = [
@@ -335,18 +334,18 @@ def test_eval_covers_every_image_once(indexed_dir, process_count):
     ids, masks = [], []
     for batches in per_process:
         for batch in batches:
-            assert set(batch) == {'image', 'label', 'mask'}
-            assert batch['image'].shape == (4 // process_count, 4, 4, 3)
+            assert set(batch) == {"image", "label", "mask"}
+            assert batch["image"].shape == (4 // process_count, 4, 4, 3)
             ids += _ids(batch)
-            masks += batch['mask'].tolist()
-            assert [i % 3 for i in _ids(batch)] == batch['label'][batch['mask'] == 1].tolist()
+            masks += batch["mask"].tolist()
+            assert [i % 3 for i in _ids(batch)] == batch["label"][batch["mask"] == 1].tolist()
     assert sorted(ids) == list(range(N_VAL))
     assert sorted(masks) == [0.0] * 2 + [1.0] * N_VAL
 
 
 def test_steps_per_epoch():
-    assert pipeline.steps_per_epoch(_config('/tmp', batch_size=4), 10) == 3
-    assert pipeline.steps_per_epoch(_config('/tmp', batch_size=5), 10) == 2
+    assert pipeline.steps_per_epoch(_config("/tmp", batch_size=4), 10) == 3
+    assert pipeline.steps_per_epoch(_config("/tmp", batch_size=5), 10) == 2
 
 
 # Worker processes.
@@ -356,7 +355,7 @@ def test_workers_give_the_same_batches_and_resume(demo_dir):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain reads its absl flags for workers.
     config = _config(
-        demo_dir, dataset='demo', crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
+        demo_dir, dataset="demo", crop_size=32, train_scale=(32, 48), colour_shift_std=0.1
     )
     expected = _take(config, 6)
     config.num_workers = 2

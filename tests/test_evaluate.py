@@ -21,12 +21,14 @@ SHAPES = [(64, 64), (67, 101), (99, 73), (64, 150), (127, 95), (80, 80)]
 
 
 def narrow(name):
-    model = models.create_model(name, 10, width=1 / 16, fc_width=32, crop_size=CROP,
-                                kernel_init="he")
+    model = models.create_model(
+        name, 10, width=1 / 16, fc_width=32, crop_size=CROP, kernel_init="he"
+    )
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
     # Non-zero biases (as in a trained net; BN's shift too) turn the zero padding non-zero.
     variables["params"] = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"])
+        lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"]
+    )
     return model, variables
 
 
@@ -38,7 +40,7 @@ def net_a():
 def padded_batch(images, shape=(160, 160)):
     batch = np.zeros((len(images), *shape, 3), np.float32)
     for i, image in enumerate(images):
-        batch[i, :image.shape[0], :image.shape[1]] = image
+        batch[i, : image.shape[0], : image.shape[1]] = image
     return batch, jnp.asarray([image.shape[:2] for image in images], jnp.int32)
 
 
@@ -89,7 +91,7 @@ def test_multi_crop_is_a_5x5_grid_times_2_flips(net_a):
     image = random_images([(100, 130)], seed=2)[0]
     batch, sizes = padded_batch([image])
     ys, xs = (evaluate.grid_offsets(n, CROP).tolist() for n in image.shape[:2])
-    crops = [image[y:y + CROP, x:x + CROP] for y in ys for x in xs]
+    crops = [image[y : y + CROP, x : x + CROP] for y in ys for x in xs]
     assert len({(y, x) for y in ys for x in xs}) == 25
     crops = np.stack(crops + [c[:, ::-1] for c in crops])  # 50 crops
     expected = classic(model, variables, crops).mean(0)
@@ -108,8 +110,10 @@ def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
     image = random_images([(CROP, CROP)], seed=3)[0]
     batch, sizes = padded_batch([image], (96, 128))
     flip_averaged = classic(model, variables, np.stack([image, image[:, ::-1]])).mean(0)
-    for got in (evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0],
-                evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)[0]):
+    for got in (
+        evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0],
+        evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)[0],
+    ):
         np.testing.assert_allclose(got, flip_averaged, rtol=0, atol=1e-5)
 
 
@@ -125,14 +129,28 @@ def test_protocols_combine_scales_and_methods():
     plan = evaluate.plan(c)
     centre = evaluate.centre_crop_scale(CROP)
     assert centre == 73 and evaluate.centre_crop_scale(224) == 256
-    assert plan == {72: ("dense", "multi_crop"), 88: ("dense", "multi_crop"),
-                    104: ("dense", "multi_crop"), 73: ("centre_crop",)}
+    assert plan == {
+        72: ("dense", "multi_crop"),
+        88: ("dense", "multi_crop"),
+        104: ("dense", "multi_crop"),
+        73: ("centre_crop",),
+    }
     rng = np.random.default_rng(0)
-    raw = {key: rng.dirichlet(np.ones(4), 3) for key in
-           [(h, q) for q in (72, 88, 104) for h in ("dense", "multi_crop")] + [("centre_crop", 73)]}
+    raw = {
+        key: rng.dirichlet(np.ones(4), 3)
+        for key in [(h, q) for q in (72, 88, 104) for h in ("dense", "multi_crop")]
+        + [("centre_crop", 73)]
+    }
     out = evaluate.protocol_posteriors(raw, c)
-    assert set(out) == {"dense_q72", "dense_q88", "dense_q104", "multi_scale_dense", "multi_crop",
-                        "multi_crop_dense", "centre_crop"}
+    assert set(out) == {
+        "dense_q72",
+        "dense_q88",
+        "dense_q104",
+        "multi_scale_dense",
+        "multi_crop",
+        "multi_crop_dense",
+        "centre_crop",
+    }
     dense = (raw["dense", 72] + raw["dense", 88] + raw["dense", 104]) / 3
     crops = (raw["multi_crop", 72] + raw["multi_crop", 88] + raw["multi_crop", 104]) / 3
     np.testing.assert_allclose(out["multi_scale_dense"], dense)
@@ -140,27 +158,35 @@ def test_protocols_combine_scales_and_methods():
     np.testing.assert_allclose(out["multi_crop_dense"], (dense + crops) / 2)
     np.testing.assert_array_equal(out["dense_q88"], raw["dense", 88])
     np.testing.assert_array_equal(out["centre_crop"], raw["centre_crop", 73])
-    assert evaluate.plan(protocols_config(("dense",))) == {q: ("dense",) for q in (72, 88, 104)}
+    assert evaluate.plan(protocols_config(("dense",))) == dict.fromkeys((72, 88, 104), ("dense",))
 
 
 def test_fusion_averages_models_and_saved_predictions(tmp_path):
     labels = np.array([0, 1, 2, 3])
     bad = np.array([False, False, False, True])
-    a = {"dense_q72": np.array([[.6, .4, 0, 0], [.6, .4, 0, 0], [0, 0, 1, 0], [.25] * 4])}
-    b = {"dense_q72": np.array([[.2, .8, 0, 0], [.1, .9, 0, 0], [0, .7, .3, 0], [.25] * 4]),
-         "multi_crop": np.ones((4, 4)) / 4}
+    a = {"dense_q72": np.array([[0.6, 0.4, 0, 0], [0.6, 0.4, 0, 0], [0, 0, 1, 0], [0.25] * 4])}
+    b = {
+        "dense_q72": np.array([[0.2, 0.8, 0, 0], [0.1, 0.9, 0, 0], [0, 0.7, 0.3, 0], [0.25] * 4]),
+        "multi_crop": np.ones((4, 4)) / 4,
+    }
     fused = evaluate.fuse([a, b])
     assert list(fused) == ["dense_q72"]  # only what both models have
-    np.testing.assert_allclose(fused["dense_q72"][0], [.4, .6, 0, 0])
+    np.testing.assert_allclose(fused["dense_q72"][0], [0.4, 0.6, 0, 0])
     # Model a alone: right on 0 and 2; b: right on 1; fused: right on 1 and 2. Image 3 is bad.
     assert evaluate.error_rates(a["dense_q72"], labels, bad)[0] == 0.5
     assert evaluate.error_rates(fused["dense_q72"], labels, bad)[0] == 0.5
     assert evaluate.error_rates(fused["dense_q72"], labels, bad)[1] == 0.25  # bad is a top-5 error
     for name, posteriors in (("a", a), ("b", b)):
-        np.savez(tmp_path / f"{name}.npz", ids=np.array(["w", "x", "y", "z"]), labels=labels,
-                 bad=bad, **{f"posteriors_{k}": v for k, v in posteriors.items()})
+        np.savez(
+            tmp_path / f"{name}.npz",
+            ids=np.array(["w", "x", "y", "z"]),
+            labels=labels,
+            bad=bad,
+            **{f"posteriors_{k}": v for k, v in posteriors.items()},
+        )
     assert evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == {
-        "dense_q72": (0.5, 0.25)}
+        "dense_q72": (0.5, 0.25)
+    }
     np.savez(tmp_path / "c.npz", ids=np.array(["w", "x", "z", "y"]), labels=labels, bad=bad)
     with pytest.raises(ValueError, match="other images"):
         evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")])
@@ -198,14 +224,30 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     data = tmp_path / "data"
     shutil.copytree(os.path.join(tiny_demo_dir, "val"), data / "val")
     (data / "val" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    args = [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", "--mode=eval",
-            f"--workdir={workdir}", "--config.dataset=folder", f"--config.data_dir={data}",
-            "--config.width=0.0625", "--config.fc_width=32", "--config.num_workers=0",
-            "--config.eval.batch_size=8",
-            f"--config.eval.protocols={recipe.EVAL_PROTOCOLS!r}",
-            f"--config.eval.checkpoints=('{workdir}', '{workdir}/checkpoints/2')"]
-    result = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                            capture_output=True, text=True, timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "vggjax.main",
+        "--config=configs/demo.py",
+        "--mode=eval",
+        f"--workdir={workdir}",
+        "--config.dataset=folder",
+        f"--config.data_dir={data}",
+        "--config.width=0.0625",
+        "--config.fc_width=32",
+        "--config.num_workers=0",
+        "--config.eval.batch_size=8",
+        f"--config.eval.protocols={recipe.EVAL_PROTOCOLS!r}",
+        f"--config.eval.checkpoints=('{workdir}', '{workdir}/checkpoints/2')",
+    ]
+    result = subprocess.run(
+        args,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "circle/broken.jpg" in result.stderr and "images/s" in result.stderr
     assert "multi-crop & dense" in result.stdout and "top-5 val. error (%)" in result.stdout
@@ -213,13 +255,24 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     summary = json.loads((workdir / "eval_results.json").read_text())
     assert (summary["images"], summary["bad_images"]) == (41, 1)
     rows = {r["name"]: r for r in summary["results"]}
-    assert set(rows) == {f"{prefix}_{name}" for prefix in ("ckpt0", "ckpt1", "fusion") for name in
-                         ("dense_q72", "dense_q88", "dense_q104", "multi_scale_dense",
-                          "multi_crop", "multi_crop_dense", "centre_crop")}
+    assert set(rows) == {
+        f"{prefix}_{name}"
+        for prefix in ("ckpt0", "ckpt1", "fusion")
+        for name in (
+            "dense_q72",
+            "dense_q88",
+            "dense_q104",
+            "multi_scale_dense",
+            "multi_crop",
+            "multi_crop_dense",
+            "centre_crop",
+        )
+    }
     assert rows["fusion_multi_scale_dense"]["test_scales"] == [72, 88, 104]
     assert rows["ckpt0_centre_crop"]["test_scales"] == [73]
-    assert all(1 / 41 <= r["top1_error"] <= 1 and r["top5_error"] <= r["top1_error"]
-               for r in rows.values())
+    assert all(
+        1 / 41 <= r["top1_error"] <= 1 and r["top5_error"] <= r["top1_error"] for r in rows.values()
+    )
 
     predictions = np.load(workdir / "predictions.npz")
     ids = list(predictions["ids"])
@@ -229,11 +282,13 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     fused = predictions["posteriors_fusion_multi_crop_dense"]
     assert fused.shape == (41, 10) and np.allclose(fused.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(fused[broken], 0.1)
-    p = {k[len("posteriors_ckpt0_"):]: v for k, v in predictions.items() if "ckpt0_" in k}
-    np.testing.assert_allclose(p["multi_scale_dense"],
-                               (p["dense_q72"] + p["dense_q88"] + p["dense_q104"]) / 3, atol=1e-6)
-    np.testing.assert_allclose(p["multi_crop_dense"],
-                               (p["multi_scale_dense"] + p["multi_crop"]) / 2, atol=1e-6)
+    p = {k[len("posteriors_ckpt0_") :]: v for k, v in predictions.items() if "ckpt0_" in k}
+    np.testing.assert_allclose(
+        p["multi_scale_dense"], (p["dense_q72"] + p["dense_q88"] + p["dense_q104"]) / 3, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        p["multi_crop_dense"], (p["multi_scale_dense"] + p["multi_crop"]) / 2, atol=1e-6
+    )
 
     # One image through the whole pipeline equals the dense net applied to it alone.
     tiny_config.eval.scales = (88,)
@@ -243,8 +298,10 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     with open(data / "val" / ids[index], "rb") as f:
         image = augment.rescale_smallest_side(augment.decode_image(f.read()), 88)
     x = augment.subtract_mean(image, tiny_config.mean_rgb)
-    alone = [jax.nn.softmax(model.apply(variables, im[None], dense=True).mean((1, 2)))[0]
-             for im in (x, x[:, ::-1])]
+    alone = [
+        jax.nn.softmax(model.apply(variables, im[None], dense=True).mean((1, 2)))[0]
+        for im in (x, x[:, ::-1])
+    ]
     np.testing.assert_allclose(p["dense_q88"][index], (alone[0] + alone[1]) / 2, atol=1e-5)
 
     # Bounded compilation: one program per (scale, bucket) the images fall in.

@@ -26,17 +26,34 @@ def converted(tmp_path_factory):
 
 
 def finetune_args(workdir, data_dir, init_from, *extra):
-    return [sys.executable, "-m", "vggjax.main", "--config=configs/finetune.py",
-            f"--workdir={workdir}", f"--config.init_from={init_from}",
-            f"--config.data_dir={data_dir}", "--config.num_classes=10",
-            "--config.batch_size=16", "--config.num_workers=0", "--config.num_train_steps=3",
-            "--config.eval_scale=72", "--config.train_scale=(72,88)",
-            "--config.log_every_steps=3", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vggjax.main",
+        "--config=configs/finetune.py",
+        f"--workdir={workdir}",
+        f"--config.init_from={init_from}",
+        f"--config.data_dir={data_dir}",
+        "--config.num_classes=10",
+        "--config.batch_size=16",
+        "--config.num_workers=0",
+        "--config.num_train_steps=3",
+        "--config.eval_scale=72",
+        "--config.train_scale=(72,88)",
+        "--config.log_every_steps=3",
+        *extra,
+    ]
 
 
 def run_main(args):
-    return subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        args,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_finetune_fc_layers_from_a_converted_checkpoint(converted, tiny_demo_dir, tmp_path):
@@ -85,13 +102,18 @@ def test_frozen_conv_layers_keep_their_batch_norm_statistics(tiny_config, tmp_pa
     train.train_and_evaluate(c, str(tmp_path / "run"))
     source = checkpoints.restore_params(str(tmp_path / "ckpt"))
     tuned = checkpoints.restore_params(str(tmp_path / "run"))
-    same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["batch_stats"]),
-                                                  jax.tree.leaves(source["batch_stats"]))]
+    same = [
+        np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(tuned["batch_stats"]), jax.tree.leaves(source["batch_stats"])
+        )
+    ]
     assert all(same) if trainable == "fc" else not any(same)
     if trainable == "fc":
         for name in (n for n in source["params"] if n.startswith("conv")):
-            for a, b in zip(jax.tree.leaves(tuned["params"][name]),
-                            jax.tree.leaves(source["params"][name])):
+            for a, b in zip(
+                jax.tree.leaves(tuned["params"][name]), jax.tree.leaves(source["params"][name])
+            ):
                 np.testing.assert_array_equal(a, b)
 
 
@@ -103,11 +125,16 @@ def _finetune_config(tiny_config, init_from):
 
 
 def test_init_layers_name_what_is_missing_or_mismatched(converted, tmp_path):
-    variables = models.init_variables(models.create_model("D", 10, width=1 / 16, fc_width=16,
-                                                          crop_size=64), jax.random.key(0, impl="rbg"))
+    variables = models.init_variables(
+        models.create_model("D", 10, width=1 / 16, fc_width=16, crop_size=64),
+        jax.random.key(0, impl="rbg"),
+    )
     source = checkpoints.restore_params(converted)
-    with pytest.raises(ValueError, match=r"layer fc8 has shape .* \(a new number of classes: "
-                                         r"init_layers='all_but_fc8'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer fc8 has shape .* \(a new number of classes: "
+        r"init_layers='all_but_fc8'\)",
+    ):
         train.initialise_from(variables, source, "all")
     out = train.initialise_from(variables, source, "all_but_fc8")
     np.testing.assert_array_equal(out["params"]["fc7"]["kernel"], source["params"]["fc7"]["kernel"])
@@ -115,8 +142,9 @@ def test_init_layers_name_what_is_missing_or_mismatched(converted, tmp_path):
     # A checkpoint without the top (Keras's _notop files): conv layers only.
     notop = {"params": {k: v for k, v in source["params"].items() if k not in models.FC_LAYERS}}
     out = train.initialise_from(variables, notop, "conv")
-    np.testing.assert_array_equal(out["params"]["conv5_3"]["bias"],
-                                  source["params"]["conv5_3"]["bias"])
+    np.testing.assert_array_equal(
+        out["params"]["conv5_3"]["bias"], source["params"]["conv5_3"]["bias"]
+    )
     with pytest.raises(ValueError, match="layer fc6 is missing from the checkpoint"):
         train.initialise_from(variables, notop, "all_but_fc8")
 
@@ -126,15 +154,18 @@ def test_batch_norm_statistics_come_with_their_layers():
     target = models.init_variables(model, jax.random.key(0, impl="rbg"))
     source = jax.tree.map(lambda a: a + 1.0, target)
     out = train.initialise_from(target, source, "net_a")
-    np.testing.assert_array_equal(out["batch_stats"]["conv1_1_bn"]["mean"],
-                                  source["batch_stats"]["conv1_1_bn"]["mean"])
-    np.testing.assert_array_equal(out["params"]["conv1_1_bn"]["scale"],
-                                  source["params"]["conv1_1_bn"]["scale"])
+    np.testing.assert_array_equal(
+        out["batch_stats"]["conv1_1_bn"]["mean"], source["batch_stats"]["conv1_1_bn"]["mean"]
+    )
+    np.testing.assert_array_equal(
+        out["params"]["conv1_1_bn"]["scale"], source["params"]["conv1_1_bn"]["scale"]
+    )
     assert out["batch_stats"]["conv4_1_bn"] is target["batch_stats"]["conv4_1_bn"]  # not net A's
 
 
 def test_finetune_config_errors_are_one_line(converted, tiny_demo_dir, tmp_path):
-    result = run_main(finetune_args(tmp_path / "w", tiny_demo_dir, converted,
-                                    "--config.init_layers=all"))
+    result = run_main(
+        finetune_args(tmp_path / "w", tiny_demo_dir, converted, "--config.init_layers=all")
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "init_layers='all_but_fc8'" in result.stderr.strip().splitlines()[-1]

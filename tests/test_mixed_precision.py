@@ -47,6 +47,7 @@ def test_bfloat16_run_tracks_the_float32_run(tiny_config):
     assert abs(pass16[-1] - pass32[-1]) < 0.1
     # Parameters: 9% of their norm apart, measured (the runs move 11%). Rounding flips a few ReLU
     # and max-pool choices, so the paths part, but onto nets that fit the data equally well.
-    p32, p16 = (np.concatenate([x.ravel() for x in jax.tree.leaves(s.params)])
-                for s in (state32, state16))
+    p32, p16 = (
+        np.concatenate([x.ravel() for x in jax.tree.leaves(s.params)]) for s in (state32, state16)
+    )
     assert np.linalg.norm(p16 - p32) < 0.15 * np.linalg.norm(p32)

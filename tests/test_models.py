@@ -9,17 +9,24 @@ from vggjax import models, summary
 
 # Table 2 and torchvision's counts (A-LRN has no parameters beyond A; C adds three 1×1 convs).
 PARAM_COUNTS = {
-    "A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
-    "D": 138_357_544, "E": 143_667_240,
-    "vgg11_bn": 132_868_840, "vgg13_bn": 133_053_736, "vgg16_bn": 138_365_992,
+    "A": 132_863_336,
+    "A-LRN": 132_863_336,
+    "B": 133_047_848,
+    "C": 133_638_952,
+    "D": 138_357_544,
+    "E": 143_667_240,
+    "vgg11_bn": 132_868_840,
+    "vgg13_bn": 133_053_736,
+    "vgg16_bn": 138_365_992,
     "vgg19_bn": 143_678_248,
 }
 CONV_LAYERS = {"A": 8, "A-LRN": 8, "B": 10, "C": 13, "D": 13, "E": 16, "B-shallow": 5}
 
 
 def narrow(name, crop=64, **kw):
-    return models.create_model(name, 10, width=1 / 16, fc_width=32, crop_size=crop,
-                               kernel_init="he", **kw)
+    return models.create_model(
+        name, 10, width=1 / 16, fc_width=32, crop_size=crop, kernel_init="he", **kw
+    )
 
 
 def init(model):
@@ -39,8 +46,17 @@ def test_parameter_counts_match_table_2_and_torchvision(name, count):
     assert models.count_params(variables["params"]) == count
 
 
-@pytest.mark.parametrize("alias,config", [("vgg11", "A"), ("vgg11_lrn", "A-LRN"), ("vgg13", "B"),
-                                          ("vgg16", "D"), ("VGG19", "E"), ("vgg16_c", "C")])
+@pytest.mark.parametrize(
+    "alias,config",
+    [
+        ("vgg11", "A"),
+        ("vgg11_lrn", "A-LRN"),
+        ("vgg13", "B"),
+        ("vgg16", "D"),
+        ("VGG19", "E"),
+        ("vgg16_c", "C"),
+    ],
+)
 def test_aliases(alias, config):
     model = models.create_model(alias)
     assert (model.config, model.batch_norm) == (config, False)
@@ -75,7 +91,9 @@ def test_summary_counts_flops_and_agrees_with_the_module(name, gmacs):
 def test_summary_params_equal_module_params_for_narrow_nets(name):
     model = narrow(name)
     variables = models.abstract_variables(model)
-    assert sum(r.params for r in summary.layer_rows(model)) == models.count_params(variables["params"])
+    assert sum(r.params for r in summary.layer_rows(model)) == models.count_params(
+        variables["params"]
+    )
 
 
 def test_dense_form_at_crop_size_equals_classic_logits_full_vgg16():
@@ -100,21 +118,36 @@ def test_dense_equals_classic_for_other_configurations(name):
     np.testing.assert_allclose(dense, classic, rtol=0, atol=1e-4 * float(jnp.abs(classic).max()))
 
 
-@pytest.mark.parametrize("crop,hw,expected", [(224, (256, 352), (2, 5)), (224, (224, 480), (1, 9)),
-                                               (224, (250, 255), (1, 1)), (64, (96, 160), (2, 4))])
+@pytest.mark.parametrize(
+    "crop,hw,expected",
+    [
+        (224, (256, 352), (2, 5)),
+        (224, (224, 480), (1, 9)),
+        (224, (250, 255), (1, 1)),
+        (64, (96, 160), (2, 4)),
+    ],
+)
 def test_score_map_shape(crop, hw, expected):
     model = narrow("A", crop=crop)
     variables = models.abstract_variables(model)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, dense=True), variables,
-                         jax.ShapeDtypeStruct((3, *hw, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, dense=True),
+        variables,
+        jax.ShapeDtypeStruct((3, *hw, 3), jnp.float32),
+    )
     assert out.shape == (3, *expected, 10)
 
 
 def test_fc_as_conv_is_the_flattened_fc():
     kernel = jax.random.normal(jax.random.key(0), (2 * 2 * 3, 5))
     fmap = jax.random.normal(jax.random.key(1), (1, 2, 2, 3))
-    conv = jax.lax.conv_general_dilated(fmap, models.fc_as_conv(kernel, 2), (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = jax.lax.conv_general_dilated(
+        fmap,
+        models.fc_as_conv(kernel, 2),
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     np.testing.assert_allclose(conv[0, 0, 0], fmap.reshape(1, -1)[0] @ kernel, rtol=1e-5)
 
 
@@ -161,35 +194,50 @@ def test_dropout_only_in_training(narrow_a):
 def test_bfloat16_compute_keeps_float32_params(narrow_a):
     model, variables = narrow_a
     bf16 = narrow("A", dtype=jnp.bfloat16)
-    assert jax.tree.map(jnp.shape, models.abstract_variables(bf16)) == jax.tree.map(jnp.shape, variables)
+    assert jax.tree.map(jnp.shape, models.abstract_variables(bf16)) == jax.tree.map(
+        jnp.shape, variables
+    )
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50
     out = bf16.apply(variables, x)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(out.astype(jnp.float32), model.apply(variables, x), rtol=0.1,
-                               atol=0.05 * float(jnp.abs(out).max()))
+    np.testing.assert_allclose(
+        out.astype(jnp.float32),
+        model.apply(variables, x),
+        rtol=0.1,
+        atol=0.05 * float(jnp.abs(out).max()),
+    )
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(name="vgg17"), "unknown model 'vgg17'"),
-    (dict(name="D", crop_size=100), "multiple of 32"),
-    (dict(name="D", width=0), "positive"),
-    (dict(name="D", kernel_init="zeros"), "unknown kernel_init"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(name="vgg17"), "unknown model 'vgg17'"),
+        (dict(name="D", crop_size=100), "multiple of 32"),
+        (dict(name="D", width=0), "positive"),
+        (dict(name="D", kernel_init="zeros"), "unknown kernel_init"),
+    ],
+)
 def test_create_model_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         models.create_model(**kwargs)
 
 
-@pytest.mark.parametrize("shape,dense,message", [
-    ((1, 64, 64, 4), False, "3 \\(RGB\\) channels"),
-    ((1, 64, 64), False, "3 \\(RGB\\) channels"),
-    ((1, 63, 100, 3), True, "at least 64×64"),
-    ((1, 96, 96, 3), False, "takes 64×64 crops"),
-])
+@pytest.mark.parametrize(
+    "shape,dense,message",
+    [
+        ((1, 64, 64, 4), False, "3 \\(RGB\\) channels"),
+        ((1, 64, 64), False, "3 \\(RGB\\) channels"),
+        ((1, 63, 100, 3), True, "at least 64×64"),
+        ((1, 96, 96, 3), False, "takes 64×64 crops"),
+    ],
+)
 def test_bad_inputs_get_clear_errors(shape, dense, message):
     model = narrow("A")
     variables = models.abstract_variables(model)
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda v, x: model.apply(v, x, dense=dense), variables,
-                       jax.ShapeDtypeStruct(shape, jnp.float32))
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, dense=dense),
+            variables,
+            jax.ShapeDtypeStruct(shape, jnp.float32),
+        )

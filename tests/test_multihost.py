@@ -24,8 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(args: list[str], log_dir, sigterm_after: str | None = None,
-                      timeout: float = 240) -> list[str]:
+def run_two_processes(
+    args: list[str], log_dir, sigterm_after: str | None = None, timeout: float = 240
+) -> list[str]:
     """Runs `python -m vggjax.main ARGS` as processes 0 and 1 of a 2-process job; their output.
 
     With `sigterm_after`, process 1 alone gets SIGTERM once process 0 has logged that text: one
@@ -38,9 +39,23 @@ def run_two_processes(args: list[str], log_dir, sigterm_after: str | None = None
     try:
         for i, log in enumerate(logs):
             with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the job
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "vggjax.main", *args, address, "--num_processes=2",
-                     f"--process_id={i}"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "vggjax.main",
+                            *args,
+                            address,
+                            "--num_processes=2",
+                            f"--process_id={i}",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         deadline = time.monotonic() + timeout
         while sigterm_after and sigterm_after not in logs[0].read_text():
             assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()
@@ -62,22 +77,31 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     end where 1 process × 8 devices does in a straight run: same global batches, same update,
     one shared checkpoint."""
     workdir = tmp_path / "two"
-    args = ["--config=configs/demo.py", f"--workdir={workdir}",
-            f"--config.data_dir={tiny_config.data_dir}", f"--config.width={tiny_config.width}",
-            f"--config.fc_width={tiny_config.fc_width}",
-            f"--config.batch_size={tiny_config.batch_size}", "--config.num_workers=0",
-            "--config.log_every_steps=2", "--config.eval_every_steps=1000",
-            "--config.checkpoint_every_steps=4"]
-    first = run_two_processes(args + ["--config.num_train_steps=1000"], tmp_path,
-                              sigterm_after="step 4/1000")
+    args = [
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.data_dir={tiny_config.data_dir}",
+        f"--config.width={tiny_config.width}",
+        f"--config.fc_width={tiny_config.fc_width}",
+        f"--config.batch_size={tiny_config.batch_size}",
+        "--config.num_workers=0",
+        "--config.log_every_steps=2",
+        "--config.eval_every_steps=1000",
+        "--config.checkpoint_every_steps=4",
+    ]
+    first = run_two_processes(
+        args + ["--config.num_train_steps=1000"], tmp_path, sigterm_after="step 4/1000"
+    )
     assert "Process 1 of 2; 8 devices in all" in first[1]
     # Both stop at the same step, whichever was preempted, and save it together.
     step = int(re.search(r"Stopped at step (\d+) on SIGTERM", first[0])[1])
     assert step >= 4 and f"Stopped at step {step} on SIGTERM" in first[1]
     # Each process saved its own data-iterator position beside the shared state.
     data = workdir / "checkpoints" / str(step) / "data"
-    assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json",
-                                                           "process_1-of-2.json"]
+    assert sorted(p.name for p in data.glob("*.json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     second = run_two_processes(args + [f"--config.num_train_steps={step + 2}"], tmp_path)
     assert all(f"Resumed from the checkpoint at step {step}" in o for o in second)
     # Only process 0 reports progress.
@@ -88,10 +112,12 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     train.train_and_evaluate(tiny_config, str(tmp_path / "one"))  # 8 devices, one process
     two = jax.device_get(checkpoints.restore_params(str(workdir)))
     one = jax.device_get(checkpoints.restore_params(str(tmp_path / "one")))
-    init = jax.device_get(train.Trainer(tiny_config, train.make_mesh()).init(
-        jax.random.key(tiny_config.seed)).params)
-    moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one["params"]),
-                                                    jax.tree.leaves(init)))
+    init = jax.device_get(
+        train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(tiny_config.seed)).params
+    )
+    moved = max(
+        np.abs(a - b).max() for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(init))
+    )
     assert moved > 1e-3
     # The two runs sum the same gradients in another order (each process's rows, then gloo's
     # all-reduce): 2e-6 of the movement apart after 6 steps, measured. A wrong average (a sum
@@ -103,18 +129,35 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--num_processes=2", "--process_id=2"], "--process_id must be less than --num_processes"),
-    (["--coordinator_address=127.0.0.1:1234"], "Number of processes must be defined. Outside a "
-     "TPU pod, SLURM or Open MPI job, give --coordinator_address, --num_processes and "
-     "--process_id"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--num_processes=2", "--process_id=2"], "--process_id must be less than --num_processes"),
+        (
+            ["--coordinator_address=127.0.0.1:1234"],
+            "Number of processes must be defined. Outside a "
+            "TPU pod, SLURM or Open MPI job, give --coordinator_address, --num_processes and "
+            "--process_id",
+        ),
+    ],
+)
 def test_bad_distributed_flags_get_one_clear_line(tiny_demo_dir, tmp_path, flags, message):
     result = subprocess.run(
-        [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-         f"--config.data_dir={tiny_demo_dir}", *flags], cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), capture_output=True, text=True,
-        timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "vggjax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            f"--config.data_dir={tiny_demo_dir}",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -124,11 +167,18 @@ def test_two_processes_extract_the_features_one_does(trained_demo_net, tiny_demo
     """`--mode=features` (evaluation's loop) on 2 processes × 4 devices: each reads and runs its
     share of the images, all are gathered in order, process 0 alone writes, and the file equals
     one process's."""
-    args = ["--config=configs/demo.py", "--mode=features", f"--workdir={tmp_path / 'two'}",
-            "--config.dataset=folder", f"--config.data_dir={tiny_demo_dir}",
-            "--config.num_workers=0", "--config.eval.batch_size=8",
-            "--config.features.scales=(72,104)", "--config.features.splits=('val',)",
-            f"--config.features.checkpoints=('{trained_demo_net}',)"]
+    args = [
+        "--config=configs/demo.py",
+        "--mode=features",
+        f"--workdir={tmp_path / 'two'}",
+        "--config.dataset=folder",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.num_workers=0",
+        "--config.eval.batch_size=8",
+        "--config.features.scales=(72,104)",
+        "--config.features.splits=('val',)",
+        f"--config.features.checkpoints=('{trained_demo_net}',)",
+    ]
     outputs = run_two_processes(args, tmp_path)
     assert "features_val.npz: 40 images" in outputs[0] and "Wrote" not in outputs[1]
 

@@ -23,9 +23,11 @@ def synthetic_batches(config, n, seed=0):
     for _ in range(n):
         mask = np.ones(config.batch_size, np.float32)
         mask[-1] = 0.0  # an undecodable image: must not count
-        yield dict(image=rng.normal(0, 50, (config.batch_size, crop, crop, 3)).astype(np.float32),
-                   label=rng.integers(0, config.num_classes, config.batch_size).astype(np.int32),
-                   mask=mask)
+        yield dict(
+            image=rng.normal(0, 50, (config.batch_size, crop, crop, 3)).astype(np.float32),
+            label=rng.integers(0, config.num_classes, config.batch_size).astype(np.int32),
+            mask=mask,
+        )
 
 
 @pytest.mark.parametrize("model", ["A", "vgg11_bn"])
@@ -41,21 +43,28 @@ def test_eight_devices_compute_the_same_update_as_one(tiny_config, model):
     for batch in synthetic_batches(tiny_config, 3):
         after = {}
         for n, trainer in trainers.items():
-            new, metrics = trainer.train_step(jax.device_put(state, trainer.replicated),
-                                              trainer.global_batch(batch))
+            new, metrics = trainer.train_step(
+                jax.device_put(state, trainer.replicated), trainer.global_batch(batch)
+            )
             assert float(metrics["count"]) == tiny_config.batch_size - 1
             after[n] = jax.device_get(new)
-        moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after[1].params),
-                                                        jax.tree.leaves(state.params)))
+        moved = max(
+            np.abs(a - b).max()
+            for a, b in zip(jax.tree.leaves(after[1].params), jax.tree.leaves(state.params))
+        )
         assert moved > 1e-4  # the step changed the parameters
         # Equal up to float32 summation order (conv gradients sum 10⁵ terms in another order):
         # under a thousandth of the step, where a wrong average (a sum over devices, or one
         # device's shard alone) would be off by the order of the step itself.
-        for a, b in zip(jax.tree.leaves((after[8].params, after[8].opt_state)),
-                        jax.tree.leaves((after[1].params, after[1].opt_state))):
+        for a, b in zip(
+            jax.tree.leaves((after[8].params, after[8].opt_state)),
+            jax.tree.leaves((after[1].params, after[1].opt_state)),
+        ):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * moved)
         # BN running averages are statistics of the global batch, not of each device's shard.
-        for a, b in zip(jax.tree.leaves(after[8].batch_stats), jax.tree.leaves(after[1].batch_stats)):
+        for a, b in zip(
+            jax.tree.leaves(after[8].batch_stats), jax.tree.leaves(after[1].batch_stats)
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-5)
         state = after[1]
 
@@ -103,13 +112,17 @@ def test_resume_equals_straight_run_and_writes_results(tiny_config, tmp_path):
     resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
     straight = train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
     assert resumed["step"] == straight["step"] == 8
-    for a, b in zip(jax.tree.leaves(read_params(tmp_path / "resumed")),
-                    jax.tree.leaves(read_params(tmp_path / "straight"))):
+    for a, b in zip(
+        jax.tree.leaves(read_params(tmp_path / "resumed")),
+        jax.tree.leaves(read_params(tmp_path / "straight")),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert results["val_images"] == 40 and 0 <= results["top1_error"] <= 1
     assert results["top5_error"] <= results["top1_error"]
-    assert any(p.name.startswith("events") for p in (tmp_path / "straight" / "tensorboard").iterdir())
+    assert any(
+        p.name.startswith("events") for p in (tmp_path / "straight" / "tensorboard").iterdir()
+    )
     written = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert (written["model"], written["num_classes"]) == (tiny_config.model, 10)
 
@@ -118,8 +131,10 @@ def test_restore_params_on_another_device_count(tiny_config, tmp_path):
     tiny_config.num_train_steps = 2
     train.train_and_evaluate(tiny_config, str(tmp_path))  # written from 8 devices
     mesh = train.make_mesh(jax.devices()[:2])
-    restored = checkpoints.restore_params(str(tmp_path / "checkpoints" / "2"),
-                                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    restored = checkpoints.restore_params(
+        str(tmp_path / "checkpoints" / "2"),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
     kernel = restored["params"]["fc8"]["kernel"]
     assert kernel.sharding.mesh.size == 2 and kernel.shape == (32, 10)
     with pytest.raises(ValueError, match="no checkpoint"):
@@ -148,8 +163,11 @@ def test_init_from_net_a_copies_the_papers_seven_layers(tiny_config, tmp_path):
     for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"):
         np.testing.assert_array_equal(net_d[name]["kernel"], net_a[name]["kernel"])
     for name in ("conv1_2", "conv2_2", "conv3_3", "conv4_1", "conv5_3"):
-        assert name not in net_a or net_d[name]["kernel"].shape != net_a[name]["kernel"].shape \
+        assert (
+            name not in net_a
+            or net_d[name]["kernel"].shape != net_a[name]["kernel"].shape
             or not np.array_equal(net_d[name]["kernel"], net_a[name]["kernel"])
+        )
     tiny_config.model, tiny_config.init_layers = "B-shallow", "net_a"
     with pytest.raises(ValueError, match="layer conv1_1 has shape"):
         train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(1))
@@ -168,10 +186,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, 
 
 
 def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
-    args = [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py",
-            f"--workdir={tmp_path}", f"--config.data_dir={tiny_demo_dir}", "--config.width=0.0625",
-            "--config.num_workers=0", "--config.batch_size=16", "--config.log_every_steps=1",
-            "--config.checkpoint_every_steps=1000", "--config.num_train_steps=100000"]
+    args = [
+        sys.executable,
+        "-m",
+        "vggjax.main",
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.width=0.0625",
+        "--config.num_workers=0",
+        "--config.batch_size=16",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1000",
+        "--config.num_train_steps=100000",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -188,8 +216,14 @@ def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, 
     step = checkpoints.Checkpoints(str(tmp_path)).latest_step()
     assert step is not None and step >= 3
     # The same command resumes from there and finishes a short budget with results.
-    result = subprocess.run(args[:-1] + [f"--config.num_train_steps={step + 2}"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        args[:-1] + [f"--config.num_train_steps={step + 2}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Resumed from the checkpoint at step {step}" in result.stderr
     assert json.loads((tmp_path / "results.json").read_text())["step"] == step + 2
@@ -204,5 +238,7 @@ def test_bfloat16_compute_trains_float32_parameters(tiny_config):
         state, metrics = trainer.train_step(state, trainer.global_batch(batch))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
-                                                        jax.tree.leaves(before)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before))
+    )

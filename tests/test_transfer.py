@@ -37,13 +37,27 @@ def test_features_mode_writes_the_papers_descriptors(trained_demo_net, tiny_demo
     image's descriptor recomputed from the net applied to it alone."""
     workdir = tmp_path / "features"
     result = subprocess.run(
-        [sys.executable, "-m", "vggjax.main", "--config=configs/demo.py", "--mode=features",
-         f"--workdir={workdir}", "--config.dataset=folder", f"--config.data_dir={tiny_demo_dir}",
-         "--config.num_workers=0", "--config.eval.batch_size=8", "--config.features.scales=(72,104)",
-         f"--config.features.checkpoints=('{trained_demo_net}','{trained_demo_net}')",
-         "--config.features.splits=('val',)"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "vggjax.main",
+            "--config=configs/demo.py",
+            "--mode=features",
+            f"--workdir={workdir}",
+            "--config.dataset=folder",
+            f"--config.data_dir={tiny_demo_dir}",
+            "--config.num_workers=0",
+            "--config.eval.batch_size=8",
+            "--config.features.scales=(72,104)",
+            f"--config.features.checkpoints=('{trained_demo_net}','{trained_demo_net}')",
+            "--config.features.splits=('val',)",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "features_val.npz: 40 images × 128 features" in result.stderr
     data = np.load(workdir / "features_val.npz")
@@ -60,14 +74,17 @@ def test_features_mode_writes_the_papers_descriptors(trained_demo_net, tiny_demo
     per_scale = []
     for q in (72, 104):
         x_q = preprocess(augment.rescale_smallest_side(image, q))
-        d = (fc7_descriptor(model, variables, x_q) + fc7_descriptor(model, variables, x_q[:, ::-1])) / 2
+        d = (
+            fc7_descriptor(model, variables, x_q) + fc7_descriptor(model, variables, x_q[:, ::-1])
+        ) / 2
         per_scale.append(d)
     alone = np.concatenate(per_scale) / np.linalg.norm(np.concatenate(per_scale))
     np.testing.assert_allclose(x[5, :64] * np.sqrt(2), alone, atol=1e-5)
 
 
-def test_svm_on_demo_features_beats_chance_by_a_wide_margin(trained_demo_net, tiny_demo_dir,
-                                                            tmp_path, caplog):
+def test_svm_on_demo_features_beats_chance_by_a_wide_margin(
+    trained_demo_net, tiny_demo_dir, tmp_path, caplog
+):
     """`--mode=transfer`'s path: 3 scales stacked, C chosen on held-out images. Control: the
     same pipeline with shuffled training labels stays near chance."""
     c = transfer_config(tiny_demo_dir, [trained_demo_net])
@@ -139,11 +156,14 @@ def test_average_precision_all_point_and_eleven_point():
     # Hits at ranks 1 and 3: precision 1 at recall ½, ⅔ at recall 1.
     assert transfer.average_precision(scores, positive) == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert transfer.average_precision(scores, positive, eleven_point=True) == pytest.approx(
-        (6 * 1 + 5 * 2 / 3) / 11)
+        (6 * 1 + 5 * 2 / 3) / 11
+    )
     assert transfer.average_precision(-scores, ~positive) == pytest.approx(0.5 + 0.5 * 2 / 3)
     # A ranking with every positive first scores 1, whatever the scale of the scores.
-    assert transfer.average_precision(np.array([5.0, 4, -1, -2]),
-                                      np.array([True, True, False, False])) == 1.0
+    assert (
+        transfer.average_precision(np.array([5.0, 4, -1, -2]), np.array([True, True, False, False]))
+        == 1.0
+    )
 
 
 def test_mean_class_recall_weighs_classes_equally():

@@ -28,25 +28,41 @@ class Checkpoints:
     def __init__(self, workdir: str, max_to_keep: int = 3):
         self.manager = ocp.CheckpointManager(
             os.path.abspath(_checkpoint_dir(workdir)),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+            ),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
-             force: bool = False) -> None:
+    def save(
+        self, step: int, state: Any, data_iterator: grain.DatasetIterator, force: bool = False
+    ) -> None:
         """Starts an asynchronous save; training goes on while it is written."""
-        self.manager.save(step, force=force, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            DATA: grain.checkpoint.CheckpointSave(data_iterator)}))
+        self.manager.save(
+            step,
+            force=force,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                }
+            ),
+        )
 
     def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
         """The latest state, laid out as `abstract_state` (ShapeDtypeStructs with shardings);
         `data_iterator` is moved to the saved position in place."""
-        restored = self.manager.restore(self.latest_step(), args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+        restored = self.manager.restore(
+            self.latest_step(),
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardRestore(abstract_state),
+                    DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+                }
+            ),
+        )
         return restored[STATE]
 
     def close(self) -> None:
@@ -62,8 +78,10 @@ def _state_item_dir(path: str) -> str:
         return os.path.join(path, STATE)
     root = _checkpoint_dir(path) if os.path.isdir(_checkpoint_dir(path)) else path
     if not os.path.isdir(root):
-        raise ValueError(f"no checkpoint at {path}: expected a workdir, its checkpoints/ folder "
-                         f"or one step's folder")
+        raise ValueError(
+            f"no checkpoint at {path}: expected a workdir, its checkpoints/ folder "
+            f"or one step's folder"
+        )
     with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
         step = m.latest_step()
     if step is None:
@@ -85,11 +103,17 @@ def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> 
     if "params" not in item:
         raise ValueError(f"{item_dir} holds no model parameters")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            item)
-    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), item
+    )
+    return checkpointer.restore(
+        item_dir,
+        args=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        ),
+    )
 
 
 def save_params(workdir: str, variables: dict[str, Any]) -> None:

@@ -52,20 +52,39 @@ KERAS_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
 # The names of the three FC layers in each PyTorch layout. timm stores fc6 and fc7 as convs.
-TORCH_FC_NAMES = {"torchvision": ("classifier.0", "classifier.3", "classifier.6"),
-                  "timm": ("pre_logits.fc1", "pre_logits.fc2", "head.fc")}
+TORCH_FC_NAMES = {
+    "torchvision": ("classifier.0", "classifier.3", "classifier.6"),
+    "timm": ("pre_logits.fc1", "pre_logits.fc2", "head.fc"),
+}
 MAX_RELATIVE_DIFFERENCE = 1e-4
 _TORCH_NORM_STATS = ("running_mean", "running_var")
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-_TORCH_STORAGES = {"DoubleStorage": np.float64, "FloatStorage": np.float32,
-                   "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_STORAGES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 @dataclasses.dataclass
@@ -82,6 +101,7 @@ class SourceLayer:
 
 # Keras .h5 ---------------------------------------------------------------------------------------
 
+
 def _string_list(group: Any, name: str) -> list[str]:
     """A list attribute as Keras writes it: whole, or in chunks name0, name1, … when large."""
     values = list(group.attrs[name]) if name in group.attrs else []
@@ -97,8 +117,9 @@ def read_keras_h5(path: str) -> list[SourceLayer]:
     try:
         import h5py
     except ImportError:
-        raise ValueError("reading Keras .h5 files needs h5py: pip install 'vggjax[convert]'"
-                         ) from None
+        raise ValueError(
+            "reading Keras .h5 files needs h5py: pip install 'vggjax[convert]'"
+        ) from None
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -107,9 +128,11 @@ def read_keras_h5(path: str) -> list[SourceLayer]:
         root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
         names = _string_list(root, "layer_names")
         if not names:
-            raise ValueError(f"{path}: no layer_names attribute, so not a Keras weights file in "
-                             f"the published (legacy h5) layout; Keras 3's .weights.h5 is "
-                             f"another: load it in Keras and save with model.save('x.h5')")
+            raise ValueError(
+                f"{path}: no layer_names attribute, so not a Keras weights file in "
+                f"the published (legacy h5) layout; Keras 3's .weights.h5 is "
+                f"another: load it in Keras and save with model.save('x.h5')"
+            )
         layers = []
         for name in names:
             try:
@@ -118,14 +141,17 @@ def read_keras_h5(path: str) -> list[SourceLayer]:
             except (KeyError, OSError) as e:
                 raise ValueError(f"{path}: cannot read layer {name} ({e})") from None
             if weights and len(weights) != 2:
-                raise ValueError(f"{path}: layer {name} has {len(weights)} weights; a VGG conv or "
-                                 f"dense layer has 2 (kernel, bias)")
+                raise ValueError(
+                    f"{path}: layer {name} has {len(weights)} weights; a VGG conv or "
+                    f"dense layer has 2 (kernel, bias)"
+                )
             if weights:
                 layers.append(SourceLayer(name, *weights))
     return layers
 
 
 # PyTorch .pth (zip and legacy) -------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _Storage:
@@ -141,8 +167,9 @@ class _Tensor:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, shape: tuple[int, ...],
-                    stride: tuple[int, ...], *_: Any) -> _Tensor:
+def _rebuild_tensor(
+    storage: _Storage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...], *_: Any
+) -> _Tensor:
     return _Tensor(storage, offset, tuple(shape), tuple(stride))
 
 
@@ -160,21 +187,31 @@ class _StateDictUnpickler(pickle.Unpickler):
     """Unpickles a state dict and nothing else: the only globals it resolves are OrderedDict and
     torch's tensor rebuilders, which here build `_Tensor` records."""
 
-    def __init__(self, file: BinaryIO, path: str,
-                 storage: Callable[[np.dtype, str, tuple[Any, ...]], _Storage]):
+    def __init__(
+        self,
+        file: BinaryIO,
+        path: str,
+        storage: Callable[[np.dtype, str, tuple[Any, ...]], _Storage],
+    ):
         super().__init__(file, encoding="utf-8")
         self.path, self.storage = path, storage
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise ValueError(f"{self.path}: holds a pickled {module}.{name}, not only tensors; "
-                             f"refusing to unpickle it (save the model's state_dict())")
+            raise ValueError(
+                f"{self.path}: holds a pickled {module}.{name}, not only tensors; "
+                f"refusing to unpickle it (save the model's state_dict())"
+            )
         return _ALLOWED_GLOBALS[module, name]
 
     def persistent_load(self, pid: Any) -> _Storage:
         """("storage", dtype, key, location, numel[, view]) → the storage of that key."""
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")
-                and isinstance(pid[1], np.dtype)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] in ("storage", b"storage")
+            and isinstance(pid[1], np.dtype)
+        ):
             raise ValueError(f"{self.path}: unknown persistent object {pid!r:.60}")
         return self.storage(pid[1], str(pid[2]), pid[5:])
 
@@ -188,7 +225,7 @@ def _read_torch_zip(path: str) -> Any:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
             raise ValueError(f"{path}: a zip without one data.pkl, so not a PyTorch file")
-        prefix, members = pickles[0][:-len("data.pkl")], set(archive.namelist())
+        prefix, members = pickles[0][: -len("data.pkl")], set(archive.namelist())
         order = "<"
         if prefix + "byteorder" in members:
             order = "<" if archive.read(prefix + "byteorder") == b"little" else ">"
@@ -199,8 +236,9 @@ def _read_torch_zip(path: str) -> Any:
                 storages[key] = _Storage(dtype.newbyteorder(order))
                 if f"{prefix}data/{key}" in members:
                     raw = archive.read(f"{prefix}data/{key}")
-                    storages[key].data = np.frombuffer(raw[:len(raw) // dtype.itemsize
-                                                           * dtype.itemsize], storages[key].dtype)
+                    storages[key].data = np.frombuffer(
+                        raw[: len(raw) // dtype.itemsize * dtype.itemsize], storages[key].dtype
+                    )
             return storages[key]
 
         with archive.open(pickles[0]) as f:
@@ -210,6 +248,7 @@ def _read_torch_zip(path: str) -> Any:
 def _read_torch_legacy(path: str) -> Any:
     """torch.save's format before PyTorch 1.6 (torchvision's VGG files): pickles, then each
     storage as its element count and raw data."""
+
     def no_storage(*_: Any) -> _Storage:
         raise ValueError(f"{path}: not a PyTorch file")
 
@@ -232,8 +271,9 @@ def _read_torch_legacy(path: str) -> Any:
             state = _StateDictUnpickler(f, path, storage).load()
             keys = _StateDictUnpickler(f, path, no_storage).load()
         except (pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{path}: the pickled state dict is cut short or damaged ({e})"
-                             ) from None
+            raise ValueError(
+                f"{path}: the pickled state dict is cut short or damaged ({e})"
+            ) from None
         for key in keys if isinstance(keys, list) else ():
             if str(key) not in storages:
                 raise ValueError(f"{path}: data for storage {key!r}, which no tensor uses")
@@ -248,16 +288,19 @@ def _read_torch_legacy(path: str) -> Any:
 
 def _tensor_array(path: str, name: str, tensor: Any) -> np.ndarray:
     if not isinstance(tensor, _Tensor) or not isinstance(tensor.storage, _Storage):
-        raise ValueError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor; a state dict "
-                         f"holds tensors only")
+        raise ValueError(
+            f"{path}: {name} is a {type(tensor).__name__}, not a tensor; a state dict "
+            f"holds tensors only"
+        )
     if min((tensor.offset, *tensor.shape, *tensor.stride)) < 0:
         raise ValueError(f"{path}: {name} has a negative offset, size or stride")
     data = tensor.storage.data
     end = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride)) + 1
     if data is None or (math.prod(tensor.shape) and end > data.size):
         raise ValueError(f"{path}: the data of {name} is missing or cut short (a truncated file?)")
-    return np.lib.stride_tricks.as_strided(data[tensor.offset:], tensor.shape,
-                                           [s * data.itemsize for s in tensor.stride]).copy()
+    return np.lib.stride_tricks.as_strided(
+        data[tensor.offset :], tensor.shape, [s * data.itemsize for s in tensor.stride]
+    ).copy()
 
 
 def read_tensors(path: str, file_format: str) -> dict[str, np.ndarray]:
@@ -272,18 +315,19 @@ def read_tensors(path: str, file_format: str) -> dict[str, np.ndarray]:
 
 # safetensors -------------------------------------------------------------------------------------
 
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
     with open(path, "rb") as f:
         data = f.read()
     size = int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a .pth or .safetensors file (or its header is cut short)")
-    body = memoryview(data)[8 + size:]
+    body = memoryview(data)[8 + size :]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -331,10 +375,11 @@ def _protobuf_fields(path: str, data: bytes) -> Iterator[tuple[int, int, Any]]:
             value, i = _varint(path, data, i)
         elif wire in (1, 2, 5):
             size, i = (8, i) if wire == 1 else (4, i) if wire == 5 else _varint(path, data, i)
-            value, i = data[i:i + size], i + size
+            value, i = data[i : i + size], i + size
             if i > len(data):
-                raise ValueError(f"{path}: the file ends inside a record (a truncated "
-                                 f".caffemodel?)")
+                raise ValueError(
+                    f"{path}: the file ends inside a record (a truncated .caffemodel?)"
+                )
         else:
             raise ValueError(f"{path}: not a Caffe .caffemodel (protobuf wire type {wire})")
         yield field, wire, value
@@ -362,8 +407,10 @@ def _caffe_blob(path: str, layer: str, data: bytes) -> np.ndarray:
     shape = dims or [legacy.get(k, 1) for k in (1, 2, 3, 4)]
     array = np.concatenate(values) if values else np.zeros(0, np.float32)
     if array.size != math.prod(shape):
-        raise ValueError(f"{path}: layer {layer} has {array.size} values for a blob of shape "
-                         f"{tuple(shape)} (a truncated .caffemodel?)")
+        raise ValueError(
+            f"{path}: layer {layer} has {array.size} values for a blob of shape "
+            f"{tuple(shape)} (a truncated .caffemodel?)"
+        )
     return array.reshape(shape)
 
 
@@ -391,19 +438,23 @@ def read_caffemodel(path: str) -> tuple[list[SourceLayer], list[SourceLayer]]:
             continue  # ReLU, pooling, dropout, softmax, data layers: no weights
         name = layer.get("name", "?")
         if len(layer["blobs"]) != 2:
-            raise ValueError(f"{path}: layer {name} has {len(layer['blobs'])} blobs, not a weight "
-                             f"and a bias")
+            raise ValueError(
+                f"{path}: layer {name} has {len(layer['blobs'])} blobs, not a weight and a bias"
+            )
         weight, bias = (_caffe_blob(path, name, b) for b in layer["blobs"])
         if kind == "conv":
             if weight.ndim != 4:
-                raise ValueError(f"{path}: layer {name} has a weight of shape {weight.shape}, not "
-                                 f"a conv kernel (out, in, h, w)")
+                raise ValueError(
+                    f"{path}: layer {name} has a weight of shape {weight.shape}, not "
+                    f"a conv kernel (out, in, h, w)"
+                )
             convs.append(SourceLayer(name, weight.transpose(2, 3, 1, 0), bias.reshape(-1)))
         else:  # (out, in) or the old format's (1, 1, out, in); fc6's input flattened CHW
             weight = weight.reshape(weight.shape[-2:])
             in_channels = convs[-1].kernel.shape[-1] if not fcs and convs else weight.shape[1]
-            fcs.append(SourceLayer(name, _torch_fc(path, name, weight, in_channels),
-                                   bias.reshape(-1)))
+            fcs.append(
+                SourceLayer(name, _torch_fc(path, name, weight, in_channels), bias.reshape(-1))
+            )
     if not convs:
         raise ValueError(f"{path}: no convolution layers found; not a Caffe .caffemodel of a VGG")
     return convs, fcs
@@ -411,19 +462,23 @@ def read_caffemodel(path: str) -> tuple[list[SourceLayer], list[SourceLayer]]:
 
 # Layouts -----------------------------------------------------------------------------------------
 
+
 def _torch_fc(path: str, name: str, weight: np.ndarray, in_channels: int) -> np.ndarray:
     """A torch FC weight (out, C·k·k) flattened NCHW, or timm's conv form (out, C, k, k), as
     vggjax's (k·k·C, out) flattened NHWC."""
     out = weight.shape[0]
     window = math.isqrt(weight.size // max(out * in_channels, 1))
-    if weight.ndim not in (2, 4) or out * in_channels * window ** 2 != weight.size:
-        raise ValueError(f"{path}: {name}.weight has shape {weight.shape}, which does not take the "
-                         f"{in_channels} channels of the layer before it")
+    if weight.ndim not in (2, 4) or out * in_channels * window**2 != weight.size:
+        raise ValueError(
+            f"{path}: {name}.weight has shape {weight.shape}, which does not take the "
+            f"{in_channels} channels of the layer before it"
+        )
     return weight.reshape(out, in_channels, window, window).transpose(2, 3, 1, 0).reshape(-1, out)
 
 
-def torch_layers(path: str, tensors: dict[str, np.ndarray], source: str
-                 ) -> tuple[list[SourceLayer], list[SourceLayer]]:
+def torch_layers(
+    path: str, tensors: dict[str, np.ndarray], source: str
+) -> tuple[list[SourceLayer], list[SourceLayer]]:
     """The conv layers (`features.N`, by N) and FC layers of a torchvision or timm state dict."""
     fc_names = TORCH_FC_NAMES[source]
     layers: dict[str, dict[str, np.ndarray]] = {}
@@ -431,13 +486,19 @@ def torch_layers(path: str, tensors: dict[str, np.ndarray], source: str
         layer, _, kind = key.rpartition(".")
         if kind == "num_batches_tracked":  # a BN layer's training counter: not needed
             continue
-        if not (re.fullmatch(r"features\.\d+", layer) or layer in fc_names) or kind not in (
-                "weight", "bias") + _TORCH_NORM_STATS:
-            raise ValueError(f"{path}: unexpected tensor {key}; a {source} VGG has features.N "
-                             f"(convs, and batch norms in the _bn nets) and {', '.join(fc_names)}")
+        if (
+            not (re.fullmatch(r"features\.\d+", layer) or layer in fc_names)
+            or kind not in ("weight", "bias") + _TORCH_NORM_STATS
+        ):
+            raise ValueError(
+                f"{path}: unexpected tensor {key}; a {source} VGG has features.N "
+                f"(convs, and batch norms in the _bn nets) and {', '.join(fc_names)}"
+            )
         layers.setdefault(layer, {})[kind] = value
     for layer, weights in layers.items():
-        kinds = ("weight", "bias") + _TORCH_NORM_STATS * any(k in weights for k in _TORCH_NORM_STATS)
+        kinds = ("weight", "bias") + _TORCH_NORM_STATS * any(
+            k in weights for k in _TORCH_NORM_STATS
+        )
         for kind in kinds:
             if kind not in weights:
                 raise ValueError(f"{path}: {layer}.{kind} is missing")
@@ -452,8 +513,10 @@ def torch_layers(path: str, tensors: dict[str, np.ndarray], source: str
             convs[-1].norm = layers[layer]
             continue
         if weight.ndim != 4:
-            raise ValueError(f"{path}: {layer}.weight has shape {weight.shape}, not a conv "
-                             f"kernel (out, in, h, w)")
+            raise ValueError(
+                f"{path}: {layer}.weight has shape {weight.shape}, not a conv "
+                f"kernel (out, in, h, w)"
+            )
         convs.append(SourceLayer(layer, weight.transpose(2, 3, 1, 0), layers[layer]["bias"]))
     missing = [n for n in fc_names if n not in layers]
     if 0 < len(missing) < len(fc_names):
@@ -472,41 +535,56 @@ def split_keras_layers(layers: list[SourceLayer]) -> tuple[list[SourceLayer], li
     """Keras's layers split into the convs and the dense layers after them (already HWIO and
     (in, out), with fc6's input flattened NHWC: the same layout as vggjax)."""
     convs = list(itertools.takewhile(lambda layer: layer.kernel.ndim == 4, layers))
-    return convs, layers[len(convs):]
+    return convs, layers[len(convs) :]
 
 
-def build_variables(path: str, model_name: str, convs: list[SourceLayer], fcs: list[SourceLayer]
-                    ) -> tuple[models.VGG, dict[str, Any]]:
+def build_variables(
+    path: str, model_name: str, convs: list[SourceLayer], fcs: list[SourceLayer]
+) -> tuple[models.VGG, dict[str, Any]]:
     """The vggjax model the layers fit (width, FC size, classes and crop read off their shapes)
     and its variables (params; batch_stats for BN nets); ValueError naming the first layer that
     does not fit `model_name`."""
     config, batch_norm = models.resolve_name(model_name)
     normed = [layer.name for layer in convs if layer.norm is not None]
     if normed and not batch_norm:
-        raise ValueError(f"{path} has batch norm layers after its convs (after {normed[0]}): "
-                         f"convert it with --model={_bn_name(config) or 'vgg16_bn'}")
+        raise ValueError(
+            f"{path} has batch norm layers after its convs (after {normed[0]}): "
+            f"convert it with --model={_bn_name(config) or 'vgg16_bn'}"
+        )
     if batch_norm and len(normed) != len(convs):
-        raise ValueError(f"{path}: --model={model_name} has a batch norm after every conv, but "
-                         f"{next(layer.name for layer in convs if layer.norm is None)} has none")
+        raise ValueError(
+            f"{path}: --model={model_name} has a batch norm after every conv, but "
+            f"{next(layer.name for layer in convs if layer.norm is None)} has none"
+        )
     names = [layer.name for layer in models.layer_table(config) if layer.kind == "conv"]
     if len(convs) != len(names):
         found = f" ({convs[0].name} … {convs[-1].name})" if convs else ""
-        raise ValueError(f"{path} has {len(convs)} conv layers{found}; model {config} has "
-                         f"{len(names)} ({names[0]} … {names[-1]})")
+        raise ValueError(
+            f"{path} has {len(convs)} conv layers{found}; model {config} has "
+            f"{len(names)} ({names[0]} … {names[-1]})"
+        )
     if fcs and len(fcs) != len(models.FC_LAYERS):
-        raise ValueError(f"{path} has {len(fcs)} dense layers after the convs ({fcs[0].name} … "
-                         f"{fcs[-1].name}); VGG's top has 3 (fc6, fc7, fc8)")
+        raise ValueError(
+            f"{path} has {len(fcs)} dense layers after the convs ({fcs[0].name} … "
+            f"{fcs[-1].name}); VGG's top has 3 (fc6, fc7, fc8)"
+        )
     sizes = {}
     if fcs:
         fan_in, channels = fcs[0].kernel.shape[0], convs[-1].kernel.shape[-1]
         window = math.isqrt(fan_in // channels)
-        if window ** 2 * channels != fan_in:
-            raise ValueError(f"{path}: fc6 ({fcs[0].name}) has {fan_in} inputs, not a square map "
-                             f"of the last conv's {channels} channels")
-        sizes = dict(num_classes=fcs[2].kernel.shape[1], fc_width=fcs[0].kernel.shape[1],
-                     crop_size=32 * window)
-    model = models.create_model(_bn_name(config) if batch_norm else config,
-                                width=convs[0].kernel.shape[-1] / 64, **sizes)
+        if window**2 * channels != fan_in:
+            raise ValueError(
+                f"{path}: fc6 ({fcs[0].name}) has {fan_in} inputs, not a square map "
+                f"of the last conv's {channels} channels"
+            )
+        sizes = dict(
+            num_classes=fcs[2].kernel.shape[1],
+            fc_width=fcs[0].kernel.shape[1],
+            crop_size=32 * window,
+        )
+    model = models.create_model(
+        _bn_name(config) if batch_norm else config, width=convs[0].kernel.shape[-1] / 64, **sizes
+    )
     expected = models.abstract_variables(model)["params"]
     params, stats = {}, {}
 
@@ -517,17 +595,23 @@ def build_variables(path: str, model_name: str, convs: list[SourceLayer], fcs: l
         got = (layer.kernel.shape, layer.bias.shape)
         want = (expected[name]["kernel"].shape, expected[name]["bias"].shape)
         if got != want:
-            raise ValueError(f"{path}: {layer.name} ({name}) has kernel and bias shapes {got} in "
-                             f"vggjax's layout, but model {config} needs {want} there")
+            raise ValueError(
+                f"{path}: {layer.name} ({name}) has kernel and bias shapes {got} in "
+                f"vggjax's layout, but model {config} needs {want} there"
+            )
         params[name] = {"kernel": f32(layer.kernel), "bias": f32(layer.bias)}
         if layer.norm is not None:
             norm = layer.norm
             if any(norm[k].shape != layer.bias.shape for k in ("weight",) + _TORCH_NORM_STATS):
-                raise ValueError(f"{path}: the batch norm after {layer.name} does not have "
-                                 f"{layer.bias.shape[0]} channels like the conv")
+                raise ValueError(
+                    f"{path}: the batch norm after {layer.name} does not have "
+                    f"{layer.bias.shape[0]} channels like the conv"
+                )
             params[name + "_bn"] = {"scale": f32(norm["weight"]), "bias": f32(norm["bias"])}
-            stats[name + "_bn"] = {"mean": f32(norm["running_mean"]),
-                                   "var": f32(norm["running_var"])}
+            stats[name + "_bn"] = {
+                "mean": f32(norm["running_mean"]),
+                "var": f32(norm["running_var"]),
+            }
     return model, {"params": params, **({"batch_stats": stats} if stats else {})}
 
 
@@ -536,8 +620,9 @@ def _bn_name(config: str) -> str | None:
     return next((name for name, c in models.BATCH_NORM_NETS.items() if c == config), None)
 
 
-def fold_input_convention(params: dict[str, dict[str, np.ndarray]], source: str
-                          ) -> tuple[float, float, float]:
+def fold_input_convention(
+    params: dict[str, dict[str, np.ndarray]], source: str
+) -> tuple[float, float, float]:
     """Makes conv1_1 take RGB on 0–255 minus the returned mean RGB, exactly (in place)."""
     kernel = params["conv1_1"]["kernel"]  # (h, w, in = 3, out)
     if source in ("keras", "caffe"):  # Caffe's BGR order: reverse the input channels
@@ -549,7 +634,7 @@ def fold_input_convention(params: dict[str, dict[str, np.ndarray]], source: str
 
 
 def file_format(path: str) -> str:
-    """"hdf5", "torch zip" or "torch legacy" (torch.save's formats) or "safetensors", by content."""
+    """ "hdf5", "torch zip" or "torch legacy" (torch.save's formats) or "safetensors", by content."""
     try:
         with open(path, "rb") as f:
             magic = f.read(8)
@@ -570,9 +655,11 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
         return read_caffemodel(path)
     found = file_format(path)
     if (source == "keras") != (found == "hdf5"):
-        raise ValueError(f"{path} is {'an' if found == 'hdf5' else 'not an'} HDF5 file; "
-                         f"--from=keras reads Keras's .h5 files, --from=torchvision and "
-                         f"--from=timm .pth and .safetensors")
+        raise ValueError(
+            f"{path} is {'an' if found == 'hdf5' else 'not an'} HDF5 file; "
+            f"--from=keras reads Keras's .h5 files, --from=torchvision and "
+            f"--from=timm .pth and .safetensors"
+        )
     if source == "keras":
         return split_keras_layers(read_keras_h5(path))
     return torch_layers(path, read_tensors(path, found), source)
@@ -585,14 +672,21 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
     convs, fcs = read_layers(source, path)
     model, variables = build_variables(path, model_name, convs, fcs)
     mean = fold_input_convention(variables["params"], source)
-    config = dict(model=_bn_name(model.config) if model.batch_norm else model.config,
-                  width=model.width, mean_rgb=list(mean))
+    config = dict(
+        model=_bn_name(model.config) if model.batch_norm else model.config,
+        width=model.width,
+        mean_rgb=list(mean),
+    )
     if fcs:
-        config.update(num_classes=model.num_classes, fc_width=model.fc_width,
-                      crop_size=model.crop_size)
-    config["pretrained"] = dict(source=source, file=os.path.basename(path), include_top=bool(fcs),
-                                input="RGB on 0-255 minus mean_rgb (the source's convention "
-                                      "folded into conv1_1)")
+        config.update(
+            num_classes=model.num_classes, fc_width=model.fc_width, crop_size=model.crop_size
+        )
+    config["pretrained"] = dict(
+        source=source,
+        file=os.path.basename(path),
+        include_top=bool(fcs),
+        input="RGB on 0-255 minus mean_rgb (the source's convention folded into conv1_1)",
+    )
     checkpoints.save_params(output, variables)
     with open(os.path.join(output, pretrained.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -601,12 +695,14 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
 
 # Verification against the source library ---------------------------------------------------------
 
+
 def _library(name: str, source: str, install: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise ValueError(f"--verify for {source} weights needs {name}, which is not installed "
-                         f"({install})") from None
+        raise ValueError(
+            f"--verify for {source} weights needs {name}, which is not installed ({install})"
+        ) from None
 
 
 def reference(source: str, path: str) -> Callable[[models.VGG, bool, np.ndarray], np.ndarray]:
@@ -615,9 +711,11 @@ def reference(source: str, path: str) -> Callable[[models.VGG, bool, np.ndarray]
     configuration. ValueError at once if the library is missing, so nothing is converted for a
     check that cannot run."""
     if source == "caffe":
-        raise ValueError("--verify has no reference for --from=caffe: it would need Caffe itself "
-                         "(the converted net can be checked against Keras's VGG16/VGG19 files, "
-                         "which were converted from the same release)")
+        raise ValueError(
+            "--verify has no reference for --from=caffe: it would need Caffe itself "
+            "(the converted net can be checked against Keras's VGG16/VGG19 files, "
+            "which were converted from the same release)"
+        )
     if source == "keras":
         os.environ.setdefault("KERAS_BACKEND", "jax")
         keras = _library("keras", source, "pip install keras")
@@ -628,57 +726,76 @@ def reference(source: str, path: str) -> Callable[[models.VGG, bool, np.ndarray]
                 raise ValueError("--verify: keras.applications has VGG16 (D) and VGG19 (E) only")
             app = getattr(keras.applications, f"vgg{depth}")
             net = getattr(app, f"VGG{depth}")(
-                weights=None, include_top=include_top, input_shape=images.shape[1:],
-                classes=model.num_classes, classifier_activation=None)
+                weights=None,
+                include_top=include_top,
+                input_shape=images.shape[1:],
+                classes=model.num_classes,
+                classifier_activation=None,
+            )
             net.load_weights(path)
             return np.asarray(net(app.preprocess_input(images.copy()), training=False))
+
         return run
 
     torch = _library("torch", source, "pip install torch")
     library = _library(source, source, f"pip install {source}")
-    load = (_library("safetensors.torch", source, "pip install safetensors").load_file
-            if file_format(path) == "safetensors" else
-            lambda p: torch.load(p, weights_only=True))
+    load = (
+        _library("safetensors.torch", source, "pip install safetensors").load_file
+        if file_format(path) == "safetensors"
+        else lambda p: torch.load(p, weights_only=True)
+    )
 
     def run(model: models.VGG, include_top: bool, images: np.ndarray) -> np.ndarray:
         name = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}.get(model.config)
         if name is None:
             raise ValueError(f"--verify: {source} has no VGG of configuration {model.config}")
         name += "_bn" * model.batch_norm
-        net = (getattr(library.models, name)(num_classes=model.num_classes)
-               if source == "torchvision" else
-               library.create_model(name, pretrained=False, num_classes=model.num_classes))
+        net = (
+            getattr(library.models, name)(num_classes=model.num_classes)
+            if source == "torchvision"
+            else library.create_model(name, pretrained=False, num_classes=model.num_classes)
+        )
         net.load_state_dict(load(path))
         x = (images / 255.0 - np.float32(TORCH_MEAN_RGB)) / np.float32(TORCH_STD_RGB)
         with torch.no_grad():
             return net.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
+
     return run
 
 
-def verify(output: str, run: Callable[[models.VGG, bool, np.ndarray], np.ndarray],
-           num_images: int = 2) -> tuple[float, str]:
+def verify(
+    output: str, run: Callable[[models.VGG, bool, np.ndarray], np.ndarray], num_images: int = 2
+) -> tuple[float, str]:
     """max |vggjax − reference| / max |reference| of the converted net in `output` and the
     source library's, on the same random RGB images, and what was compared."""
     model, variables, preprocess = pretrained.load_pretrained(output)
     include_top = "fc8" in variables["params"]
-    images = np.random.default_rng(0).uniform(0, 255, (num_images, model.crop_size,
-                                                       model.crop_size, 3)).astype(np.float32)
+    images = (
+        np.random.default_rng(0)
+        .uniform(0, 255, (num_images, model.crop_size, model.crop_size, 3))
+        .astype(np.float32)
+    )
     try:
         expected = run(model, include_top, images)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise ValueError(f"--verify: the reference could not run: {e}".splitlines()[0]) from None
     x = preprocess(images)
-    got = np.asarray(model.apply(variables, x) if include_top
-                     else pretrained.conv_features(model, variables, x))
+    got = np.asarray(
+        model.apply(variables, x) if include_top else pretrained.conv_features(model, variables, x)
+    )
     if got.shape != expected.shape:
-        raise ValueError(f"--verify: vggjax gives shape {got.shape}, the reference "
-                         f"{expected.shape}")
-    what = (f"{'logits' if include_top else 'last pooled maps'} of {num_images} random "
-            f"{model.crop_size}×{model.crop_size} images")
+        raise ValueError(
+            f"--verify: vggjax gives shape {got.shape}, the reference {expected.shape}"
+        )
+    what = (
+        f"{'logits' if include_top else 'last pooled maps'} of {num_images} random "
+        f"{model.crop_size}×{model.crop_size} images"
+    )
     return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected))), what
 
 
 # Command line ------------------------------------------------------------------------------------
+
 
 def _fail(message: str, status: int = 2) -> None:
     print(f"vggjax.convert: error: {message}", file=sys.stderr)
@@ -692,27 +809,41 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="python -m vggjax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", help="the published weight file (.h5, .pth, .safetensors or "
-                        ".caffemodel)")
-    parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
-                        help="whose layout the file is in")
-    parser.add_argument("--model", required=True, help="Table 1 configuration: D (vgg16) or E "
-                        "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
-                        "for torchvision and timm")
+    parser.add_argument(
+        "file", help="the published weight file (.h5, .pth, .safetensors or .caffemodel)"
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, choices=SOURCES, help="whose layout the file is in"
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Table 1 configuration: D (vgg16) or E "
+        "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
+        "for torchvision and timm",
+    )
     parser.add_argument("--output", required=True, help="new or empty directory to write")
-    parser.add_argument("--verify", action="store_true", help="compare the converted net's "
-                        "outputs with the source library's own (needs that library)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the converted net's "
+        "outputs with the source library's own (needs that library)",
+    )
     args = parser.parse_args(argv)
     try:
         run = reference(args.source, args.file) if args.verify else None
         config = convert(args.source, args.file, args.model, args.output)
         top = "with the top" if config["pretrained"]["include_top"] else "conv layers only"
-        print(f"Wrote VGG {config['model']} ({top}) from {args.file} to {args.output}; input: "
-              f"RGB on 0-255 minus {tuple(config['mean_rgb'])}")
+        print(
+            f"Wrote VGG {config['model']} ({top}) from {args.file} to {args.output}; input: "
+            f"RGB on 0-255 minus {tuple(config['mean_rgb'])}"
+        )
         if run is not None:
             difference, what = verify(args.output, run)
-            print(f"Compared with {args.source}: max relative difference {difference:.2e} "
-                  f"over the {what} (limit {MAX_RELATIVE_DIFFERENCE:.0e})")
+            print(
+                f"Compared with {args.source}: max relative difference {difference:.2e} "
+                f"over the {what} (limit {MAX_RELATIVE_DIFFERENCE:.0e})"
+            )
             if not difference < MAX_RELATIVE_DIFFERENCE:
                 _fail(f"the converted net differs from {args.source}'s by {difference:.2e}", 1)
     except ValueError as e:

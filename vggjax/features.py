@@ -22,15 +22,17 @@ from vggjax import evaluate, models, pretrained, recipe, train
 from vggjax.data import sources
 
 
-def dense_descriptor(model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array,
-                     flip: bool = True) -> jax.Array:
+def dense_descriptor(
+    model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
+) -> jax.Array:
     """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
     positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
     with pretrained.skip_layers(("fc8",)):
         d = evaluate.dense_scores(model, variables, images, sizes)
         if flip:
-            d = (d + evaluate.dense_scores(model, variables, evaluate.mirror(images, sizes),
-                                           sizes)) / 2
+            d = (
+                d + evaluate.dense_scores(model, variables, evaluate.mirror(images, sizes), sizes)
+            ) / 2
     return d
 
 
@@ -49,9 +51,14 @@ def aggregate(per_scale: list[np.ndarray], how: str) -> np.ndarray:
 def settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """What a set of features depends on, stored with them (transfer reuses matching files)."""
     paths = tuple(config.features.checkpoints) or (workdir,)
-    return dict(checkpoints=[os.path.abspath(p) for p in paths], scales=list(config.features.scales),
-                aggregation=config.features.aggregation, flip=bool(config.features.flip),
-                dataset=config.dataset, data_dir=os.path.abspath(config.data_dir or "."))
+    return dict(
+        checkpoints=[os.path.abspath(p) for p in paths],
+        scales=list(config.features.scales),
+        aggregation=config.features.aggregation,
+        flip=bool(config.features.flip),
+        dataset=config.dataset,
+        data_dir=os.path.abspath(config.data_dir or "."),
+    )
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict[str, np.ndarray]:
@@ -62,22 +69,31 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
     source = sources.make_source(config, split)
     mesh = train.make_mesh(jax.local_devices())
     scales = tuple(config.features.scales)
-    head = evaluate.Head(functools.partial(dense_descriptor, flip=config.features.flip),
-                         fill=lambda width: 0.0)
+    head = evaluate.Head(
+        functools.partial(dense_descriptor, flip=config.features.flip), fill=lambda width: 0.0
+    )
     per_net = []
     for i, (path, net) in enumerate(zip(paths, nets)):
-        evaluator = evaluate.Evaluator(net, mesh, {q: ("features",) for q in scales},
-                                       {"features": head})
+        evaluator = evaluate.Evaluator(
+            net, mesh, dict.fromkeys(scales, ("features",)), {"features": head}
+        )
         _, variables, _ = pretrained.load_pretrained(path, evaluator.replicated)
         if "fc7" not in variables["params"]:
-            raise ValueError(f"{path} has no FC layers (converted without the top): the features "
-                             f"of Appendix B are fc7's activations")
+            raise ValueError(
+                f"{path} has no FC layers (converted without the top): the features "
+                f"of Appendix B are fc7's activations"
+            )
         data = evaluator.evaluate_source(variables, source, f"{split} features, net {i + 1}")
-        per_net.append(aggregate([data["raw"]["features", q] for q in scales],
-                                 config.features.aggregation))
-    return dict(ids=data["ids"], labels=data["labels"], bad=data["bad"],
-                num_classes=np.int32(source.num_classes),
-                features=l2_normalise(np.concatenate(per_net, 1)))
+        per_net.append(
+            aggregate([data["raw"]["features", q] for q in scales], config.features.aggregation)
+        )
+    return dict(
+        ids=data["ids"],
+        labels=data["labels"],
+        bad=data["bad"],
+        num_classes=np.int32(source.num_classes),
+        features=l2_normalise(np.concatenate(per_net, 1)),
+    )
 
 
 def path_of(workdir: str, split: str) -> str:
@@ -95,8 +111,9 @@ def load(path: str, about: dict[str, Any] | None = None) -> dict[str, np.ndarray
     with np.load(path) as f:
         stored = {k: f[k] for k in f.files}
     if about is not None and any(
-            f"setting_{k}" not in stored or stored[f"setting_{k}"].tolist() != v
-            for k, v in about.items()):
+        f"setting_{k}" not in stored or stored[f"setting_{k}"].tolist() != v
+        for k, v in about.items()
+    ):
         return None
     return {k: v for k, v in stored.items() if not k.startswith("setting_")}
 
@@ -105,8 +122,12 @@ def _write(workdir: str, split: str, data: dict[str, np.ndarray], about: dict[st
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         save(path_of(workdir, split), data, about)
-        logging.info("Wrote %s: %d images × %d features (%d undecodable).", path_of(workdir, split),
-                     *data["features"].shape, int(data["bad"].sum()))
+        logging.info(
+            "Wrote %s: %d images × %d features (%d undecodable).",
+            path_of(workdir, split),
+            *data["features"].shape,
+            int(data["bad"].sum()),
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:

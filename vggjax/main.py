@@ -14,28 +14,44 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
-    "override fields with --config.FIELD=VALUE.", lock_config=True)
+    "config",
+    None,
+    "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
+    "override fields with --config.FIELD=VALUE.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "features", "transfer"],
-                          "train: train (resuming from the workdir); eval: the paper's test "
-                          "protocols; summary: print the layer table; features: Appendix B's "
-                          "descriptors of the data set; transfer: linear SVMs on them, scored.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "--mode=summary: count for this image "
-                                   "size (dense form) instead of the crop.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "summary", "features", "transfer"],
+    "train: train (resuming from the workdir); eval: the paper's test "
+    "protocols; summary: print the layer table; features: Appendix B's "
+    "descriptors of the data set; transfer: linear SVMs on them, scored.",
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size",
+    None,
+    "--mode=summary: count for this image size (dense form) instead of the crop.",
+)
 
 # Multi-host runs: the same command on every host. On a TPU pod and under SLURM or Open MPI, JAX
 # finds all three values itself; elsewhere (or to override) give them on every process.
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
-                                   "process 0, the same on every process.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes "
-                                      "run this command.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 to "
-                                   "num_processes - 1.", lower_bound=0)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every process."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-host: how many processes run this command.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-host: this process's index, 0 to num_processes - 1.", lower_bound=0
+)
 flags.register_multi_flags_validator(
     ["process_id", "num_processes"],
     lambda f: None in (f["process_id"], f["num_processes"]) or f["process_id"] < f["num_processes"],
-    "--process_id must be less than --num_processes")
+    "--process_id must be less than --num_processes",
+)
+
 
 def _fail(message: str) -> None:
     print(f"vggjax: error: {message}", file=sys.stderr)
@@ -50,19 +66,30 @@ def _init_distributed() -> None:
     """
     import jax
 
-    given = {name: flag.value for name, flag in (("coordinator_address", _COORDINATOR),
-                                                 ("num_processes", _NUM_PROCESSES),
-                                                 ("process_id", _PROCESS_ID))
-             if flag.value is not None}
+    given = {
+        name: flag.value
+        for name, flag in (
+            ("coordinator_address", _COORDINATOR),
+            ("num_processes", _NUM_PROCESSES),
+            ("process_id", _PROCESS_ID),
+        )
+        if flag.value is not None
+    }
     try:
         jax.distributed.initialize(**given)
     except ValueError as e:
         if given:
-            raise ValueError(f"jax.distributed: {e} Outside a TPU pod, SLURM or Open MPI job, give "
-                             f"--coordinator_address, --num_processes and --process_id") from e
+            raise ValueError(
+                f"jax.distributed: {e} Outside a TPU pod, SLURM or Open MPI job, give "
+                f"--coordinator_address, --num_processes and --process_id"
+            ) from e
         return
-    logging.info("Process %d of %d; %d devices in all.", jax.process_index(), jax.process_count(),
-                 jax.device_count())
+    logging.info(
+        "Process %d of %d; %d devices in all.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+    )
 
 
 def _main(argv: list[str]) -> None:
@@ -77,11 +104,18 @@ def _main(argv: list[str]) -> None:
         if mode == "summary":
             from vggjax import models, summary
 
-            model = models.create_model(config.model, config.num_classes, width=config.width,
-                                        fc_width=config.fc_width, crop_size=config.crop_size)
+            model = models.create_model(
+                config.model,
+                config.num_classes,
+                width=config.width,
+                fc_width=config.fc_width,
+                crop_size=config.crop_size,
+            )
             if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < config.crop_size:
-                raise ValueError(f"--image_size must be at least the crop ({config.crop_size}), "
-                                 f"got {_IMAGE_SIZE.value}")
+                raise ValueError(
+                    f"--image_size must be at least the crop ({config.crop_size}), "
+                    f"got {_IMAGE_SIZE.value}"
+                )
             print(f"Config ({config_flags.get_config_filename(flags.FLAGS['config'])}):")
             print(config)
             print(summary.format_summary(model, config.model, _IMAGE_SIZE.value))
@@ -92,8 +126,12 @@ def _main(argv: list[str]) -> None:
 
         # Restarts and resumed runs skip XLA compilation (and GPU autotuning).
         if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            jax.config.update("jax_compilation_cache_dir", os.path.join(
-                os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax"), "jax"))
+            jax.config.update(
+                "jax_compilation_cache_dir",
+                os.path.join(
+                    os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax"), "jax"
+                ),
+            )
         _init_distributed()
         if mode == "eval":
             from vggjax import evaluate
@@ -123,7 +161,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if config_path is None:
         _fail("--config is required, e.g. --config=configs/vgg16.py")
     if not os.path.isfile(config_path.split(":", 1)[0]):
-        _fail(f"config file {config_path.split(':', 1)[0]!r} not found; the configs are in configs/")
+        _fail(
+            f"config file {config_path.split(':', 1)[0]!r} not found; the configs are in configs/"
+        )
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # the config's own error is the last line of the message
@@ -132,8 +172,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"{flag}: {lines[-1].split(': ', 1)[-1]}" if len(lines) > 1 else lines[0])
     except (AttributeError, KeyError) as e:  # config_flags' way of saying "no such field"
         name = str(e).strip("'\"")
-        field = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a),
-                     name)
+        field = next(
+            (a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a), name
+        )
         _fail(f"unknown config field {field}; --mode=summary lists the fields of {config_path}")
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,8 +24,13 @@ TABLE_1: dict[str, tuple[tuple[Any, ...], ...]] = {
     "A": ((_S[64],), (_S[128],), (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
     "A-LRN": ((_S[64], "LRN"), (_S[128],), (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
     "B": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 2, (_S[512],) * 2, (_S[512],) * 2),
-    "C": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 2 + ((1, 256),),
-          (_S[512],) * 2 + ((1, 512),), (_S[512],) * 2 + ((1, 512),)),
+    "C": (
+        (_S[64],) * 2,
+        (_S[128],) * 2,
+        (_S[256],) * 2 + ((1, 256),),
+        (_S[512],) * 2 + ((1, 512),),
+        (_S[512],) * 2 + ((1, 512),),
+    ),
     "D": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 3, (_S[512],) * 3, (_S[512],) * 3),
     "E": ((_S[64],) * 2, (_S[128],) * 2, (_S[256],) * 4, (_S[512],) * 4, (_S[512],) * 4),
     # Sect. 4.1: B with each pair of 3×3 convs replaced by a single 5×5 conv.
@@ -33,8 +39,14 @@ TABLE_1: dict[str, tuple[tuple[Any, ...], ...]] = {
 
 # Names users know from torchvision, timm and Keras. "_bn" adds batch norm after each conv.
 ALIASES = {
-    "vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D",
-    "vgg19": "E", "vgg13_shallow": "B-shallow", "shallow": "B-shallow",
+    "vgg11": "A",
+    "vgg11_lrn": "A-LRN",
+    "vgg13": "B",
+    "vgg16_c": "C",
+    "vgg16": "D",
+    "vgg19": "E",
+    "vgg13_shallow": "B-shallow",
+    "shallow": "B-shallow",
 }
 BATCH_NORM_NETS = {"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D", "vgg19_bn": "E"}
 
@@ -54,8 +66,9 @@ class Layer:
     features: int = 0
 
 
-def layer_table(config: str, width: float = 1.0, fc_width: int = 4096,
-                num_classes: int = 1000) -> list[Layer]:
+def layer_table(
+    config: str, width: float = 1.0, fc_width: int = 4096, num_classes: int = 1000
+) -> list[Layer]:
     """The layers of a Table 1 configuration with channels scaled by `width`."""
     stages = TABLE_1[config]
     layers = []
@@ -67,26 +80,38 @@ def layer_table(config: str, width: float = 1.0, fc_width: int = 4096,
             else:
                 conv += 1
                 kernel, channels = spec
-                layers.append(Layer(f"conv{s}_{conv}", "conv", kernel, max(1, round(channels * width))))
+                layers.append(
+                    Layer(f"conv{s}_{conv}", "conv", kernel, max(1, round(channels * width)))
+                )
         layers.append(Layer(f"pool{s}", "pool", 2))
-    layers += [Layer("fc6", "fc", 0, fc_width), Layer("fc7", "fc", 0, fc_width),
-               Layer("fc8", "fc", 0, num_classes)]
+    layers += [
+        Layer("fc6", "fc", 0, fc_width),
+        Layer("fc7", "fc", 0, fc_width),
+        Layer("fc8", "fc", 0, num_classes),
+    ]
     return layers
 
 
 FC_LAYERS = ("fc6", "fc7", "fc8")
 
 
-def local_response_norm(x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                        k: float = 2.0) -> jax.Array:
+def local_response_norm(
+    x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+) -> jax.Array:
     """Cross-channel LRN of Krizhevsky et al. on NHWC input (used only by net A-LRN).
 
     Caffe and PyTorch divide alpha by `size`; Krizhevsky's formula, used here, does not.
     """
     half = size // 2
     sq = jnp.square(x.astype(jnp.float32))
-    window_sum = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
-                                       ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    window_sum = jax.lax.reduce_window(
+        sq,
+        0.0,
+        jax.lax.add,
+        (1, 1, 1, size),
+        (1, 1, 1, 1),
+        ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)),
+    )
     return (x / jnp.power(k + alpha * window_sum, beta)).astype(x.dtype)
 
 
@@ -119,14 +144,19 @@ class FullyConnected(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, dense: bool) -> jax.Array:
-        fan_in = x.shape[-1] * (self.window ** 2 if dense else 1)
+        fan_in = x.shape[-1] * (self.window**2 if dense else 1)
         kernel = self.param("kernel", self.kernel_init, (fan_in, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         if not dense:
             return x @ kernel + bias
-        y = jax.lax.conv_general_dilated(x, fc_as_conv(kernel, self.window), (1, 1), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x,
+            fc_as_conv(kernel, self.window),
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         return y + bias
 
 
@@ -182,17 +212,22 @@ class VGG(nn.Module):
         return layer_table(self.config, self.width, self.fc_width, self.num_classes)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False,
-                 sizes: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, dense: bool = False, sizes: jax.Array | None = None
+    ) -> jax.Array:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {x.shape}")
         size = tuple(x.shape[1:3])
         if dense and min(size) < self.crop_size:
-            raise ValueError(f"dense evaluation needs images at least {self.crop_size}×"
-                             f"{self.crop_size}, got {size[0]}×{size[1]}")
+            raise ValueError(
+                f"dense evaluation needs images at least {self.crop_size}×"
+                f"{self.crop_size}, got {size[0]}×{size[1]}"
+            )
         if not dense and size != (self.crop_size, self.crop_size):
-            raise ValueError(f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
-                             f"{size[0]}×{size[1]}; use dense=True for whole images")
+            raise ValueError(
+                f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
+                f"{size[0]}×{size[1]}; use dense=True for whole images"
+            )
         if sizes is not None and not dense:
             raise ValueError("per-image sizes apply to the dense form only (dense=True)")
         init = KERNEL_INITS[self.kernel_init]
@@ -200,12 +235,22 @@ class VGG(nn.Module):
         for layer in self.layers:
             if layer.kind == "conv":
                 x = _zero_outside(x, sizes)
-                x = nn.Conv(layer.features, (layer.kernel, layer.kernel), padding="SAME",
-                            kernel_init=init, dtype=self.dtype, name=layer.name)(x)
+                x = nn.Conv(
+                    layer.features,
+                    (layer.kernel, layer.kernel),
+                    padding="SAME",
+                    kernel_init=init,
+                    dtype=self.dtype,
+                    name=layer.name,
+                )(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train or self.batch_norm_frozen,
-                                     momentum=0.9, epsilon=1e-5,
-                                     dtype=self.dtype, name=layer.name + "_bn")(x)
+                    x = nn.BatchNorm(
+                        use_running_average=not train or self.batch_norm_frozen,
+                        momentum=0.9,
+                        epsilon=1e-5,
+                        dtype=self.dtype,
+                        name=layer.name + "_bn",
+                    )(x)
                 x = nn.relu(x)
             elif layer.kind == "lrn":
                 x = local_response_norm(x, **LRN_PARAMS)
@@ -216,7 +261,9 @@ class VGG(nn.Module):
                 if layer.name == "fc6" and not dense:
                     x = x.reshape(x.shape[0], -1)
                 window = self.crop_size // 32 if layer.name == "fc6" else 1
-                x = FullyConnected(layer.features, window, init, self.dtype, name=layer.name)(x, dense)
+                x = FullyConnected(layer.features, window, init, self.dtype, name=layer.name)(
+                    x, dense
+                )
                 if layer.name != "fc8":
                     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
         return x
@@ -233,9 +280,17 @@ def resolve_name(name: str) -> tuple[str, bool]:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def create_model(name: str, num_classes: int = 1000, *, width: float = 1.0,
-                 fc_width: int = 4096, crop_size: int = 224, dropout_rate: float = 0.5,
-                 kernel_init: str = "normal", dtype: Any = jnp.float32) -> VGG:
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    *,
+    width: float = 1.0,
+    fc_width: int = 4096,
+    crop_size: int = 224,
+    dropout_rate: float = 0.5,
+    kernel_init: str = "normal",
+    dtype: Any = jnp.float32,
+) -> VGG:
     """The VGG net `name` (a Table 1 column such as "D", or an alias such as "vgg16_bn").
 
     width scales every conv's channels and fc_width sets the FC layers' size, so tests and the
@@ -243,18 +298,31 @@ def create_model(name: str, num_classes: int = 1000, *, width: float = 1.0,
     """
     config, batch_norm = resolve_name(name)
     if crop_size <= 0 or crop_size % 32:
-        raise ValueError(f"crop_size must be a positive multiple of 32 (five 2×2 poolings), "
-                         f"got {crop_size}")
+        raise ValueError(
+            f"crop_size must be a positive multiple of 32 (five 2×2 poolings), got {crop_size}"
+        )
     if width <= 0 or fc_width <= 0 or num_classes <= 0:
-        raise ValueError(f"width, fc_width and num_classes must be positive, got {width}, "
-                         f"{fc_width}, {num_classes}")
+        raise ValueError(
+            f"width, fc_width and num_classes must be positive, got {width}, "
+            f"{fc_width}, {num_classes}"
+        )
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     if kernel_init not in KERNEL_INITS:
-        raise ValueError(f"unknown kernel_init {kernel_init!r}; choose one of "
-                         f"{', '.join(KERNEL_INITS)}")
-    return VGG(config, num_classes, width, fc_width, crop_size, batch_norm, dropout_rate,
-               kernel_init, jnp.dtype(dtype))
+        raise ValueError(
+            f"unknown kernel_init {kernel_init!r}; choose one of {', '.join(KERNEL_INITS)}"
+        )
+    return VGG(
+        config,
+        num_classes,
+        width,
+        fc_width,
+        crop_size,
+        batch_norm,
+        dropout_rate,
+        kernel_init,
+        jnp.dtype(dtype),
+    )
 
 
 def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
@@ -265,8 +333,14 @@ def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
 
 def abstract_variables(model: VGG) -> dict[str, Any]:
     """Shapes and dtypes of `model`'s variables without allocating them."""
-    return dict(jax.eval_shape(lambda r: model.init(r, jnp.zeros(
-        (1, model.crop_size, model.crop_size, 3), jnp.float32), train=False), jax.random.key(0)))
+    return dict(
+        jax.eval_shape(
+            lambda r: model.init(
+                r, jnp.zeros((1, model.crop_size, model.crop_size, 3), jnp.float32), train=False
+            ),
+            jax.random.key(0),
+        )
+    )
 
 
 def count_params(params: Any) -> int:

@@ -43,8 +43,10 @@ def read_config(path: str) -> dict[str, Any]:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
-                         f"input mean (vggjax.convert and training write it)") from None
+        raise ValueError(
+            f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
+            f"input mean (vggjax.convert and training write it)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from None
     missing = [k for k in ("model", "mean_rgb") if k not in config]
@@ -53,13 +55,15 @@ def read_config(path: str) -> dict[str, Any]:
     return config
 
 
-def with_net_of(config: ml_collections.ConfigDict, path: str,
-                keep_classes: bool = False) -> ml_collections.ConfigDict:
+def with_net_of(
+    config: ml_collections.ConfigDict, path: str, keep_classes: bool = False
+) -> ml_collections.ConfigDict:
     """A copy of `config` describing the checkpoint's net: its Table 1 column, widths, crop,
     mean RGB and (unless `keep_classes`) number of classes, as its config.json records them."""
     net = read_config(path)
     fields = ("model", "width", "fc_width", "crop_size", "mean_rgb") + ("num_classes",) * (
-        not keep_classes)
+        not keep_classes
+    )
     c = ml_collections.ConfigDict(config.to_dict())
     for field in fields:
         if field in net:
@@ -79,8 +83,9 @@ def subtract_mean(images: jax.Array, mean_rgb: tuple[float, float, float]) -> ja
     return jnp.asarray(images, jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
 
 
-def load_pretrained(path: str, sharding: jax.sharding.Sharding | None = None
-                    ) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
+def load_pretrained(
+    path: str, sharding: jax.sharding.Sharding | None = None
+) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
     """`model, variables, preprocess` of a converted checkpoint or a training workdir.
 
     `model.apply(variables, preprocess(images))` gives the logits of RGB images in [0, 255].
@@ -88,29 +93,40 @@ def load_pretrained(path: str, sharding: jax.sharding.Sharding | None = None
     only: `conv_features` runs them, or add a head of your own before `model.apply`.
     """
     config = read_config(path)
-    model = models.create_model(config["model"], config.get("num_classes", 1000),
-                                **{k: config[k] for k in MODEL_FIELDS if k in config})
+    model = models.create_model(
+        config["model"],
+        config.get("num_classes", 1000),
+        **{k: config[k] for k in MODEL_FIELDS if k in config},
+    )
     variables = checkpoints.restore_params(path, sharding)
     include_top = config.get("pretrained", {}).get("include_top", True)
     expected = models.abstract_variables(model)
     if not include_top:
-        expected["params"] = {k: v for k, v in expected["params"].items() if k not in models.FC_LAYERS}
+        expected["params"] = {
+            k: v for k, v in expected["params"].items() if k not in models.FC_LAYERS
+        }
     for name, layer in expected["params"].items():
         if name not in variables["params"]:
             raise ValueError(f"{path}: layer {name} is missing; the model in {CONFIG_FILE} has it")
         want, got = (jax.tree.map(jnp.shape, t) for t in (layer, variables["params"][name]))
         if want != got:
-            raise ValueError(f"{path}: layer {name} has shapes {got}, but the model in "
-                             f"{CONFIG_FILE} needs {want}")
+            raise ValueError(
+                f"{path}: layer {name} has shapes {got}, but the model in "
+                f"{CONFIG_FILE} needs {want}"
+            )
     return model, variables, functools.partial(subtract_mean, mean_rgb=tuple(config["mean_rgb"]))
 
 
 @contextlib.contextmanager
 def skip_layers(names: Sequence[str]) -> Iterator[None]:
     """Within it, the FC layers `names` of any VGG pass their input through unchanged."""
+
     def skip(next_fun, args, kwargs, context):
-        if (isinstance(context.module, models.FullyConnected) and context.module.name in names
-                and context.method_name == "__call__"):
+        if (
+            isinstance(context.module, models.FullyConnected)
+            and context.module.name in names
+            and context.method_name == "__call__"
+        ):
             return args[0]
         return next_fun(*args, **kwargs)
 

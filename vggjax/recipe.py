@@ -25,14 +25,15 @@ def eval_scales_for(train_scale: tuple[int, int]) -> tuple[int, ...]:
 
 
 def parse_scale(scale: str) -> tuple[int, int]:
-    """"256", "384" or "256-512" (or any "S" / "SMIN-SMAX") as (S_min, S_max)."""
+    """ "256", "384" or "256-512" (or any "S" / "SMIN-SMAX") as (S_min, S_max)."""
     try:
         parts = tuple(int(p) for p in scale.split("-"))
     except ValueError:
         parts = ()
     if len(parts) not in (1, 2) or not 0 < parts[0] <= parts[-1]:
-        raise ValueError(f"training scale must be S or SMIN-SMAX (e.g. 256, 384, 256-512), "
-                         f"got {scale!r}")
+        raise ValueError(
+            f"training scale must be S or SMIN-SMAX (e.g. 256, 384, 256-512), got {scale!r}"
+        )
     return parts[0], parts[-1]
 
 
@@ -69,7 +70,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.weight_decay = 5e-4  # L2 penalty multiplier on the kernels
     c.weight_decay_biases = False  # Caffe's VGG recipe: biases carry no weight decay
-    c.lr_drop_factor = 0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
+    c.lr_drop_factor = (
+        0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
+    )
     c.max_lr_drops = 3  # "in total, the learning rate was decreased 3 times"
     c.plateau_patience = 2  # validation passes without improvement before a drop
     c.eval_every_steps = 5000  # validation passes that drive the plateau schedule
@@ -113,7 +116,14 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.features.flip = True
     c.features.splits = ("train", "val")
     c.transfer = ml_collections.ConfigDict()
-    c.transfer.c_values = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the SVM's C, chosen on held-out images
+    c.transfer.c_values = (
+        0.01,
+        0.1,
+        1.0,
+        10.0,
+        100.0,
+        1000.0,
+    )  # the SVM's C, chosen on held-out images
     c.transfer.validation_fraction = 0.2  # of the training images, per class
     # > 0: the Caltech protocol on the 'train' folder alone: this many random splits into
     # train_per_class training and up to test_per_class test images per class ('val' unused).
@@ -124,8 +134,14 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
 
 
 DATASETS = ("imagenet2012", "folder", "demo")
-EVAL_PROTOCOLS = ("dense", "multi_scale_dense", "multi_crop", "multi_crop_dense", "centre_crop",
-                  "fusion")
+EVAL_PROTOCOLS = (
+    "dense",
+    "multi_scale_dense",
+    "multi_crop",
+    "multi_crop_dense",
+    "centre_crop",
+    "fusion",
+)
 DTYPES = ("float32", "bfloat16")
 AGGREGATIONS = ("stack", "average")
 INIT_LAYERS = ("net_a", "all", "all_but_fc8", "conv")
@@ -137,8 +153,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from vggjax import models  # imports jax: only when a config is actually used
 
     if not c.model:
-        raise ValueError("config.model is '', which takes the net of config.init_from, but "
-                         "config.init_from is empty; give a checkpoint or a model (e.g. D)")
+        raise ValueError(
+            "config.model is '', which takes the net of config.init_from, but "
+            "config.init_from is empty; give a checkpoint or a model (e.g. D)"
+        )
     models.resolve_name(c.model)
     checks = [
         ("num_classes", (c.num_classes or 0) > 0, "a positive integer"),
@@ -146,15 +164,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("fc_width", c.fc_width > 0, "a positive integer"),
         ("crop_size", c.crop_size > 0 and c.crop_size % 32 == 0, "a positive multiple of 32"),
         ("dropout_rate", 0 <= c.dropout_rate < 1, "in [0, 1)"),
-        ("kernel_init", c.kernel_init in models.KERNEL_INITS, f"one of {tuple(models.KERNEL_INITS)}"),
+        (
+            "kernel_init",
+            c.kernel_init in models.KERNEL_INITS,
+            f"one of {tuple(models.KERNEL_INITS)}",
+        ),
         ("dtype", c.dtype in DTYPES, f"one of {DTYPES}"),
         ("dataset", c.dataset in DATASETS, f"one of {DATASETS}"),
-        ("train_scale", len(c.train_scale) == 2 and c.crop_size <= c.train_scale[0] <= c.train_scale[1],
-         "(S_min, S_max) with crop_size <= S_min <= S_max"),
+        (
+            "train_scale",
+            len(c.train_scale) == 2 and c.crop_size <= c.train_scale[0] <= c.train_scale[1],
+            "(S_min, S_max) with crop_size <= S_min <= S_max",
+        ),
         ("eval_scale", c.eval_scale >= c.crop_size, "at least crop_size"),
         ("mean_rgb", len(c.mean_rgb) == 3, "three numbers (R, G, B on the 0–255 scale)"),
         ("batch_size", c.batch_size > 0, "a positive integer"),
-        ("num_epochs", c.num_epochs > 0 or c.num_train_steps > 0, "positive (or num_train_steps > 0)"),
+        (
+            "num_epochs",
+            c.num_epochs > 0 or c.num_train_steps > 0,
+            "positive (or num_train_steps > 0)",
+        ),
         ("learning_rate", c.learning_rate > 0, "positive"),
         ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
         ("weight_decay", c.weight_decay >= 0, "non-negative"),
@@ -163,23 +192,44 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("init_layers", c.init_layers in INIT_LAYERS, f"one of {INIT_LAYERS}"),
         ("trainable", c.trainable in TRAINABLE, f"one of {TRAINABLE}"),
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, "a positive integer"),
-        ("eval.scales", len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size,
-         "a non-empty list of test scales Q, each at least crop_size"),
-        ("eval.protocols", set(c.eval.protocols) <= set(EVAL_PROTOCOLS)
-         and bool(set(c.eval.protocols) - {"fusion"}),
-         f"some of {EVAL_PROTOCOLS}, not fusion alone (it fuses the others)"),
-        ("eval.checkpoints", "fusion" not in c.eval.protocols or len(c.eval.checkpoints) > 1,
-         "two or more checkpoint paths for the fusion protocol"),
+        (
+            "eval.scales",
+            len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size,
+            "a non-empty list of test scales Q, each at least crop_size",
+        ),
+        (
+            "eval.protocols",
+            set(c.eval.protocols) <= set(EVAL_PROTOCOLS)
+            and bool(set(c.eval.protocols) - {"fusion"}),
+            f"some of {EVAL_PROTOCOLS}, not fusion alone (it fuses the others)",
+        ),
+        (
+            "eval.checkpoints",
+            "fusion" not in c.eval.protocols or len(c.eval.checkpoints) > 1,
+            "two or more checkpoint paths for the fusion protocol",
+        ),
         ("eval.batch_size", c.eval.batch_size > 0, "a positive integer"),
-        ("eval.bucket_multiple", c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
-         "a positive multiple of 32"),
-        ("features.scales", len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
-         "a non-empty list of test scales Q, each at least crop_size"),
+        (
+            "eval.bucket_multiple",
+            c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
+            "a positive multiple of 32",
+        ),
+        (
+            "features.scales",
+            len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
+            "a non-empty list of test scales Q, each at least crop_size",
+        ),
         ("features.aggregation", c.features.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
-        ("features.splits", len(c.features.splits) > 0 and set(c.features.splits) <= {"train", "val"},
-         "some of ('train', 'val')"),
-        ("transfer.c_values", len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
-         "a non-empty list of positive numbers"),
+        (
+            "features.splits",
+            len(c.features.splits) > 0 and set(c.features.splits) <= {"train", "val"},
+            "some of ('train', 'val')",
+        ),
+        (
+            "transfer.c_values",
+            len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
+            "a non-empty list of positive numbers",
+        ),
         ("transfer.validation_fraction", 0 < c.transfer.validation_fraction < 1, "in (0, 1)"),
         ("transfer.random_splits", c.transfer.random_splits >= 0, "a non-negative integer"),
         ("transfer.train_per_class", c.transfer.train_per_class > 0, "a positive integer"),

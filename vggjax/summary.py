@@ -27,7 +27,9 @@ def layer_rows(model: VGG, image_size: int | None = None) -> list[Row]:
     for layer in model.layers:
         if layer.kind == "conv":
             k, out = layer.kernel, layer.features
-            rows.append(Row(layer.name, (h, w, out), k * k * c * out + out, h * w * k * k * c * out))
+            rows.append(
+                Row(layer.name, (h, w, out), k * k * c * out + out, h * w * k * k * c * out)
+            )
             c = out
             if model.batch_norm:
                 rows.append(Row(layer.name + "_bn", (h, w, c), 2 * c, h * w * c))
@@ -40,8 +42,14 @@ def layer_rows(model: VGG, image_size: int | None = None) -> list[Row]:
             window = model.crop_size // 32 if layer.name == "fc6" else 1
             h, w = h - window + 1, w - window + 1
             fan_in = window * window * c
-            rows.append(Row(layer.name, (h, w, layer.features), fan_in * layer.features
-                            + layer.features, h * w * fan_in * layer.features))
+            rows.append(
+                Row(
+                    layer.name,
+                    (h, w, layer.features),
+                    fan_in * layer.features + layer.features,
+                    h * w * fan_in * layer.features,
+                )
+            )
             c = layer.features
     return rows
 
@@ -50,9 +58,11 @@ def format_summary(model: VGG, name: str, image_size: int | None = None) -> str:
     """The layer table as text, with totals."""
     rows = layer_rows(model, image_size)
     size = image_size or model.crop_size
-    lines = [f"VGG {name} (Table 1 config {model.config}{', batch norm' if model.batch_norm else ''})"
-             f" on {size}×{size}×3" + ("" if size == model.crop_size else " (dense form)"),
-             f"{'layer':<12}{'output':>18}{'params':>16}{'multiply-adds':>18}"]
+    lines = [
+        f"VGG {name} (Table 1 config {model.config}{', batch norm' if model.batch_norm else ''})"
+        f" on {size}×{size}×3" + ("" if size == model.crop_size else " (dense form)"),
+        f"{'layer':<12}{'output':>18}{'params':>16}{'multiply-adds':>18}",
+    ]
     for r in rows:
         shape = "×".join(map(str, r.shape))
         lines.append(f"{r.name:<12}{shape:>18}{r.params:>16,}{r.macs:>18,}")

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, metrics, models, pretrained
 from vggjax.data import pipeline, sources
@@ -41,15 +42,22 @@ class TrainState:
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh over all devices of all processes. Auto axes: Linen's dropout needs them."""
     devices = devices or jax.devices()
-    return jax.sharding.Mesh(np.asarray(devices), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.sharding.Mesh(
+        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> models.VGG:
-    return models.create_model(config.model, config.num_classes, width=config.width,
-                               fc_width=config.fc_width, crop_size=config.crop_size,
-                               dropout_rate=config.dropout_rate, kernel_init=config.kernel_init,
-                               dtype=jnp.dtype(config.dtype))
+    return models.create_model(
+        config.model,
+        config.num_classes,
+        width=config.width,
+        fc_width=config.fc_width,
+        crop_size=config.crop_size,
+        dropout_rate=config.dropout_rate,
+        kernel_init=config.kernel_init,
+        dtype=jnp.dtype(config.dtype),
+    )
 
 
 # Which layers `config.trainable` lets SGD update (None: all); a BN layer goes with its conv.
@@ -63,39 +71,59 @@ def _base(name: str) -> str:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """SGD with momentum and L2 weight decay (on kernels; on biases too if configured), on the
     layers `config.trainable` names; the others get no update, not even weight decay."""
+
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: config.weight_decay_biases or path[-1].key == "kernel", params)
+            lambda path, _: config.weight_decay_biases or path[-1].key == "kernel", params
+        )
 
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
-                     optax.sgd(config.learning_rate, momentum=config.momentum))
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay, decay_mask),
+        optax.sgd(config.learning_rate, momentum=config.momentum),
+    )
     layers = TRAINABLE_LAYERS[config.trainable]
     if layers is None:
         return tx
     return optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
-        lambda params: {name: "train" if _base(name) in layers else "frozen" for name in params})
+        lambda params: {name: "train" if _base(name) in layers else "frozen" for name in params},
+    )
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
     """The learning-rate cut, stepped once per validation pass with the top-1 error."""
     return optax.contrib.reduce_on_plateau(
-        factor=config.lr_drop_factor, patience=config.plateau_patience, rtol=0.0, atol=1e-3,
-        accumulation_size=1, min_scale=config.lr_drop_factor ** config.max_lr_drops * (1 - 1e-6))
+        factor=config.lr_drop_factor,
+        patience=config.plateau_patience,
+        rtol=0.0,
+        atol=1e-3,
+        accumulation_size=1,
+        min_scale=config.lr_drop_factor**config.max_lr_drops * (1 - 1e-6),
+    )
 
 
-def init_state(model: models.VGG, tx: optax.GradientTransformation,
-               plateau: optax.GradientTransformationExtraArgs, rng: jax.Array,
-               source: dict[str, Any] | None = None, init_layers: str = "net_a") -> TrainState:
+def init_state(
+    model: models.VGG,
+    tx: optax.GradientTransformation,
+    plateau: optax.GradientTransformationExtraArgs,
+    rng: jax.Array,
+    source: dict[str, Any] | None = None,
+    init_layers: str = "net_a",
+) -> TrainState:
     """A fresh state: random variables, with layers copied from the variables `source` if given."""
     init_rng, state_rng = jax.random.split(rng)
     variables = models.init_variables(model, init_rng)
     if source is not None:
         variables = initialise_from(variables, source, init_layers)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      plateau=plateau.init(params), rng=jax.random.key_data(state_rng))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        plateau=plateau.init(params),
+        rng=jax.random.key_data(state_rng),
+    )
 
 
 # Sect. 3.1: "we initialised the first four convolutional layers and the last three
@@ -104,13 +132,17 @@ def init_state(model: models.VGG, tx: optax.GradientTransformation,
 NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 # config.init_layers → which layers to copy. all_but_fc8: fine-tuning for new classes; conv: from
 # a checkpoint without the top (Keras's _notop files).
-INIT_LAYERS = {"net_a": lambda name: name in NET_A_LAYERS, "all": lambda name: True,
-               "all_but_fc8": lambda name: name != "fc8",
-               "conv": lambda name: name not in models.FC_LAYERS}
+INIT_LAYERS = {
+    "net_a": lambda name: name in NET_A_LAYERS,
+    "all": lambda name: True,
+    "all_but_fc8": lambda name: name != "fc8",
+    "conv": lambda name: name not in models.FC_LAYERS,
+}
 
 
-def initialise_from(variables: dict[str, Any], source: dict[str, Any],
-                    layers: str) -> dict[str, Any]:
+def initialise_from(
+    variables: dict[str, Any], source: dict[str, Any], layers: str
+) -> dict[str, Any]:
     """`variables` with the layers `layers` (a key of INIT_LAYERS) copied from `source`: their
     parameters, and for BN nets their batch-norm statistics."""
     out = {}
@@ -118,22 +150,31 @@ def initialise_from(variables: dict[str, Any], source: dict[str, Any],
         tree, found = dict(tree), source.get(collection, {})
         for name in (n for n in tree if INIT_LAYERS[layers](_base(n))):
             if name not in found:
-                raise ValueError(f"init_from: layer {name} is missing from the checkpoint"
-                                 + (" (its batch-norm statistics)" if collection != "params" else ""))
+                raise ValueError(
+                    f"init_from: layer {name} is missing from the checkpoint"
+                    + (" (its batch-norm statistics)" if collection != "params" else "")
+                )
             shapes = jax.tree.map(jnp.shape, (tree[name], found[name]))
             if shapes[0] != shapes[1]:
-                hint = (" (a new number of classes: init_layers='all_but_fc8')"
-                        if name == "fc8" else "")
-                raise ValueError(f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
-                                 f"but {shapes[0]} in the model{hint}")
+                hint = (
+                    " (a new number of classes: init_layers='all_but_fc8')" if name == "fc8" else ""
+                )
+                raise ValueError(
+                    f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
+                    f"but {shapes[0]} in the model{hint}"
+                )
             tree[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), found[name])
         out[collection] = tree
     return out
 
 
-def train_step(model: models.VGG, tx: optax.GradientTransformation, state: TrainState,
-               batch: dict[str, jax.Array], trainable: tuple[str, ...] | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    model: models.VGG,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    trainable: tuple[str, ...] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; metrics are sums over the batch's real images.
 
     trainable: the layers to differentiate (None: all). The others are constants to autodiff,
@@ -144,11 +185,17 @@ def train_step(model: models.VGG, tx: optax.GradientTransformation, state: Train
 
     def loss_fn(params):
         if trainable is not None:
-            params = {name: p if _base(name) in trainable else jax.lax.stop_gradient(p)
-                      for name, p in params.items()}
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                      batch["image"], train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"])
+            params = {
+                name: p if _base(name) in trainable else jax.lax.stop_gradient(p)
+                for name, p in params.items()
+            }
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
         logits = logits.astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (logits, updates)
@@ -156,12 +203,19 @@ def train_step(model: models.VGG, tx: optax.GradientTransformation, state: Train
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     steps, opt_state = tx.update(grads, state.opt_state, state.params)
     steps = jax.tree.map(lambda s: s * state.plateau.scale, steps)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, steps),
-                              batch_stats=updates.get("batch_stats", state.batch_stats),
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, steps),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+    )
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    metrics = dict(loss=loss * jnp.sum(mask), **error_counts(logits, batch["label"], mask),
-                   skipped=jnp.sum(1.0 - mask), nonfinite=1.0 - finite.astype(jnp.float32))
+    metrics = dict(
+        loss=loss * jnp.sum(mask),
+        **error_counts(logits, batch["label"], mask),
+        skipped=jnp.sum(1.0 - mask),
+        nonfinite=1.0 - finite.astype(jnp.float32),
+    )
     return new_state, metrics
 
 
@@ -169,14 +223,20 @@ def error_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[
     """Top-1 and top-5 errors summed over the real (mask 1) images, and their count."""
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hit = top5 == labels[:, None]
-    return dict(top1_errors=jnp.sum((1.0 - hit[:, 0]) * mask),
-                top5_errors=jnp.sum((1.0 - jnp.any(hit, axis=1)) * mask), count=jnp.sum(mask))
+    return dict(
+        top1_errors=jnp.sum((1.0 - hit[:, 0]) * mask),
+        top5_errors=jnp.sum((1.0 - jnp.any(hit, axis=1)) * mask),
+        count=jnp.sum(mask),
+    )
 
 
-def eval_step(model: models.VGG, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(
+    model: models.VGG, state: TrainState, batch: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
     """Validation errors on centre crops (the pass that drives the learning-rate cut)."""
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         batch["image"], train=False)
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
     return error_counts(logits.astype(jnp.float32), batch["label"], batch["mask"])
 
 
@@ -187,9 +247,13 @@ def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> Non
     except ValueError:  # no config.json: nothing recorded to compare with
         return
     if not np.allclose(mean, config.mean_rgb, atol=1e-3):
-        logging.warning("config.mean_rgb is %s but %s was trained with mean_rgb %s: its layers "
-                        "see shifted inputs (model '' takes the checkpoint's net and mean).",
-                        tuple(config.mean_rgb), path, tuple(mean))
+        logging.warning(
+            "config.mean_rgb is %s but %s was trained with mean_rgb %s: its layers "
+            "see shifted inputs (model '' takes the checkpoint's net and mean).",
+            tuple(config.mean_rgb),
+            path,
+            tuple(mean),
+        )
 
 
 class Trainer:
@@ -199,21 +263,30 @@ class Trainer:
         self.config, self.mesh = config, mesh
         # With the conv layers frozen, their batch norms keep their statistics too.
         self.model = model_from_config(config).clone(
-            batch_norm_frozen=TRAINABLE_LAYERS[config.trainable] is not None)
+            batch_norm_frozen=TRAINABLE_LAYERS[config.trainable] is not None
+        )
         self.tx = make_optimizer(config)
         self.plateau = make_plateau(config)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.train_step = jax.jit(functools.partial(
-            train_step, self.model, self.tx, trainable=TRAINABLE_LAYERS[config.trainable]),
-                                  in_shardings=(self.replicated, self.batch_sharding),
-                                  out_shardings=(self.replicated, self.replicated),
-                                  donate_argnums=0)
-        self.eval_step = jax.jit(functools.partial(eval_step, self.model),
-                                 in_shardings=(self.replicated, self.batch_sharding),
-                                 out_shardings=self.replicated)
-        self.plateau_step = jax.jit(lambda plateau, params, error: self.plateau.update(
-            updates=params, state=plateau, value=error)[1])
+        self.train_step = jax.jit(
+            functools.partial(
+                train_step, self.model, self.tx, trainable=TRAINABLE_LAYERS[config.trainable]
+            ),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, self.model),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+        self.plateau_step = jax.jit(
+            lambda plateau, params, error: self.plateau.update(
+                updates=params, state=plateau, value=error
+            )[1]
+        )
 
     def init(self, rng: jax.Array) -> TrainState:
         """A fresh state, replicated; layers from `config.init_from` when it names a checkpoint."""
@@ -221,23 +294,32 @@ class Trainer:
         if self.config.init_from:
             source = checkpoints.restore_params(self.config.init_from, self.replicated)
             _check_input_convention(self.config, self.config.init_from)
-            logging.info("Initialising layers (%s) from %s; training %s layers.",
-                         self.config.init_layers, self.config.init_from, self.config.trainable)
-        init = functools.partial(init_state, self.model, self.tx, self.plateau,
-                                 init_layers=self.config.init_layers)
+            logging.info(
+                "Initialising layers (%s) from %s; training %s layers.",
+                self.config.init_layers,
+                self.config.init_from,
+                self.config.trainable,
+            )
+        init = functools.partial(
+            init_state, self.model, self.tx, self.plateau, init_layers=self.config.init_layers
+        )
         return jax.jit(init, out_shardings=self.replicated)(rng, source)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto."""
-        shapes = jax.eval_shape(functools.partial(init_state, self.model, self.tx, self.plateau),
-                                jax.random.key(0))
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                           sharding=self.replicated), shapes)
+        shapes = jax.eval_shape(
+            functools.partial(init_state, self.model, self.tx, self.plateau), jax.random.key(0)
+        )
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes
+        )
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's slice of the batch → one global array sharded on `data`."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                for k, v in local.items()}
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()
+        }
 
     def evaluate(self, state: TrainState, dataset) -> dict[str, float]:
         """Top-1/top-5 error over one pass of `dataset` (padding masked, nothing dropped)."""
@@ -250,8 +332,11 @@ class Trainer:
             batches.close()  # stops its worker processes now, not at exit
         totals = jax.device_get(totals)
         n = max(float(totals["count"]), 1.0)
-        return dict(top1_error=float(totals["top1_errors"]) / n,
-                    top5_error=float(totals["top5_errors"]) / n, count=int(totals["count"]))
+        return dict(
+            top1_error=float(totals["top1_errors"]) / n,
+            top5_error=float(totals["top5_errors"]) / n,
+            count=int(totals["count"]),
+        )
 
 
 class _Preemption:
@@ -296,14 +381,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_source = sources.make_source(config, "train")
     if train_source.num_classes != config.num_classes:
-        raise ValueError(f"config.num_classes is {config.num_classes} but the {config.dataset} "
-                         f"training set has {train_source.num_classes} classes")
+        raise ValueError(
+            f"config.num_classes is {config.num_classes} but the {config.dataset} "
+            f"training set has {train_source.num_classes} classes"
+        )
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(train_source)} images, fewer than one batch "
-                         f"of config.batch_size={config.batch_size}")
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else config.num_epochs * steps_per_epoch)
+        raise ValueError(
+            f"the training set has {len(train_source)} images, fewer than one batch "
+            f"of config.batch_size={config.batch_size}"
+        )
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else config.num_epochs * steps_per_epoch
+    )
     data = iter(pipeline.train_dataset(config, **process))
     ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
     if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
@@ -315,9 +407,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         state = trainer.init(jax.random.key(config.seed))
     step = int(state.step)
-    logging.info("Training %s on %d devices (%d processes): %d steps of %d images, %d per epoch.",
-                 config.model, mesh.size, jax.process_count(), total_steps, config.batch_size,
-                 steps_per_epoch)
+    logging.info(
+        "Training %s on %d devices (%d processes): %d steps of %d images, %d per epoch.",
+        config.model,
+        mesh.size,
+        jax.process_count(),
+        total_steps,
+        config.batch_size,
+        steps_per_epoch,
+    )
 
     def validate() -> dict[str, float]:
         result = trainer.evaluate(state, pipeline.eval_dataset(config, **process))
@@ -335,7 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()
             raise FloatingPointError(
                 f"the loss or gradients became NaN/Inf before step {step}; stopped without saving."
-                f" The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.")
+                f" The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}."
+            )
         return sums
 
     reporter = metrics.Reporter(workdir, total_steps, config.batch_size, step)
@@ -354,13 +453,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending = []
             if step % config.eval_every_steps == 0 and step < total_steps:
                 result = validate()
-                state = state.replace(plateau=trainer.plateau_step(
-                    state.plateau, state.params, jnp.float32(result["top1_error"])))
+                state = state.replace(
+                    plateau=trainer.plateau_step(
+                        state.plateau, state.params, jnp.float32(result["top1_error"])
+                    )
+                )
             if preemption.reached(step):
                 save(force=True)
                 ckpt.close()
-                logging.warning("Stopped at step %d on SIGTERM; rerun the same command to resume.",
-                                step)
+                logging.warning(
+                    "Stopped at step %d on SIGTERM; rerun the same command to resume.", step
+                )
                 return {"step": step, "preempted": True}
             if step % config.checkpoint_every_steps == 0:
                 save()
@@ -371,10 +474,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preemption.restore()
         reporter.close()
     ckpt.close()
-    results = {"model": config.model, "dataset": config.dataset, "step": step,
-               "eval_scale": config.eval_scale, "crop_size": config.crop_size,
-               "top1_error": result["top1_error"], "top5_error": result["top5_error"],
-               "val_images": result["count"], "train_images_skipped": int(skipped)}
+    results = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "step": step,
+        "eval_scale": config.eval_scale,
+        "crop_size": config.crop_size,
+        "top1_error": result["top1_error"],
+        "top5_error": result["top5_error"],
+        "val_images": result["count"],
+        "train_images_skipped": int(skipped),
+    }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

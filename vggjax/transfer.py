@@ -25,8 +25,9 @@ from vggjax import features
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def fit_linear_svm(x: jax.Array, positives: jax.Array, c: float, max_iter: int = 500,
-                   tol: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+def fit_linear_svm(
+    x: jax.Array, positives: jax.Array, c: float, max_iter: int = 500, tol: float = 1e-5
+) -> tuple[jax.Array, jax.Array]:
     """Weights (D, K) and biases (K,) minimising, for each class k,
     ½‖w_k‖² + C Σ_i max(0, 1 − y_ik (w_k·x_i + b_k))², y_ik = +1 if positives[i, k] else −1.
 
@@ -47,8 +48,9 @@ def fit_linear_svm(x: jax.Array, positives: jax.Array, c: float, max_iter: int =
     def step(carry):
         params, state, _ = carry
         value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad,
-                                       value_fn=objective)
+        updates, state = solver.update(
+            grad, state, params, value=value, grad=grad, value_fn=objective
+        )
         return optax.apply_updates(params, updates), state, optax.tree.norm(grad)
 
     def going(carry):
@@ -73,8 +75,9 @@ def mean_class_recall(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([np.mean(predicted[labels == k] == k) for k in np.unique(labels)]))
 
 
-def average_precision(scores: np.ndarray, positive: np.ndarray, eleven_point: bool = False
-                      ) -> float:
+def average_precision(
+    scores: np.ndarray, positive: np.ndarray, eleven_point: bool = False
+) -> float:
     """The VOC protocol's AP of one class: the area under the precision/recall curve with
     precision made monotone (VOC 2010 on), or its mean at recall 0, 0.1, …, 1 (VOC 2007)."""
     order = np.argsort(-scores, kind="stable")
@@ -89,11 +92,15 @@ def average_precision(scores: np.ndarray, positive: np.ndarray, eleven_point: bo
     return float(np.sum(np.diff(recall, prepend=0.0) * envelope))
 
 
-def mean_average_precision(scores: np.ndarray, positives: np.ndarray,
-                           eleven_point: bool = False) -> float:
+def mean_average_precision(
+    scores: np.ndarray, positives: np.ndarray, eleven_point: bool = False
+) -> float:
     """AP averaged over the classes with at least one positive test image."""
-    aps = [average_precision(scores[:, k], positives[:, k], eleven_point)
-           for k in range(scores.shape[1]) if positives[:, k].any()]
+    aps = [
+        average_precision(scores[:, k], positives[:, k], eleven_point)
+        for k in range(scores.shape[1])
+        if positives[:, k].any()
+    ]
     return float(np.mean(aps))
 
 
@@ -105,7 +112,7 @@ def held_out(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     for k in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == k))
         if len(members) > 1:
-            mask[members[:min(len(members) - 1, max(1, round(fraction * len(members))))]] = True
+            mask[members[: min(len(members) - 1, max(1, round(fraction * len(members))))]] = True
     return mask
 
 
@@ -114,9 +121,14 @@ def scores_of(params: tuple[jax.Array, jax.Array], x: np.ndarray) -> np.ndarray:
     return np.asarray(x @ np.asarray(w) + np.asarray(b))
 
 
-def evaluate_svm(train: dict[str, np.ndarray], test: dict[str, np.ndarray], num_classes: int,
-                 c_values: tuple[float, ...], validation_fraction: float = 0.2,
-                 seed: int = 0) -> dict[str, Any]:
+def evaluate_svm(
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    num_classes: int,
+    c_values: tuple[float, ...],
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Chooses C on held-out training images (by mean class recall; no choice for one C),
     refits on all training images, and scores the test images. Undecodable training images are
     left out; undecodable test images keep their zero descriptor (scored by the biases alone)
@@ -127,37 +139,46 @@ def evaluate_svm(train: dict[str, np.ndarray], test: dict[str, np.ndarray], num_
     if len(c_values) > 1:
         validation = held_out(labels, validation_fraction, seed)
         if not validation.any():
-            raise ValueError("every class has a single training image: none can be held out to "
-                             "choose the SVM's C; give one, e.g. --config.transfer.c_values="
-                             "'(1.0,)'")
+            raise ValueError(
+                "every class has a single training image: none can be held out to "
+                "choose the SVM's C; give one, e.g. --config.transfer.c_values="
+                "'(1.0,)'"
+            )
         for c in c_values:
             params = fit_linear_svm(x[~validation], one_hot(labels[~validation], num_classes), c)
-            recall_at[c] = mean_class_recall(scores_of(params, x[validation]),
-                                             labels[validation])
+            recall_at[c] = mean_class_recall(scores_of(params, x[validation]), labels[validation])
     # The best held-out recall; ties go to the stronger regularisation (the smaller C).
     best = max(c_values, key=lambda c: (recall_at.get(c, 0.0), -c))
     params = fit_linear_svm(x, one_hot(labels, num_classes), best)
     scores = scores_of(params, test["features"])
     positives = one_hot(test["labels"], num_classes)
-    return dict(c=best, validation_mean_class_recall={str(c): r for c, r in recall_at.items()},
-                mean_class_recall=mean_class_recall(scores, test["labels"]),
-                accuracy=float(np.mean(scores.argmax(1) == test["labels"])),
-                mean_ap=mean_average_precision(scores, positives),
-                mean_ap_11pt=mean_average_precision(scores, positives, eleven_point=True),
-                chance_recall=1.0 / num_classes, train_images=int(keep.sum()),
-                test_images=len(test["labels"]), feature_dim=int(x.shape[1]))
+    return dict(
+        c=best,
+        validation_mean_class_recall={str(c): r for c, r in recall_at.items()},
+        mean_class_recall=mean_class_recall(scores, test["labels"]),
+        accuracy=float(np.mean(scores.argmax(1) == test["labels"])),
+        mean_ap=mean_average_precision(scores, positives),
+        mean_ap_11pt=mean_average_precision(scores, positives, eleven_point=True),
+        chance_recall=1.0 / num_classes,
+        train_images=int(keep.sum()),
+        test_images=len(test["labels"]),
+        feature_dim=int(x.shape[1]),
+    )
 
 
-def random_splits(labels: np.ndarray, train_per_class: int, test_per_class: int, count: int,
-                  seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_splits(
+    labels: np.ndarray, train_per_class: int, test_per_class: int, count: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The Caltech protocol's splits of one labelled set: `count` times, per class,
     `train_per_class` random images to train on and up to `test_per_class` of the rest to test
     on (index arrays). Every class needs more than `train_per_class` images."""
     classes, sizes = np.unique(labels, return_counts=True)
     if sizes.min() <= train_per_class:
-        raise ValueError(f"class {classes[sizes.argmin()]} has {sizes.min()} images; the random "
-                         f"splits take {train_per_class} per class to train on and need at least "
-                         f"one more to test (config.transfer.train_per_class)")
+        raise ValueError(
+            f"class {classes[sizes.argmin()]} has {sizes.min()} images; the random "
+            f"splits take {train_per_class} per class to train on and need at least "
+            f"one more to test (config.transfer.train_per_class)"
+        )
     rng = np.random.default_rng(seed)
     splits = []
     for _ in range(count):
@@ -165,7 +186,7 @@ def random_splits(labels: np.ndarray, train_per_class: int, test_per_class: int,
         for k in classes:
             members = rng.permutation(np.flatnonzero(labels == k))
             train.append(members[:train_per_class])
-            test.append(members[train_per_class:train_per_class + test_per_class])
+            test.append(members[train_per_class : train_per_class + test_per_class])
         splits.append((np.sort(np.concatenate(train)), np.sort(np.concatenate(test))))
     return splits
 
@@ -180,35 +201,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mean and standard deviation over the splits). Features are reused from the workdir's
     features_<split>.npz when made with the same settings. Writes transfer_results.json."""
     t = config.transfer
-    fit = functools.partial(evaluate_svm, c_values=tuple(t.c_values),
-                            validation_fraction=t.validation_fraction, seed=config.seed)
+    fit = functools.partial(
+        evaluate_svm,
+        c_values=tuple(t.c_values),
+        validation_fraction=t.validation_fraction,
+        seed=config.seed,
+    )
     train = features.cached(config, workdir, "train")
     num_classes = int(train["num_classes"])
     if t.random_splits:
-        splits = random_splits(train["labels"], t.train_per_class, t.test_per_class,
-                               t.random_splits, config.seed)
+        splits = random_splits(
+            train["labels"], t.train_per_class, t.test_per_class, t.random_splits, config.seed
+        )
         runs = [fit(_subset(train, a), _subset(train, b), num_classes) for a, b in splits]
         result = {k: runs[0][k] for k in ("chance_recall", "feature_dim")}
         for k in ("mean_class_recall", "accuracy", "mean_ap", "mean_ap_11pt"):
             values = [r[k] for r in runs]
             result.update({k: float(np.mean(values)), f"{k}_std": float(np.std(values))})
         result["splits"] = runs
-        what = (f"{t.random_splits} random splits of {t.train_per_class} training and up to "
-                f"{t.test_per_class} test images per class")
+        what = (
+            f"{t.random_splits} random splits of {t.train_per_class} training and up to "
+            f"{t.test_per_class} test images per class"
+        )
     else:
         result = fit(train, features.cached(config, workdir, "val"), num_classes)
-        what = (f"{result['train_images']} training images (C={result['c']:g}); "
-                f"{result['test_images']} test images")
+        what = (
+            f"{result['train_images']} training images (C={result['c']:g}); "
+            f"{result['test_images']} test images"
+        )
     result = dict(features.settings(config, workdir), **result)
     if jax.process_index() == 0:
+
         def figure(k: str) -> str:
             std = f" ± {100 * result[k + '_std']:.1f}" if k + "_std" in result else ""
             return f"{100 * result[k]:.1f}{std}%"
 
         print(f"Linear SVM on {result['feature_dim']}-D features, {what}:")
-        print(f"  mean class recall {figure('mean_class_recall')} (chance "
-              f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
-              f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})")
+        print(
+            f"  mean class recall {figure('mean_class_recall')} (chance "
+            f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
+            f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})"
+        )
         with open(os.path.join(workdir, "transfer_results.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result

@@ -17,7 +17,7 @@ IMAGENET_EIGVEC = np.array(  # Columns are the eigenvectors, rows are R, G, B.
     [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]], np.float32
 )
 
-_WIDE_INT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class BadImageError(ValueError):
@@ -30,11 +30,11 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         # PIL's convert clips 16-bit values at 255; scale the 16-bit range instead.
         wide = np.clip(np.asarray(image, np.int64), 0, 65535) // 257
         image = Image.fromarray(wide.astype(np.uint8))
-    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
-        rgba = image.convert('RGBA')
-        image = Image.new('RGB', rgba.size)
-        image.paste(rgba, mask=rgba.getchannel('A'))
-    return np.asarray(image.convert('RGB'))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size)
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return np.asarray(image.convert("RGB"))
 
 
 def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.ndarray:
@@ -49,18 +49,18 @@ def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.nd
             return _to_rgb(Image.fromarray(data))
         except (TypeError, ValueError) as e:
             raise BadImageError(
-                f'array of shape {data.shape} and dtype {data.dtype} is not an ' f'image: {e}'
+                f"array of shape {data.shape} and dtype {data.dtype} is not an image: {e}"
             ) from e
     if not data:
-        raise BadImageError('empty image data (0 bytes)')
+        raise BadImageError("empty image data (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
-        if min_side is not None and image.format == 'JPEG':
-            image.draft('RGB', (min_side, min_side))
+        if min_side is not None and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
         image.load()
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise BadImageError(f'cannot decode image: {e}') from e
+        raise BadImageError(f"cannot decode image: {e}") from e
 
 
 def rescale_smallest_side(image: np.ndarray, s: int) -> np.ndarray:
@@ -79,14 +79,14 @@ def rescale_smallest_side(image: np.ndarray, s: int) -> np.ndarray:
 def sample_scale(rng: np.random.Generator, s_min: int, s_max: int) -> int:
     """Training scale S ~ U{s_min, ..., s_max}; fixed S when s_min == s_max."""
     if s_min > s_max:
-        raise ValueError(f'scale range [{s_min}, {s_max}] is empty')
+        raise ValueError(f"scale range [{s_min}, {s_max}] is empty")
     return int(rng.integers(s_min, s_max + 1))
 
 
 def _check_fits(image: np.ndarray, size: int) -> tuple[int, int]:
     h, w = image.shape[:2]
     if h < size or w < size:
-        raise ValueError(f'cannot crop {size}x{size} from a {h}x{w} image')
+        raise ValueError(f"cannot crop {size}x{size} from a {h}x{w} image")
     return h, w
 
 

@@ -17,29 +17,29 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = (
-    'circle',
-    'square',
-    'triangle',
-    'star',
-    'cross',
-    'ring',
-    'diamond',
-    'frame',
-    'saltire',
-    'crescent',
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "frame",
+    "saltire",
+    "crescent",
 )
 TRAIN_PER_CLASS = 200
 VAL_PER_CLASS = 50
 SEED = 20140904  # The paper's arXiv v1 date.
-DIRNAME = 'demo-v1'
-BOXES_FILE = 'boxes.json'
+DIRNAME = "demo-v1"
+BOXES_FILE = "boxes.json"
 _SUPERSAMPLE = 4  # Shapes are drawn at 4x and reduced, for smooth edges.
 
 
 def default_root() -> str:
     """`$VGGJAX_CACHE/demo-v1`, else `~/.cache/vggjax/demo-v1`."""
-    cache = os.environ.get('VGGJAX_CACHE') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'vggjax'
+    cache = os.environ.get("VGGJAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vggjax"
     )
     return os.path.join(cache, DIRNAME)
 
@@ -59,39 +59,39 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, w: int, h: int) -> None:
     def poly(points):
         return [(x * (w - 1), y * (h - 1)) for x, y in points]
 
-    if name == 'circle':
+    if name == "circle":
         draw.ellipse(box(0, 0, 1, 1), fill=255)
-    elif name == 'square':
+    elif name == "square":
         draw.rectangle(box(0, 0, 1, 1), fill=255)
-    elif name == 'triangle':
+    elif name == "triangle":
         draw.polygon(poly([(0.5, 0), (1, 1), (0, 1)]), fill=255)
-    elif name == 'star':
+    elif name == "star":
         draw.polygon(poly(_star()), fill=255)
-    elif name == 'cross':
+    elif name == "cross":
         draw.rectangle(box(0.34, 0, 0.66, 1), fill=255)
         draw.rectangle(box(0, 0.34, 1, 0.66), fill=255)
-    elif name == 'ring':
+    elif name == "ring":
         draw.ellipse(box(0, 0, 1, 1), fill=255)
         draw.ellipse(box(0.3, 0.3, 0.7, 0.7), fill=0)
-    elif name == 'diamond':
+    elif name == "diamond":
         draw.polygon(poly([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]), fill=255)
-    elif name == 'frame':
+    elif name == "frame":
         draw.rectangle(box(0, 0, 1, 1), fill=255)
         draw.rectangle(box(0.28, 0.28, 0.72, 0.72), fill=0)
-    elif name == 'saltire':
+    elif name == "saltire":
         t = 0.16
         draw.polygon(poly([(0, t), (t, 0), (1, 1 - t), (1 - t, 1)]), fill=255)
         draw.polygon(poly([(1 - t, 0), (1, t), (t, 1), (0, 1 - t)]), fill=255)
-    elif name == 'crescent':
+    elif name == "crescent":
         draw.ellipse(box(0, 0, 1, 1), fill=255)
         draw.ellipse(box(0.35, -0.05, 1.25, 0.95), fill=0)
     else:
-        raise ValueError(f'unknown demo class {name!r}')
+        raise ValueError(f"unknown demo class {name!r}")
 
 
 def _shape_mask(name: str, w: int, h: int) -> Image.Image:
     s = _SUPERSAMPLE
-    mask = Image.new('L', (w * s, h * s))
+    mask = Image.new("L", (w * s, h * s))
     _draw_shape(ImageDraw.Draw(mask), name, w * s, h * s)
     return mask.resize((w, h), Image.BOX)
 
@@ -153,10 +153,10 @@ def _generate(root: str, counts: dict[str, int]) -> None:
             for i in range(count):
                 rng = np.random.default_rng([SEED, split_id, class_id, i])
                 image, box = _render(name, rng)
-                relpath = f'{split}/{name}/{i:04d}.jpg'
-                image.save(os.path.join(root, relpath), 'JPEG', quality=int(rng.integers(75, 96)))
+                relpath = f"{split}/{name}/{i:04d}.jpg"
+                image.save(os.path.join(root, relpath), "JPEG", quality=int(rng.integers(75, 96)))
                 boxes[relpath] = box
-    with open(os.path.join(root, BOXES_FILE), 'w') as f:
+    with open(os.path.join(root, BOXES_FILE), "w") as f:
         json.dump(boxes, f, indent=0, sort_keys=True)
 
 
@@ -177,15 +177,15 @@ def ensure_demo_dataset(
         return root
     if os.path.isdir(root) and os.listdir(root):
         raise ValueError(
-            f'{root} is not empty and holds no demo data set '
-            f'({BOXES_FILE} missing): remove it or choose another '
-            'directory'
+            f"{root} is not empty and holds no demo data set "
+            f"({BOXES_FILE} missing): remove it or choose another "
+            "directory"
         )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.tmp-', dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
     try:
-        _generate(tmp, {'train': train_per_class, 'val': val_per_class})
+        _generate(tmp, {"train": train_per_class, "val": val_per_class})
         os.rename(tmp, root)  # Replaces an empty root; fails on a non-empty one.
     except OSError:
         if not os.path.exists(os.path.join(root, BOXES_FILE)):

@@ -19,8 +19,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from vggjax.data import augment
-from vggjax.data import sources
+from vggjax.data import augment, sources
 
 # Each element is a whole batch: a few threads overlap batch assembly with
 # training, while worker processes (config.num_workers) give the parallelism.
@@ -33,7 +32,7 @@ def local_batch_size(config: Any, process_count: int) -> int:
     """This process's share of the global config.batch_size."""
     if config.batch_size % process_count:
         raise ValueError(
-            f'batch_size {config.batch_size} is not divisible by ' f'the {process_count} processes'
+            f"batch_size {config.batch_size} is not divisible by the {process_count} processes"
         )
     return config.batch_size // process_count
 
@@ -46,9 +45,9 @@ def steps_per_epoch(config: Any, num_examples: int) -> int:
 def _masked(label: int, crop: int) -> dict[str, np.ndarray]:
     """A zero image that keeps batch shapes fixed but must not count."""
     return {
-        'image': np.zeros((crop, crop, 3), np.float32),
-        'label': np.int32(label),
-        'mask': np.float32(0.0),
+        "image": np.zeros((crop, crop, 3), np.float32),
+        "label": np.int32(label),
+        "mask": np.float32(0.0),
     }
 
 
@@ -57,13 +56,13 @@ def _example(
 ) -> dict[str, np.ndarray]:
     """Applies image_fn; an undecodable image becomes a masked zero image."""
     try:
-        image = image_fn(element['data'])
+        image = image_fn(element["data"])
     except augment.BadImageError as e:
-        if element['id'] not in _warned_ids:
-            _warned_ids.add(element['id'])
-            logging.warning('Masking out undecodable image %s: %s', element['id'], e)
-        return _masked(element['label'], crop)
-    return {'image': image, 'label': np.int32(element['label']), 'mask': np.float32(1.0)}
+        if element["id"] not in _warned_ids:
+            _warned_ids.add(element["id"])
+            logging.warning("Masking out undecodable image %s: %s", element["id"], e)
+        return _masked(element["label"], crop)
+    return {"image": image, "label": np.int32(element["label"]), "mask": np.float32(1.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +123,10 @@ def train_dataset(
     s_min, s_max = config.train_scale
     if s_min < config.crop_size:
         raise ValueError(
-            f'train_scale {tuple(config.train_scale)} must not be '
-            f'smaller than crop_size {config.crop_size}'
+            f"train_scale {tuple(config.train_scale)} must not be "
+            f"smaller than crop_size {config.crop_size}"
         )
-    source = sources.make_source(config, 'train')
+    source = sources.make_source(config, "train")
     ds = (
         grain.MapDataset.source(source)
         .seed(config.seed if seed is None else seed)
@@ -152,7 +151,7 @@ def train_dataset(
 
 
 def eval_dataset(
-    config: Any, *, split: str = 'val', process_index: int = 0, process_count: int = 1
+    config: Any, *, split: str = "val", process_index: int = 0, process_count: int = 1
 ) -> grain.IterDataset:
     """One pass over `split` at scale Q = config.eval_scale, padded with masks.
 
@@ -162,8 +161,7 @@ def eval_dataset(
     batch = local_batch_size(config, process_count)
     if config.eval_scale < config.crop_size:
         raise ValueError(
-            f'eval_scale {config.eval_scale} must not be smaller '
-            f'than crop_size {config.crop_size}'
+            f"eval_scale {config.eval_scale} must not be smaller than crop_size {config.crop_size}"
         )
     source = sources.make_source(config, split)
     padded = steps_per_epoch(config, len(source)) * config.batch_size

@@ -32,83 +32,81 @@ class FolderSource(Source):
     """`<split_dir>/<class>/<file>`: classes are the sorted subfolder names."""
 
     def __init__(self, split_dir: str):
-        layout = f'expected {split_dir}/<class>/<image files>'
+        layout = f"expected {split_dir}/<class>/<image files>"
         if not os.path.isdir(split_dir):
-            raise ValueError(f'{split_dir} is not a directory: {layout}')
+            raise ValueError(f"{split_dir} is not a directory: {layout}")
         self.root = split_dir
         self.class_names = tuple(
             sorted(
-                e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.')
+                e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
             )
         )
         self.files = tuple(
-            (f'{name}/{e.name}', label)
+            (f"{name}/{e.name}", label)
             for label, name in enumerate(self.class_names)
             for e in sorted(os.scandir(os.path.join(split_dir, name)), key=lambda e: e.name)
-            if e.is_file() and not e.name.startswith('.')
+            if e.is_file() and not e.name.startswith(".")
         )
         if not self.files:
-            raise ValueError(f'{split_dir} holds no image files: {layout}')
+            raise ValueError(f"{split_dir} holds no image files: {layout}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         relpath, label = self.files[index]
-        with open(os.path.join(self.root, relpath), 'rb') as f:
-            return {'data': f.read(), 'label': label, 'id': relpath}
+        with open(os.path.join(self.root, relpath), "rb") as f:
+            return {"data": f.read(), "label": label, "id": relpath}
 
 
 class TfdsImageNetSource(Source):
     """ILSVRC-2012 from tfds' prepared array_record files, images kept encoded."""
 
     def __init__(self, data_dir: str | None, split: str):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds
 
-        builder = tfds.builder('imagenet2012', data_dir=data_dir, file_format='array_record')
+        builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
             raise ValueError(
-                f'imagenet2012 is not prepared in {builder.data_dir}: put '
-                'ILSVRC2012_img_{train,val}.tar in MANUAL_DIR, `pip install -e '
-                '.[imagenet]`, then run `tfds build imagenet2012 '
-                f'--data_dir={data_dir or "~/tensorflow_datasets"} '
-                '--manual_dir=MANUAL_DIR --file_format=array_record`'
+                f"imagenet2012 is not prepared in {builder.data_dir}: put "
+                "ILSVRC2012_img_{train,val}.tar in MANUAL_DIR, `pip install -e "
+                ".[imagenet]`, then run `tfds build imagenet2012 "
+                f"--data_dir={data_dir or '~/tensorflow_datasets'} "
+                "--manual_dir=MANUAL_DIR --file_format=array_record`"
             )
         self._records = builder.as_data_source(
-            split={'train': 'train', 'val': 'validation'}[split],
-            decoders={'image': tfds.decode.SkipDecoding()},
+            split={"train": "train", "val": "validation"}[split],
+            decoders={"image": tfds.decode.SkipDecoding()},
         )
-        self.class_names = tuple(builder.info.features['label'].names)
+        self.class_names = tuple(builder.info.features["label"].names)
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._records[index]
-        name = record['file_name']
+        name = record["file_name"]
         return {
-            'data': record['image'],
-            'label': int(record['label']),
-            'id': name.decode() if isinstance(name, bytes) else str(name),
+            "data": record["image"],
+            "label": int(record["label"]),
+            "id": name.decode() if isinstance(name, bytes) else str(name),
         }
 
 
 def make_source(config: Any, split: str) -> Source:
     """The `split` ('train' or 'val') of `config.dataset` in `config.data_dir`."""
-    if split not in ('train', 'val'):
+    if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    if config.dataset == 'folder':
+    if config.dataset == "folder":
         if not config.data_dir or not os.path.isdir(config.data_dir):
             raise ValueError(
-                f'data_dir {config.data_dir!r} is not a directory: '
+                f"data_dir {config.data_dir!r} is not a directory: "
                 "dataset 'folder' expects "
-                'DATA_DIR/{train,val}/<class>/<image files>'
+                "DATA_DIR/{train,val}/<class>/<image files>"
             )
         return FolderSource(os.path.join(config.data_dir, split))
-    if config.dataset == 'demo':
+    if config.dataset == "demo":
         return FolderSource(os.path.join(demo.ensure_demo_dataset(config.data_dir or None), split))
-    if config.dataset == 'imagenet2012':
+    if config.dataset == "imagenet2012":
         return TfdsImageNetSource(config.data_dir or None, split)
-    raise ValueError(
-        f'unknown dataset {config.dataset!r}: expected folder, ' 'demo or imagenet2012'
-    )
+    raise ValueError(f"unknown dataset {config.dataset!r}: expected folder, demo or imagenet2012")

@@ -12,19 +12,16 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-from vggjax.data import augment
-from vggjax.data import sources
+from vggjax.data import augment, sources
 
-_DATASET = flags.DEFINE_string('dataset', 'folder', 'folder, demo or imagenet2012.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where the data set lives.')
+_DATASET = flags.DEFINE_string("dataset", "folder", "folder, demo or imagenet2012.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set lives.")
 _MAX_IMAGES = flags.DEFINE_integer(
-    'max_images', 0, 'Average over this many random images (0: all).'
+    "max_images", 0, "Average over this many random images (0: all)."
 )
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'Decoding processes (0: in-process).')
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decoding processes (0: in-process).")
 
 # JPEGs are decoded at up to 1/8 size: the DCT keeps the mean colour.
 _DECODE_MIN_SIDE = 32
@@ -36,9 +33,9 @@ def _image_mean(element: dict[str, Any]) -> list[float]:
     A list, not an array: grain would pass arrays through shared memory.
     """
     try:
-        image = augment.decode_image(element['data'], min_side=_DECODE_MIN_SIDE)
+        image = augment.decode_image(element["data"], min_side=_DECODE_MIN_SIDE)
     except augment.BadImageError as e:
-        logging.warning('Skipping undecodable image %s: %s', element['id'], e)
+        logging.warning("Skipping undecodable image %s: %s", element["id"], e)
         return [np.nan] * 3
     return image.reshape(-1, 3).mean(0).tolist()
 
@@ -60,22 +57,22 @@ def mean_rgb(
         if not np.isnan(m).any():
             total, count = total + np.asarray(m), count + 1
     if not count:
-        raise ValueError('no decodable images')
+        raise ValueError("no decodable images")
     return total / count, count
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    config = ml_collections.ConfigDict({'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value})
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = ml_collections.ConfigDict({"dataset": _DATASET.value, "data_dir": _DATA_DIR.value})
     try:
-        source = sources.make_source(config, 'train')
+        source = sources.make_source(config, "train")
         mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
     except ValueError as e:
-        sys.exit(f'error: {e}')
-    logging.info('mean over %d of %d training images', count, len(source))
-    print('mean_rgb=({:.3f}, {:.3f}, {:.3f})'.format(*mean))
+        sys.exit(f"error: {e}")
+    logging.info("mean over %d of %d training images", count, len(source))
+    print("mean_rgb=({:.3f}, {:.3f}, {:.3f})".format(*mean))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     app.run(main)
