@@ -1,0 +1,13 @@
+"""The one exception type for user mistakes.
+
+A bad flag, config value, path or file raises `UserError`; the command lines print its message
+in one line and exit with status 2. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave, with a message that names it and what is allowed."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss or gradients became NaN or Inf: the run's settings, not the code, are at fault."""
