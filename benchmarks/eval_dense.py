@@ -4,7 +4,7 @@
     python benchmarks/eval_dense.py --model=D --num_images=1024 --batch_size=32
 
 Random images of ImageNet-like sizes (each side uniform in 300–500) are rescaled to every test
-scale Q on the host beforehand, then timed through `evaluate.Evaluator` (padding to size buckets,
+scale Q on the host beforehand, then timed through the inference engine (`vggjax.inference`: padding to size buckets,
 masked dense net, flip, posteriors back on the host): images/s counts an image once for all its
 scales. The comparison runs the same jitted step on one fixed shape per scale, Q × (mean width),
 holding about the same pixels, in full batches. Both are timed on a second pass, after
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vggjax import evaluate, models, recipe, train
+from vggjax import evaluate, inference, models, recipe, train
 from vggjax.data import augment
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     c.eval.scales = tuple(int(q) for q in _SCALES.value)
     c.eval.protocols, c.eval.flip = ("multi_scale_dense",), _FLIP.value
     c.eval.batch_size = _BATCH.value
-    evaluator = evaluate.Evaluator(c, train.make_mesh())
+    evaluator = evaluate.engine(c, train.make_mesh())
     variables = jax.device_put(
         models.init_variables(evaluator.model, jax.random.key(0)), evaluator.replicated
     )
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
 
     fixed_seconds = timed(fixed_pass)
     counts = collections.Counter(
-        (q, evaluate.bucket_shape(*e["images"][i].shape[:2], c.eval.bucket_multiple))
+        (q, inference.bucket_shape(*e["images"][i].shape[:2], c.eval.bucket_multiple))
         for e in elements
         for i, q in enumerate(c.eval.scales)
     )

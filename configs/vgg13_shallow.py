@@ -1,14 +1,12 @@
-"""The "shallow" net of Sect. 4.1 (net B with each pair of 3×3 convs replaced by one 5×5 conv) trained with the recipe of Sect. 3.1 (ImageNet, batch 256, SGD, 74 epochs).
+"""The shallow net of Sect. 4.1 (net B with each pair of 3×3 convs as one 5×5), with the recipe of Sect. 3.1 (vggjax/recipe.py).
 
-Train at S = 256, then S = 384 from it, then multi-scale S ∈ [256, 512] from that (Sect. 3.1):
+Train at S = 256 (Glorot init: its 5×5 convs cannot start from net A's 3×3 ones), then S = 384
+and S ∈ [256, 512] from it; evaluate (Sect. 3.2):
 
-    python -m vggjax.main --config=configs/vgg13_shallow.py --workdir=runs/vgg13_shallow-256 --config.data_dir=~/tensorflow_datasets
-    python -m vggjax.main --config=configs/vgg13_shallow.py:384 --workdir=runs/vgg13_shallow-384 --config.init_from=runs/vgg13_shallow-256
+    python -m vggjax.main --config=configs/vgg13_shallow.py --workdir=runs/vgg13_shallow
+    python -m vggjax.main --config=configs/vgg13_shallow.py:384 --workdir=runs/vgg13_shallow-384 --config.init_from=runs/vgg13_shallow
     python -m vggjax.main --config=configs/vgg13_shallow.py:256-512 --workdir=runs/vgg13_shallow-multi --config.init_from=runs/vgg13_shallow-384
-
-Nets deeper than A may start, as in the paper, from a trained net A (first four convs and the
-three FC layers copied): add --config.init_from=runs/vgg11-256 --config.kernel_init=normal to the
-first command. Evaluate with the paper's protocols (Sect. 3.2): add --mode=eval to the same command.
+    python -m vggjax.main --config=configs/vgg13_shallow.py:256-512 --workdir=runs/vgg13_shallow-multi --mode=eval
 """
 
 from vggjax import recipe

@@ -1,14 +1,11 @@
-"""VGG-16 with batch norm after every conv (torchvision's vgg16_bn) trained with the recipe of Sect. 3.1 (ImageNet, batch 256, SGD, 74 epochs).
+"""VGG-16 with batch norm (net D with batch norm after each conv, torchvision's vgg16_bn), with the recipe of Sect. 3.1 (vggjax/recipe.py).
 
-Train at S = 256, then S = 384 from it, then multi-scale S ∈ [256, 512] from that (Sect. 3.1):
+Train at S = 256, then S = 384 and S ∈ [256, 512] from it; evaluate (Sect. 3.2):
 
-    python -m vggjax.main --config=configs/vgg16_bn.py --workdir=runs/vgg16_bn-256 --config.data_dir=~/tensorflow_datasets
-    python -m vggjax.main --config=configs/vgg16_bn.py:384 --workdir=runs/vgg16_bn-384 --config.init_from=runs/vgg16_bn-256
+    python -m vggjax.main --config=configs/vgg16_bn.py --workdir=runs/vgg16_bn
+    python -m vggjax.main --config=configs/vgg16_bn.py:384 --workdir=runs/vgg16_bn-384 --config.init_from=runs/vgg16_bn
     python -m vggjax.main --config=configs/vgg16_bn.py:256-512 --workdir=runs/vgg16_bn-multi --config.init_from=runs/vgg16_bn-384
-
-Nets deeper than A may start, as in the paper, from a trained net A (first four convs and the
-three FC layers copied): add --config.init_from=runs/vgg11-256 --config.kernel_init=normal to the
-first command. Evaluate with the paper's protocols (Sect. 3.2): add --mode=eval to the same command.
+    python -m vggjax.main --config=configs/vgg16_bn.py:256-512 --workdir=runs/vgg16_bn-multi --mode=eval
 """
 
 from vggjax import recipe

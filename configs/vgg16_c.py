@@ -1,14 +1,12 @@
-"""VGG-16 with 1×1 convs (net C of Table 1) trained with the recipe of Sect. 3.1 (ImageNet, batch 256, SGD, 74 epochs).
+"""VGG-16 with 1×1 convs (net C of Table 1), with the recipe of Sect. 3.1 (vggjax/recipe.py).
 
-Train at S = 256, then S = 384 from it, then multi-scale S ∈ [256, 512] from that (Sect. 3.1):
+Train at S = 256 (Glorot init; or as the paper, from net A: add --config.init_from=runs/vgg11
+--config.kernel_init=normal), then S = 384 and S ∈ [256, 512] from it; evaluate (Sect. 3.2):
 
-    python -m vggjax.main --config=configs/vgg16_c.py --workdir=runs/vgg16_c-256 --config.data_dir=~/tensorflow_datasets
-    python -m vggjax.main --config=configs/vgg16_c.py:384 --workdir=runs/vgg16_c-384 --config.init_from=runs/vgg16_c-256
+    python -m vggjax.main --config=configs/vgg16_c.py --workdir=runs/vgg16_c
+    python -m vggjax.main --config=configs/vgg16_c.py:384 --workdir=runs/vgg16_c-384 --config.init_from=runs/vgg16_c
     python -m vggjax.main --config=configs/vgg16_c.py:256-512 --workdir=runs/vgg16_c-multi --config.init_from=runs/vgg16_c-384
-
-Nets deeper than A may start, as in the paper, from a trained net A (first four convs and the
-three FC layers copied): add --config.init_from=runs/vgg11-256 --config.kernel_init=normal to the
-first command. Evaluate with the paper's protocols (Sect. 3.2): add --mode=eval to the same command.
+    python -m vggjax.main --config=configs/vgg16_c.py:256-512 --workdir=runs/vgg16_c-multi --mode=eval
 """
 
 from vggjax import recipe

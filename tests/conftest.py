@@ -15,13 +15,11 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, load_config
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +33,7 @@ def tiny_demo_dir(tmp_path_factory):
 
 
 def _tiny_config(data_dir):
-    spec = importlib.util.spec_from_file_location(
-        "demo_config", os.path.join(ROOT, "configs", "demo.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    _, c = load_config("configs/demo.py")
     c.data_dir = data_dir
     c.width, c.fc_width, c.batch_size, c.num_workers = 1 / 16, 32, 16, 0
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1000, 4

@@ -1,36 +1,14 @@
 """The command line: configs load, summary prints the layer table, user mistakes get one line."""
 
 import glob
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import ROOT, load_config, run_main
 
-from vggjax import recipe
+from vggjax import options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-
-
-def run_main(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
-    return subprocess.run(
-        [sys.executable, "-m", "vggjax.main", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, (module.get_config(arg) if arg else module.get_config())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -38,7 +16,7 @@ def test_every_config_is_valid_and_documents_its_command(path):
     module, config = load_config(path)
     if not config.model:  # the net of the checkpoint it starts from, which the user names
         config.model, config.num_classes, config.init_from = "D", 10, "ckpt"
-    recipe.validate(config)
+    options.validate(config)
     name = os.path.relpath(path, ROOT)
     assert f"python -m vggjax.main --config={name}" in module.__doc__
     for field in (
@@ -76,11 +54,13 @@ def test_paper_recipe_defaults():
 
 
 def test_summary_prints_the_layer_table():
-    result = run_main("--config=configs/vgg16.py", "--mode=summary")
+    result = run_main("--config=configs/vgg16.py", "--mode=summary", XLA_FLAGS="")
     assert result.returncode == 0, result.stderr
     assert "138,357,544" in result.stdout and "15.47 G multiply-adds" in result.stdout
     assert "conv5_3" in result.stdout and "fc8" in result.stdout
-    result = run_main("--config=configs/vgg19.py", "--mode=summary", "--image_size=256")
+    result = run_main(
+        "--config=configs/vgg19.py", "--mode=summary", "--image_size=256", XLA_FLAGS=""
+    )
     assert result.returncode == 0, result.stderr
     assert "143,667,240" in result.stdout and "2×2×1000" in result.stdout
 
@@ -133,7 +113,7 @@ def test_summary_prints_the_layer_table():
     ],
 )
 def test_user_mistakes_get_one_clear_line(args, message):
-    result = run_main(*args)
+    result = run_main(*args, XLA_FLAGS="")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

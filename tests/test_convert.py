@@ -2,11 +2,10 @@
 
 References: keras.applications (JAX backend) reading the h5 files with Keras's own loader; torch
 (when installed) reading torch.save's files; and, with no torch, torchvision's forward pass
-written here in NCHW with jax.lax. Narrow nets everywhere but one full VGG16.
+written in NCHW with jax.lax (convert_files.py, which writes the files too). Narrow nets
+everywhere but one full VGG16.
 """
 
-import collections
-import io
 import os
 import pickle
 import re
@@ -18,413 +17,32 @@ import zipfile
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported, whatever ~/.keras/keras.json says
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from convert_files import (
+    CFG,
+    NARROW,
+    caffe_messages,
+    images,
+    keras_layers,
+    nchw_forward,
+    relative_difference,
+    timm_state,
+    torch_logits,
+    torch_vgg,
+    torchvision_state,
+    write_caffemodel,
+    write_keras_h5,
+    write_torch,
+    write_torch_layout,
+)
+from helpers import ROOT
 
 import vggjax
-from vggjax import checkpoints, convert, models, pretrained, recipe, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# torchvision's configuration lists ("M": max-pooling), written out here rather than taken from
-# vggjax's Table 1, so the references do not share the code under test.
-CFG = {
-    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-    ],
-}
-NARROW = dict(divisor=16, fc=16, classes=10, window=2)  # D at 1/16 width, 64×64 crops
-TORCH_MEAN, TORCH_STD = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-CAFFE_MEAN_BGR = np.float32([103.939, 116.779, 123.68])  # the VGG release's mean pixel
-
-
-def relative_difference(got, want) -> float:
-    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
-
-
-def images(n: int, size: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
-
-
-# torchvision's layout ----------------------------------------------------------------------------
-
-
-def torchvision_state(
-    cfg, divisor, fc, classes, window, seed=0, batch_norm=False
-) -> dict[str, np.ndarray]:
-    """Random weights named and shaped as torchvision's VGG state dict (He-scaled kernels and
-    non-zero biases, so a misplaced bias shows in the logits); with `batch_norm`, vgg*_bn's,
-    each BN with random scale, shift and running statistics."""
-    rng = np.random.default_rng(seed)
-
-    def layer(shape, fan_in):
-        return (
-            (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32),
-            rng.standard_normal(shape[0]).astype(np.float32),
-        )
-
-    state, channels, i = {}, 3, 0
-    for v in cfg:
-        if v == "M":
-            i += 1
-            continue
-        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = layer(
-            (v // divisor, channels, 3, 3), 9 * channels
-        )
-        channels, i = v // divisor, i + 2
-        if batch_norm:
-            state.update(
-                {
-                    f"features.{i - 1}.{k}": rng.uniform(lo, hi, channels).astype(np.float32)
-                    for k, lo, hi in (
-                        ("weight", 0.5, 1.5),
-                        ("bias", -1, 1),
-                        ("running_mean", -1, 1),
-                        ("running_var", 0.5, 2),
-                    )
-                }
-            )
-            state[f"features.{i - 1}.num_batches_tracked"] = np.array(7, np.int64)
-            i += 1
-    for name, shape in (
-        ("classifier.0", (fc, channels * window**2)),
-        ("classifier.3", (fc, fc)),
-        ("classifier.6", (classes, fc)),
-    ):
-        state[f"{name}.weight"], state[f"{name}.bias"] = layer(shape, shape[1])
-    return state
-
-
-def timm_state(state: dict[str, np.ndarray], channels: int, window: int) -> dict[str, np.ndarray]:
-    """torchvision's weights in timm's layout: fc6 and fc7 as convs, as timm's checkpoint
-    filter stores them."""
-    names = {
-        "classifier.0": "pre_logits.fc1",
-        "classifier.3": "pre_logits.fc2",
-        "classifier.6": "head.fc",
-    }
-    out = {}
-    for key, value in state.items():
-        layer, _, kind = key.rpartition(".")
-        if layer == "classifier.0" and kind == "weight":
-            value = value.reshape(-1, channels, window, window)
-        elif layer == "classifier.3" and kind == "weight":
-            value = value.reshape(*value.shape, 1, 1)
-        out[f"{names.get(layer, layer)}.{kind}"] = value
-    return out
-
-
-def nchw_forward(
-    state: dict[str, np.ndarray],
-    cfg: list,
-    rgb: np.ndarray,
-    batch_norm: bool = False,
-    caffe: bool = False,
-) -> np.ndarray:
-    """torchvision's VGG forward pass on RGB images in [0, 255]: NCHW, OIHW, NCHW flattening;
-    with `batch_norm`, vgg*_bn's in eval mode (running statistics, eps 1e-5); with `caffe`, the
-    Caffe release's input instead (BGR minus the mean BGR pixel), which is all it differs in."""
-    x = (rgb[..., ::-1] - CAFFE_MEAN_BGR) if caffe else (rgb / 255 - TORCH_MEAN) / TORCH_STD
-    x = jnp.asarray(x.transpose(0, 3, 1, 2))
-    i = 0
-    for v in cfg:
-        if v == "M":
-            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
-            i += 1
-            continue
-        x = jax.lax.conv_general_dilated(
-            x,
-            state[f"features.{i}.weight"],
-            (1, 1),
-            ((1, 1), (1, 1)),
-            dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        )
-        x = x + state[f"features.{i}.bias"][:, None, None]
-        if batch_norm:
-            bn = {
-                k: state[f"features.{i + 1}.{k}"][:, None, None]
-                for k in ("weight", "bias", "running_mean", "running_var")
-            }
-            x = (x - bn["running_mean"]) / jnp.sqrt(bn["running_var"] + 1e-5) * bn["weight"] + bn[
-                "bias"
-            ]
-            i += 1
-        x = jax.nn.relu(x)
-        i += 2
-    x = x.reshape(x.shape[0], -1)
-    for j in (0, 3, 6):
-        x = x @ state[f"classifier.{j}.weight"].T + state[f"classifier.{j}.bias"]
-        x = jax.nn.relu(x) if j < 6 else x
-    return np.asarray(x)
-
-
-class _Global:
-    """Pickles as the global `module.name`, as torch's own classes and functions do."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __reduce__(self):
-        return self.name
-
-    def __call__(self):  # pickle reduces only to callables; this one is never called
-        raise NotImplementedError
-
-
-class _Storage:
-    def __init__(self, key: str, array: np.ndarray):
-        self.key, self.array = key, np.ascontiguousarray(array, np.float32)
-
-
-class _Tensor:
-    def __init__(self, storage: _Storage):
-        self.storage = storage
-
-    def __reduce__(self):
-        a = self.storage.array
-        return (
-            _Global("torch._utils", "_rebuild_tensor_v2"),
-            (
-                self.storage,
-                0,
-                a.shape,
-                tuple(s // a.itemsize for s in a.strides),
-                False,
-                collections.OrderedDict(),
-            ),
-        )
-
-
-class _TorchPickler(pickle._Pickler):  # the pure-Python pickler lets save_global write any name
-    def __init__(self, file, legacy: bool):
-        super().__init__(file, protocol=2)
-        self.legacy = legacy
-
-    def save_global(self, obj, name=None):
-        if not isinstance(obj, _Global):
-            return super().save_global(obj, name)
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-
-    def persistent_id(self, obj):
-        if not isinstance(obj, _Storage):
-            return None
-        pid = ("storage", _Global("torch", "FloatStorage"), obj.key, "cpu", obj.array.size)
-        return pid + (None,) if self.legacy else pid
-
-
-def write_torch(path, state: dict[str, np.ndarray], legacy: bool = False) -> None:
-    """torch.save's files, written without torch: the zip format, or the one before PyTorch 1.6
-    (pickled header, state dict and storage keys, then each storage's size and data)."""
-    storages = {name: _Storage(str(i), a) for i, (name, a) in enumerate(state.items())}
-    pickled = io.BytesIO()
-    _TorchPickler(pickled, legacy).dump(
-        collections.OrderedDict((name, _Tensor(s)) for name, s in storages.items())
-    )
-    if not legacy:
-        with zipfile.ZipFile(path, "w") as z:
-            z.writestr("archive/data.pkl", pickled.getvalue())
-            z.writestr("archive/byteorder", "little")
-            for s in storages.values():
-                z.writestr(f"archive/data/{s.key}", s.array.tobytes())
-            z.writestr("archive/version", "3\n")
-        return
-    with open(path, "wb") as f:
-        sys_info = dict(
-            protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4)
-        )
-        for header in (convert._TORCH_LEGACY_MAGIC, 1001, sys_info):
-            pickle.dump(header, f, protocol=2)
-        f.write(pickled.getvalue())
-        pickle.dump([s.key for s in storages.values()], f, protocol=2)
-        for s in storages.values():
-            f.write(s.array.size.to_bytes(8, "little") + s.array.tobytes())
-
-
-def write_torch_layout(path, state, fmt: str) -> None:
-    if fmt == "safetensors":
-        pytest.importorskip("safetensors.numpy").save_file(state, str(path))
-    else:
-        write_torch(path, state, legacy=fmt == "legacy")
-
-
-def torch_vgg(cfg, divisor, fc, classes, window, batch_norm=False):
-    """torchvision's VGG module at 1/divisor width, with torch.nn (skips without torch)."""
-    nn = pytest.importorskip("torch").nn
-
-    class VGG(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layers, channels = [], 3
-            for v in cfg:
-                if v == "M":
-                    layers.append(nn.MaxPool2d(2, 2))
-                else:
-                    layers += [
-                        nn.Conv2d(channels, v // divisor, 3, padding=1),
-                        *[nn.BatchNorm2d(v // divisor)] * batch_norm,
-                        nn.ReLU(True),
-                    ]
-                    channels = v // divisor
-            self.features = nn.Sequential(*layers)
-            self.avgpool = nn.AdaptiveAvgPool2d(window)
-            self.classifier = nn.Sequential(
-                nn.Linear(channels * window**2, fc),
-                nn.ReLU(True),
-                nn.Dropout(),
-                nn.Linear(fc, fc),
-                nn.ReLU(True),
-                nn.Dropout(),
-                nn.Linear(fc, classes),
-            )
-
-        def forward(self, x):
-            return self.classifier(self.avgpool(self.features(x)).flatten(1))
-
-    net = VGG().eval()
-    for module in net.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.normal_(module.bias)  # torch starts biases at zero or near it
-        if isinstance(module, nn.BatchNorm2d):  # statistics as if trained, not 0 and 1
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.normal_(module.bias)
-            nn.init.normal_(module.running_mean)
-            nn.init.uniform_(module.running_var, 0.5, 2)
-    return net
-
-
-def torch_logits(net, rgb: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return net(
-            torch.from_numpy(((rgb / 255 - TORCH_MEAN) / TORCH_STD).transpose(0, 3, 1, 2))
-        ).numpy()
-
+from vggjax import checkpoints, convert, models, pretrained, recipe
+from vggjax.errors import UserError
 
 # The Caffe release's layout -------------------------------------------------------------------------
-
-
-def caffe_messages() -> dict[str, type]:
-    """The caffe.proto messages a .caffemodel's weights live in, built with protobuf's own
-    descriptors (the field numbers and types of caffe.proto), to write files as Caffe does."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    T = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="caffe_test.proto", package="caffe_test")
-    specs = {
-        "BlobShape": [("dim", 1, T.TYPE_INT64, True, None)],
-        "BlobProto": [
-            ("num", 1, T.TYPE_INT32, False, None),
-            ("channels", 2, T.TYPE_INT32, False, None),
-            ("height", 3, T.TYPE_INT32, False, None),
-            ("width", 4, T.TYPE_INT32, False, None),
-            ("data", 5, T.TYPE_FLOAT, True, None),
-            ("shape", 7, T.TYPE_MESSAGE, False, "BlobShape"),
-        ],
-        "V1LayerParameter": [
-            ("name", 4, T.TYPE_STRING, False, None),
-            ("type", 5, T.TYPE_INT32, False, None),
-            ("blobs", 6, T.TYPE_MESSAGE, True, "BlobProto"),
-        ],
-        "LayerParameter": [
-            ("name", 1, T.TYPE_STRING, False, None),
-            ("type", 2, T.TYPE_STRING, False, None),
-            ("blobs", 7, T.TYPE_MESSAGE, True, "BlobProto"),
-        ],
-        "NetParameter": [
-            ("name", 1, T.TYPE_STRING, False, None),
-            ("layers", 2, T.TYPE_MESSAGE, True, "V1LayerParameter"),
-            ("layer", 100, T.TYPE_MESSAGE, True, "LayerParameter"),
-        ],
-    }
-    for message, fields in specs.items():
-        m = proto.message_type.add(name=message)
-        for name, number, kind, repeated, type_name in fields:
-            f = m.field.add(
-                name=name,
-                number=number,
-                type=kind,
-                label=T.LABEL_REPEATED if repeated else T.LABEL_OPTIONAL,
-            )
-            if type_name:
-                f.type_name = f".caffe_test.{type_name}"
-            if repeated and kind != T.TYPE_MESSAGE:
-                f.options.packed = True
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe_test.{name}"))
-        for name in specs
-    }
-
-
-def write_caffemodel(path, state: dict[str, np.ndarray], cfg: list, legacy: bool = True) -> None:
-    """torchvision-layout weights as the authors' .caffemodel: layers conv1_1 … fc8 with ReLU,
-    pooling and dropout layers between them; `legacy`: the 2014 V1 format (4-D blobs given as
-    num/channels/height/width, enum layer types), else the later one (BlobShape, type names)."""
-    m = caffe_messages()
-    net = m["NetParameter"](name="VGG_ILSVRC_16_layers")
-    types_ = {
-        "conv": (4, "Convolution"),
-        "relu": (18, "ReLU"),
-        "pool": (17, "Pooling"),
-        "fc": (14, "InnerProduct"),
-        "drop": (6, "Dropout"),
-    }
-
-    def add(name, kind, *blobs):
-        layer = (net.layers if legacy else net.layer).add(name=name)
-        layer.type = types_[kind][0 if legacy else 1]
-        for blob in blobs:
-            b = layer.blobs.add()
-            b.data.extend(blob.ravel().tolist())
-            if legacy:
-                b.num, b.channels, b.height, b.width = (1,) * (4 - blob.ndim) + blob.shape
-            else:
-                b.shape.dim.extend(blob.shape)
-
-    stage, conv, i = 1, 1, 0
-    for v in cfg:
-        if v == "M":
-            add(f"pool{stage}", "pool")
-            stage, conv, i = stage + 1, 1, i + 1
-            continue
-        add(
-            f"conv{stage}_{conv}",
-            "conv",
-            state[f"features.{i}.weight"],
-            state[f"features.{i}.bias"],
-        )
-        add(f"relu{stage}_{conv}", "relu")
-        conv, i = conv + 1, i + 2
-    for n, j in ((6, 0), (7, 3), (8, 6)):
-        add(f"fc{n}", "fc", state[f"classifier.{j}.weight"], state[f"classifier.{j}.bias"])
-        if n < 8:
-            add(f"relu{n}", "relu")
-            add(f"drop{n}", "drop")
-    with open(path, "wb") as f:
-        f.write(net.SerializeToString())
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -478,57 +96,6 @@ def test_bad_caffemodels_are_named(tmp_path, capsys):
 
 
 # Keras's layout ----------------------------------------------------------------------------------
-
-
-def keras_layers(cfg, divisor=1, fc=4096, classes=1000, window=7, top=True, seed=0):
-    """(layer name, weights) of keras.applications' VGG, every layer listed, random weights."""
-    rng = np.random.default_rng(seed)
-
-    def weights(shape, fan_in):
-        return [
-            (rng.standard_normal(shape, np.float32) * np.float32(np.sqrt(2 / fan_in))),
-            rng.standard_normal(shape[-1], np.float32),
-        ]
-
-    layers, channels, stage, k = [("input_layer", [])], 3, 1, 0
-    for v in cfg:
-        if v == "M":
-            layers.append((f"block{stage}_pool", []))
-            stage, k = stage + 1, 0
-        else:
-            k += 1
-            layers.append(
-                (f"block{stage}_conv{k}", weights((3, 3, channels, v // divisor), 9 * channels))
-            )
-            channels = v // divisor
-    if top:
-        layers += [
-            ("flatten", []),
-            ("fc1", weights((channels * window**2, fc), channels)),
-            ("fc2", weights((fc, fc), fc)),
-            ("predictions", weights((fc, classes), fc)),
-        ]
-    return layers
-
-
-def write_keras_h5(path, layers, chunks: int = 1) -> None:
-    """The layout of Keras's published VGG files (Keras 1/2 names, `{layer}_W_1:0`): the root's
-    layer_names lists every layer, each layer's group lists its weight_names. With chunks > 1,
-    layer_names is split as Keras splits attributes too large for one HDF5 header."""
-    h5py = pytest.importorskip("h5py")
-    with h5py.File(path, "w") as f:
-        names = np.array([name.encode() for name, _ in layers])
-        if chunks == 1:
-            f.attrs["layer_names"] = names
-        for i, chunk in enumerate(np.array_split(names, chunks) if chunks > 1 else []):
-            f.attrs[f"layer_names{i}"] = chunk
-        f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"2.0.8"
-        for name, weights in layers:
-            group = f.create_group(name)
-            weight_names = [f"{name}_{kind}_1:0".encode() for kind in "Wb"[: len(weights)]]
-            group.attrs["weight_names"] = np.array(weight_names, dtype="S")
-            for weight_name, value in zip(weight_names, weights):
-                group.create_dataset(weight_name, data=value)
 
 
 @pytest.fixture
@@ -703,7 +270,7 @@ def test_load_pretrained_reads_a_training_workdir(tmp_path):
     c = recipe.paper_recipe("vgg11_bn")
     c.width, c.fc_width, c.num_classes, c.crop_size = 1 / 16, 16, 10, 32
     c.mean_rgb = (100.0, 110.0, 120.0)
-    model = train.model_from_config(c)
+    model = models.model_from_config(c)
     rng = np.random.default_rng(0)  # positive values: BN variances among them
     variables = jax.tree.map(
         lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype), models.abstract_variables(model)
@@ -725,7 +292,7 @@ def test_load_pretrained_reads_a_training_workdir(tmp_path):
 
 
 def _convert_error(tmp_path, source, path, model="D") -> str:
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         convert.convert(source, str(path), model, str(tmp_path / "out"))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     return str(e.value)
@@ -865,6 +432,16 @@ def test_verify_says_when_the_reference_library_is_missing(tmp_path, monkeypatch
     assert "--verify for timm weights needs" in err and "which is not installed" in err
 
 
+def _verify_torchvision(tmp_path) -> list[str]:
+    return [
+        "--from=torchvision",
+        str(tmp_path / "w.pth"),
+        "--model=D",
+        "--verify",
+        f"--output={tmp_path / 'out'}",
+    ]
+
+
 def test_verify_fails_when_the_outputs_differ(tmp_path, monkeypatch, capsys):
     write_torch(tmp_path / "w.pth", torchvision_state(CFG["D"], **NARROW))
     monkeypatch.setattr(
@@ -875,15 +452,32 @@ def test_verify_fails_when_the_outputs_differ(tmp_path, monkeypatch, capsys):
         ),
     )
     with pytest.raises(SystemExit) as e:
-        convert.main(
-            [
-                "--from=torchvision",
-                str(tmp_path / "w.pth"),
-                "--model=D",
-                "--verify",
-                f"--output={tmp_path / 'out'}",
-            ]
-        )
+        convert.main(_verify_torchvision(tmp_path))
     out, err = capsys.readouterr()
     assert e.value.code == 1 and "Compared with torchvision: max relative difference" in out
     assert err.startswith("vggjax.convert: error: the converted net differs from torchvision's by")
+
+
+def test_verify_names_a_reference_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """The library's own (many-line) message stays out: one line naming the error and the file."""
+    write_torch(tmp_path / "w.pth", torchvision_state(CFG["D"], **NARROW))
+
+    def load_state_dict(state):
+        raise RuntimeError("Error(s) in loading state_dict for VGG:\n\tMissing key(s): ...")
+
+    net = types.SimpleNamespace(load_state_dict=load_state_dict)
+    stub = types.SimpleNamespace(models=types.SimpleNamespace(vgg16=lambda num_classes: net))
+    monkeypatch.setitem(sys.modules, "torchvision", stub)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=lambda p, **_: {}))
+    with pytest.raises(SystemExit) as e:
+        convert.main(_verify_torchvision(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"torchvision raised RuntimeError on {tmp_path / 'w.pth'}" in err
+
+
+def test_cli_lets_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    """Only UserError becomes a one-line exit; anything else is a bug and propagates."""
+    monkeypatch.setattr(convert, "convert", lambda *_: {}["pretrained"])
+    with pytest.raises(KeyError):
+        convert.main(["--from=torchvision", "w.pth", "--model=D", f"--output={tmp_path}"])

@@ -3,28 +3,25 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_main
 
-from vggjax import checkpoints, evaluate, models, recipe, train
+from vggjax import checkpoints, evaluate, inference, models, options, recipe, train
 from vggjax.data import augment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 64
 # Several aspect ratios, odd and even sides (odd ones exercise the floor of every pooling).
 SHAPES = [(64, 64), (67, 101), (99, 73), (64, 150), (127, 95), (80, 80)]
 
 
 def narrow(name):
-    model = models.create_model(
-        name, 10, width=1 / 16, fc_width=32, crop_size=CROP, kernel_init="he"
-    )
-    variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
+    model = helpers.narrow(name, CROP)
+    variables = helpers.init(model)
     # Non-zero biases (as in a trained net; BN's shift too) turn the zero padding non-zero.
     variables["params"] = jax.tree_util.tree_map_with_path(
         lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"]
@@ -54,7 +51,9 @@ def test_padded_dense_evaluation_equals_each_image_alone(name):
     model, variables = narrow(name)
     images = random_images(SHAPES)
     batch, sizes = padded_batch(images)
-    scores = jax.jit(lambda v, x, s: evaluate.dense_scores(model, v, x, s))(variables, batch, sizes)
+    scores = jax.jit(lambda v, x, s: inference.dense_average(model, v, x, s))(
+        variables, batch, sizes
+    )
     unmasked = jax.jit(lambda v, x: model.apply(v, x, dense=True))(variables, batch)
     for i, image in enumerate(images):
         alone = model.apply(variables, image[None], dense=True)[0]
@@ -71,7 +70,7 @@ def test_mirrored_image_gets_the_same_flip_averaged_posteriors(net_a):
     model, variables = net_a
     image = random_images([(75, 110)], seed=1)[0]
     batch, sizes = padded_batch([image, image[:, ::-1]])
-    mirrored = evaluate.mirror(jnp.asarray(batch), sizes)
+    mirrored = inference.mirror(jnp.asarray(batch), sizes)
     np.testing.assert_array_equal(mirrored[0, :75, :110], image[:, ::-1])
     np.testing.assert_array_equal(mirrored[1, :75, :110], image)
     both = evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)
@@ -117,7 +116,7 @@ def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
         np.testing.assert_allclose(got, flip_averaged, rtol=0, atol=1e-5)
 
 
-def protocols_config(protocols=recipe.EVAL_PROTOCOLS[:-1], scales=(72, 88, 104)):
+def protocols_config(protocols=tuple(options.EVAL_PROTOCOLS)[:-1], scales=(72, 88, 104)):
     c = recipe.paper_recipe("A", "72-104")
     c.crop_size, c.num_classes = CROP, 4
     c.eval.protocols, c.eval.scales = protocols, scales
@@ -204,16 +203,16 @@ def test_bucket_shapes_stay_few_for_imagenet_like_sizes():
         for w in range(300, 501):
             for q in (224, 256, 288):
                 size = rescaled(h, w, q)
-                bucket = evaluate.bucket_shape(*size)
+                bucket = inference.bucket_shape(*size)
                 assert bucket[0] >= size[0] and bucket[1] >= size[1]
                 assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
                 shapes.add(bucket)
                 waste = max(waste, 1 - size[0] * size[1] / (bucket[0] * bucket[1]))
     assert len(shapes) == 37 and waste < 0.13  # at most 12% of a bucket is padding
     # However elongated, a few buckets per octave of aspect ratio: 8 per octave at Q = 256.
-    long_sides = {evaluate.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
+    long_sides = {inference.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
     assert len(long_sides) == 3 * 8 + 1  # 256, 288, …, 512, 576, …, 1024, 1152, …, 2048
-    assert evaluate.bucket_shape(256, 600) == (256, 640)  # past 2Q, steps of 64
+    assert inference.bucket_shape(256, 600) == (256, 640)  # past 2Q, steps of 64
 
 
 def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_dir, tmp_path):
@@ -224,10 +223,7 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     data = tmp_path / "data"
     shutil.copytree(os.path.join(tiny_demo_dir, "val"), data / "val")
     (data / "val" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    args = [
-        sys.executable,
-        "-m",
-        "vggjax.main",
+    result = run_main(
         "--config=configs/demo.py",
         "--mode=eval",
         f"--workdir={workdir}",
@@ -237,16 +233,8 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
         "--config.fc_width=32",
         "--config.num_workers=0",
         "--config.eval.batch_size=8",
-        f"--config.eval.protocols={recipe.EVAL_PROTOCOLS!r}",
+        f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)!r}",
         f"--config.eval.checkpoints=('{workdir}', '{workdir}/checkpoints/2')",
-    ]
-    result = subprocess.run(
-        args,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "circle/broken.jpg" in result.stderr and "images/s" in result.stderr
@@ -292,7 +280,7 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
 
     # One image through the whole pipeline equals the dense net applied to it alone.
     tiny_config.eval.scales = (88,)
-    model = train.model_from_config(tiny_config)
+    model = models.model_from_config(tiny_config)
     variables = checkpoints.restore_params(str(workdir))
     index = next(i for i, name in enumerate(ids) if not predictions["bad"][i])
     with open(data / "val" / ids[index], "rb") as f:
@@ -311,6 +299,6 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
             with open(data / "val" / name, "rb") as f:
                 h, w = augment.decode_image(f.read()).shape[:2]
             # Q = 72, 88 and 104 run the same program (dense and multi-crop); 73 the centre crop.
-            expected |= {("Q", evaluate.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
-            expected.add(("centre", evaluate.bucket_shape(*rescaled(h, w, 73))))
+            expected |= {("Q", inference.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
+            expected.add(("centre", inference.bucket_shape(*rescaled(h, w, 73))))
     assert summary["compiled_shapes"] == len(expected) <= 8

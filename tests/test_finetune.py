@@ -1,18 +1,14 @@
 """Fine-tuning (issue 5): from a converted checkpoint, a new last layer, all or some layers trained."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from test_convert import CFG, NARROW, torchvision_state, write_torch
+from convert_files import CFG, NARROW, torchvision_state, write_torch
+from helpers import run_main
 
-from vggjax import checkpoints, convert, models, pretrained, recipe, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vggjax import checkpoints, convert, models, options, pretrained, train
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +23,6 @@ def converted(tmp_path_factory):
 
 def finetune_args(workdir, data_dir, init_from, *extra):
     return [
-        sys.executable,
-        "-m",
-        "vggjax.main",
         "--config=configs/finetune.py",
         f"--workdir={workdir}",
         f"--config.init_from={init_from}",
@@ -45,23 +38,12 @@ def finetune_args(workdir, data_dir, init_from, *extra):
     ]
 
 
-def run_main(args):
-    return subprocess.run(
-        args,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_finetune_fc_layers_from_a_converted_checkpoint(converted, tiny_demo_dir, tmp_path):
     """configs/finetune.py with --config.trainable=fc: the net, widths and mean are the
     checkpoint's; fc8 is new with 10 classes; the conv layers are bit-for-bit the converted
     ones (no update, no weight decay) while fc6–fc8 move."""
     workdir = tmp_path / "fc"
-    result = run_main(finetune_args(workdir, tiny_demo_dir, converted, "--config.trainable=fc"))
+    result = run_main(*finetune_args(workdir, tiny_demo_dir, converted, "--config.trainable=fc"))
     assert result.returncode == 0, result.stderr[-3000:]
     source = checkpoints.restore_params(converted)["params"]
     tuned = checkpoints.restore_params(str(workdir))["params"]
@@ -82,7 +64,7 @@ def test_finetune_fc_layers_from_a_converted_checkpoint(converted, tiny_demo_dir
 
 def test_finetune_all_layers_moves_the_convs(converted, tiny_config, tmp_path):
     c = pretrained.inherit_net(_finetune_config(tiny_config, converted))
-    recipe.validate(c)
+    options.validate(c)
     train.train_and_evaluate(c, str(tmp_path))
     source = checkpoints.restore_params(converted)["params"]
     tuned = checkpoints.restore_params(str(tmp_path))["params"]
@@ -165,7 +147,7 @@ def test_batch_norm_statistics_come_with_their_layers():
 
 def test_finetune_config_errors_are_one_line(converted, tiny_demo_dir, tmp_path):
     result = run_main(
-        finetune_args(tmp_path / "w", tiny_demo_dir, converted, "--config.init_layers=all")
+        *finetune_args(tmp_path / "w", tiny_demo_dir, converted, "--config.init_layers=all")
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "init_layers='all_but_fc8'" in result.stderr.strip().splitlines()[-1]

@@ -7,8 +7,8 @@ import subprocess
 import tarfile
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = [
     "--name=vgg-pod",
     "--zone=us-central2-b",

@@ -12,10 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import ROOT, run_main
 
 from vggjax import checkpoints, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -142,21 +141,13 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     ],
 )
 def test_bad_distributed_flags_get_one_clear_line(tiny_demo_dir, tmp_path, flags, message):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vggjax.main",
-            "--config=configs/demo.py",
-            f"--workdir={tmp_path}",
-            f"--config.data_dir={tiny_demo_dir}",
-            *flags,
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""),
-        capture_output=True,
-        text=True,
+    result = run_main(
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={tiny_demo_dir}",
+        *flags,
         timeout=120,
+        XLA_FLAGS="",
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -164,7 +155,7 @@ def test_bad_distributed_flags_get_one_clear_line(tiny_demo_dir, tmp_path, flags
 
 
 def test_two_processes_extract_the_features_one_does(trained_demo_net, tiny_demo_dir, tmp_path):
-    """`--mode=features` (evaluation's loop) on 2 processes × 4 devices: each reads and runs its
+    """`--mode=features` (the inference engine) on 2 processes × 4 devices: each reads and runs its
     share of the images, all are gathered in order, process 0 alone writes, and the file equals
     one process's."""
     args = [

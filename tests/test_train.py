@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, run_main
 
 from vggjax import checkpoints, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_batches(config, n, seed=0):
@@ -187,9 +186,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, 
 
 def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
     args = [
-        sys.executable,
-        "-m",
-        "vggjax.main",
         "--config=configs/demo.py",
         f"--workdir={tmp_path}",
         f"--config.data_dir={tiny_demo_dir}",
@@ -201,7 +197,8 @@ def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, 
         "--config.num_train_steps=100000",
     ]
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "vggjax.main", *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # wait until training is under way
             if "step 3/" in line:
@@ -216,14 +213,7 @@ def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, 
     step = checkpoints.Checkpoints(str(tmp_path)).latest_step()
     assert step is not None and step >= 3
     # The same command resumes from there and finishes a short budget with results.
-    result = subprocess.run(
-        args[:-1] + [f"--config.num_train_steps={step + 2}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_main(*args[:-1], f"--config.num_train_steps={step + 2}", XLA_FLAGS="")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Resumed from the checkpoint at step {step}" in result.stderr
     assert json.loads((tmp_path / "results.json").read_text())["step"] == step + 2

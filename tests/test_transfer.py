@@ -2,18 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_main
 
 from vggjax import features, pretrained, recipe, transfer
 from vggjax.data import augment
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def transfer_config(data_dir, checkpoints, scales=(72, 88, 104), aggregation="stack"):
@@ -27,7 +24,7 @@ def transfer_config(data_dir, checkpoints, scales=(72, 88, 104), aggregation="st
 
 def fc7_descriptor(model, variables, image):
     """fc7's ReLU activations averaged over the dense map, read off Flax's captured
-    intermediates: a path independent of the interceptor `features` uses."""
+    intermediates: a path independent of the `output=` argument `features` uses."""
     _, state = model.apply(variables, image[None], dense=True, capture_intermediates=True)
     return np.asarray(jax.nn.relu(state["intermediates"]["fc7"]["__call__"][0])).mean((1, 2))[0]
 
@@ -36,27 +33,17 @@ def test_features_mode_writes_the_papers_descriptors(trained_demo_net, tiny_demo
     """`--mode=features` on two nets and two scales, stacked: shapes, unit norms, ids; one
     image's descriptor recomputed from the net applied to it alone."""
     workdir = tmp_path / "features"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vggjax.main",
-            "--config=configs/demo.py",
-            "--mode=features",
-            f"--workdir={workdir}",
-            "--config.dataset=folder",
-            f"--config.data_dir={tiny_demo_dir}",
-            "--config.num_workers=0",
-            "--config.eval.batch_size=8",
-            "--config.features.scales=(72,104)",
-            f"--config.features.checkpoints=('{trained_demo_net}','{trained_demo_net}')",
-            "--config.features.splits=('val',)",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_main(
+        "--config=configs/demo.py",
+        "--mode=features",
+        f"--workdir={workdir}",
+        "--config.dataset=folder",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.num_workers=0",
+        "--config.eval.batch_size=8",
+        "--config.features.scales=(72,104)",
+        f"--config.features.checkpoints=('{trained_demo_net}','{trained_demo_net}')",
+        "--config.features.splits=('val',)",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "features_val.npz: 40 images × 128 features" in result.stderr

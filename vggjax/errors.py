@@ -11,3 +11,9 @@ class UserError(ValueError):
 
 class DivergedError(UserError, FloatingPointError):
     """The loss or gradients became NaN or Inf: the run's settings, not the code, are at fault."""
+
+
+def require(ok: bool, field: str, allowed: str, value: object) -> None:
+    """UserError `{field} must be {allowed}, got {value!r}` unless `ok`."""
+    if not ok:
+        raise UserError(f"{field} must be {allowed}, got {value!r}")

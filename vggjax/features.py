@@ -3,7 +3,7 @@
 The net without its last FC layer is applied densely to the whole image rescaled to Q; its
 4096-D penultimate activations are averaged over the map and with those of the mirror image,
 then over several Q either averaged or stacked, and L2-normalised. Two nets' descriptors are
-stacked ("late fusion"). The images go through evaluation's bucketed loop (`evaluate.Evaluator`),
+stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.inference`),
 so any image size runs exactly, batched and sharded over the devices.
 """
 
@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vggjax import evaluate, models, pretrained, recipe, train
+from vggjax import inference, models, options, pretrained, train
 from vggjax.data import sources
+from vggjax.errors import UserError
 
 
 def dense_descriptor(
@@ -27,12 +28,10 @@ def dense_descriptor(
 ) -> jax.Array:
     """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
     positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
-    with pretrained.skip_layers(("fc8",)):
-        d = evaluate.dense_scores(model, variables, images, sizes)
-        if flip:
-            d = (
-                d + evaluate.dense_scores(model, variables, evaluate.mirror(images, sizes), sizes)
-            ) / 2
+    d = inference.dense_average(model, variables, images, sizes, output="fc7")
+    if flip:
+        mirrored = inference.mirror(images, sizes)
+        d = (d + inference.dense_average(model, variables, mirrored, sizes, output="fc7")) / 2
     return d
 
 
@@ -43,8 +42,7 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def aggregate(per_scale: list[np.ndarray], how: str) -> np.ndarray:
     """Descriptors at several Q, (N, D) each → (N, D) averaged or (N, len·D) stacked, unit norm."""
-    if how not in recipe.AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {recipe.AGGREGATIONS}, got {how!r}")
+    options.one_of("aggregation", how, options.AGGREGATIONS)
     return l2_normalise(np.mean(per_scale, 0) if how == "average" else np.concatenate(per_scale, 1))
 
 
@@ -69,21 +67,28 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
     source = sources.make_source(config, split)
     mesh = train.make_mesh(jax.local_devices())
     scales = tuple(config.features.scales)
-    head = evaluate.Head(
+    head = inference.Head(
         functools.partial(dense_descriptor, flip=config.features.flip), fill=lambda width: 0.0
     )
     per_net = []
     for i, (path, net) in enumerate(zip(paths, nets)):
-        evaluator = evaluate.Evaluator(
-            net, mesh, dict.fromkeys(scales, ("features",)), {"features": head}
+        runner = inference.Engine(
+            models.model_from_config(net),
+            tuple(net.mean_rgb),
+            mesh,
+            dict.fromkeys(scales, ("features",)),
+            {"features": head},
+            config.eval.batch_size,
+            config.eval.bucket_multiple,
+            config.num_workers,
         )
-        _, variables, _ = pretrained.load_pretrained(path, evaluator.replicated)
+        _, variables, _ = pretrained.load_pretrained(path, runner.replicated)
         if "fc7" not in variables["params"]:
-            raise ValueError(
+            raise UserError(
                 f"{path} has no FC layers (converted without the top): the features "
                 f"of Appendix B are fc7's activations"
             )
-        data = evaluator.evaluate_source(variables, source, f"{split} features, net {i + 1}")
+        data = runner.run_source(variables, source, f"{split} features, net {i + 1}")
         per_net.append(
             aggregate([data["raw"]["features", q] for q in scales], config.features.aggregation)
         )

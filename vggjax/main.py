@@ -1,17 +1,22 @@
 """Command line: `python -m vggjax.main --config=configs/vgg19.py --workdir=DIR [--mode=MODE]`.
 
 Thin on purpose: flags in, one function of vggjax out. A user mistake (a bad flag, config
-field or value) ends with one line on stderr and exit status 2, never a traceback.
+field or value: a `vggjax.UserError`) ends with one line on stderr and exit status 2; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging as pylogging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vggjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -79,7 +84,7 @@ def _init_distributed() -> None:
         jax.distributed.initialize(**given)
     except ValueError as e:
         if given:
-            raise ValueError(
+            raise UserError(
                 f"jax.distributed: {e} Outside a TPU pod, SLURM or Open MPI job, give "
                 f"--coordinator_address, --num_processes and --process_id"
             ) from e
@@ -92,90 +97,125 @@ def _init_distributed() -> None:
     )
 
 
+def _summary(config: ml_collections.ConfigDict) -> None:
+    from vggjax import models, summary
+
+    model = models.model_from_config(config)
+    image_size = _IMAGE_SIZE.value
+    if image_size is not None and image_size < config.crop_size:
+        raise UserError(
+            f"--image_size must be at least the crop ({config.crop_size}), got {image_size}"
+        )
+    print(f"Config ({config_flags.get_config_filename(flags.FLAGS['config'])}):")
+    print(config)
+    print(summary.format_summary(model, config.model, image_size))
+
+
+def _use_compilation_cache() -> None:
+    """Restarts and resumed runs skip XLA compilation (and GPU autotuning)."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax"))
+
+
+def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+    if mode == "eval":
+        from vggjax.evaluate import evaluate as run
+    elif mode == "features":
+        from vggjax.features import run
+    elif mode == "transfer":
+        from vggjax.transfer import run
+    else:
+        from vggjax.train import train_and_evaluate as run
+    run(config, workdir)
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
-    mode = _MODE.value
-    from vggjax import pretrained, recipe  # after flag parsing: keeps --help fast
+    from vggjax import options, pretrained  # after flag parsing: keeps --help fast
 
     try:
         config = pretrained.inherit_net(_CONFIG.value)
-        recipe.validate(config)
-        if mode == "summary":
-            from vggjax import models, summary
-
-            model = models.create_model(
-                config.model,
-                config.num_classes,
-                width=config.width,
-                fc_width=config.fc_width,
-                crop_size=config.crop_size,
-            )
-            if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < config.crop_size:
-                raise ValueError(
-                    f"--image_size must be at least the crop ({config.crop_size}), "
-                    f"got {_IMAGE_SIZE.value}"
-                )
-            print(f"Config ({config_flags.get_config_filename(flags.FLAGS['config'])}):")
-            print(config)
-            print(summary.format_summary(model, config.model, _IMAGE_SIZE.value))
-            return
+        options.validate(config)
+        if _MODE.value == "summary":
+            return _summary(config)
         if not _WORKDIR.value:
-            raise ValueError(f"--workdir is required for --mode={mode}")
-        import jax
-
-        # Restarts and resumed runs skip XLA compilation (and GPU autotuning).
-        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            jax.config.update(
-                "jax_compilation_cache_dir",
-                os.path.join(
-                    os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax"), "jax"
-                ),
-            )
+            raise UserError(f"--workdir is required for --mode={_MODE.value}")
+        _use_compilation_cache()
         _init_distributed()
-        if mode == "eval":
-            from vggjax import evaluate
-
-            evaluate.evaluate(config, _WORKDIR.value)
-        elif mode == "features":
-            from vggjax import features
-
-            features.run(config, _WORKDIR.value)
-        elif mode == "transfer":
-            from vggjax import transfer
-
-            transfer.run(config, _WORKDIR.value)
-        else:
-            from vggjax import train
-
-            train.train_and_evaluate(config, _WORKDIR.value)
-    except (ValueError, FloatingPointError) as e:  # bad input, or a diverged run: say which
+        _run_mode(_MODE.value, config, _WORKDIR.value)
+    except UserError as e:  # a user mistake, or a diverged run: say which; bugs keep tracebacks
         _fail(str(e))
+
+
+def _config_path(argv: list[str]) -> str:
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None:
+        _fail("--config is required, e.g. --config=configs/vgg16.py")
+    if not os.path.isfile(path.split(":", 1)[0]):
+        _fail(f"config file {path.split(':', 1)[0]!r} not found; the configs are in configs/")
+    return path
+
+
+def _has_field(config: ml_collections.ConfigDict, field: str) -> bool:
+    """Whether `field` ("eval.scales") names a field of `config`."""
+    *parents, name = field.split(".")
+    for parent in parents:
+        config = config.get(parent) if isinstance(config, ml_collections.ConfigDict) else None
+    if not isinstance(config, ml_collections.ConfigDict):
+        return False
+    return name in config
+
+
+def _flag_error(e: flags.Error) -> str:
+    """The one line for a bad flag: the UserError behind it (a config file's own check; the
+    innermost, as config_flags re-raises it with a traceback in the message), the unknown
+    flag's name, or absl's message. A multi-line message holds a traceback of a config file
+    that failed otherwise: a bug, so it is raised."""
+    user, cause = None, e
+    while cause is not None:
+        user = cause if isinstance(cause, UserError) else user
+        cause = cause.__cause__ or cause.__context__
+    if user is not None:
+        return str(user)
+    if isinstance(e, flags.UnrecognizedFlagError):
+        return f"unknown flag --{e.flagname}"
+    if "\n" in str(e):
+        raise e
+    return str(e)
+
+
+def _config_fields(path: str) -> ml_collections.ConfigDict:
+    """The config file's `get_config(ARG)`, loaded apart before config_flags applies the
+    overrides: it reports an unknown `--config.FIELD` only as a KeyError deep in absl."""
+    file, *arg = path.split(":", 1)
+    spec = importlib.util.spec_from_file_location("_vggjax_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with one line for a bad flag instead of a usage dump or a traceback."""
-    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if "--config" in argv[:-1]:
-        config_path = argv[argv.index("--config") + 1]
-    if config_path is None:
-        _fail("--config is required, e.g. --config=configs/vgg16.py")
-    if not os.path.isfile(config_path.split(":", 1)[0]):
-        _fail(
-            f"config file {config_path.split(':', 1)[0]!r} not found; the configs are in configs/"
-        )
+    path = _config_path(argv)
     try:
+        fields = _config_fields(path)
+        for arg in argv[1:]:
+            field = arg[len("--config.") :].split("=", 1)[0]
+            if arg.startswith("--config.") and not _has_field(fields, field):
+                _fail(
+                    f"unknown config field --config.{field}; --mode=summary lists the fields of {path}"
+                )
         return flags.FLAGS(argv)
-    except flags.Error as e:  # the config's own error is the last line of the message
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        flag = lines[0].split(": ", 1)[0]
-        _fail(f"{flag}: {lines[-1].split(': ', 1)[-1]}" if len(lines) > 1 else lines[0])
-    except (AttributeError, KeyError) as e:  # config_flags' way of saying "no such field"
-        name = str(e).strip("'\"")
-        field = next(
-            (a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a), name
-        )
-        _fail(f"unknown config field {field}; --mode=summary lists the fields of {config_path}")
+    except UserError as e:
+        _fail(str(e))
+    except flags.Error as e:
+        _fail(_flag_error(e))
 
 
 class _OwnInfoOnly(pylogging.Filter):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
 # for a conv layer, "LRN" for local response normalisation. Max-pooling ends every stage.
@@ -62,32 +64,39 @@ class Layer:
 
     name: str  # Caffe's names (conv1_1 ... conv5_4, fc6, fc7, fc8), as in the released weights
     kind: str  # "conv", "lrn", "pool" or "fc"
-    kernel: int = 0
+    kernel: int = 0  # a conv's kernel side; an FC layer's window in the dense form
     features: int = 0
 
 
 def layer_table(
-    config: str, width: float = 1.0, fc_width: int = 4096, num_classes: int = 1000
+    config: str,
+    width: float = 1.0,
+    fc_width: int = 4096,
+    num_classes: int = 1000,
+    crop_size: int = 224,
 ) -> list[Layer]:
-    """The layers of a Table 1 configuration with channels scaled by `width`."""
-    stages = TABLE_1[config]
+    """The layers of a Table 1 configuration with channels scaled by `width`.
+
+    fc6 sees the last pooled map of a crop, (crop_size/32)² positions: in the dense form it is
+    a conv with that window (7×7 at 224); fc7 and fc8 are 1×1 convs.
+    """
     layers = []
-    for s, stage in enumerate(stages, start=1):
-        conv = 0
+    for s, stage in enumerate(TABLE_1[config], start=1):
+        convs = 0
         for spec in stage:
             if spec == "LRN":
                 layers.append(Layer(f"lrn{s}", "lrn"))
-            else:
-                conv += 1
-                kernel, channels = spec
-                layers.append(
-                    Layer(f"conv{s}_{conv}", "conv", kernel, max(1, round(channels * width)))
-                )
+                continue
+            convs += 1
+            kernel, channels = spec
+            layers.append(
+                Layer(f"conv{s}_{convs}", "conv", kernel, max(1, round(channels * width)))
+            )
         layers.append(Layer(f"pool{s}", "pool", 2))
     layers += [
-        Layer("fc6", "fc", 0, fc_width),
-        Layer("fc7", "fc", 0, fc_width),
-        Layer("fc8", "fc", 0, num_classes),
+        Layer("fc6", "fc", crop_size // 32, fc_width),
+        Layer("fc7", "fc", 1, fc_width),
+        Layer("fc8", "fc", 1, num_classes),
     ]
     return layers
 
@@ -179,18 +188,23 @@ def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
 
 
 class VGG(nn.Module):
-    """A VGG net. `__call__(images, train=False, dense=False, sizes=None)`.
+    """A VGG net. `__call__(images, train=False, dense=False, sizes=None, output=None)`.
 
     images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
     logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
     classes) with h = H//32 − crop_size/32 + 1 (224: H//32 − 6).
+
+    output: the name of the layer whose activation to return instead of the logits (`layers`
+    lists them: conv1_1 … pool5, fc6, fc7, fc8), the net stopping there: a conv's after its
+    ReLU (and batch norm), fc6's and fc7's after ReLU and dropout. Up to pool5 any image of at
+    least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is enough.
 
     sizes (dense form only): (N, 2) valid (height, width) of each image, placed top-left in a
     larger padded batch. Every conv's input is zeroed outside the valid region, which halves
     with floor at each pooling, so the padding acts exactly as the SAME padding of the image
     alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for an odd valid size a
     pooling window straddling the border carries an image value one row or column into the
-    padding.) Score-map positions inside `dense_map_sizes(sizes)` are then those of the image
+    padding.) Map positions inside `dense_map_sizes(sizes)` are then those of the image
     alone, and the rest are to be ignored.
     """
 
@@ -209,30 +223,46 @@ class VGG(nn.Module):
 
     @property
     def layers(self) -> list[Layer]:
-        return layer_table(self.config, self.width, self.fc_width, self.num_classes)
+        return layer_table(self.config, self.width, self.fc_width, self.num_classes, self.crop_size)
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, train: bool = False, dense: bool = False, sizes: jax.Array | None = None
-    ) -> jax.Array:
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {x.shape}")
-        size = tuple(x.shape[1:3])
-        if dense and min(size) < self.crop_size:
+    def _upto(self, output: str | None) -> list[Layer]:
+        """The layers to run to return `output`'s activation (None: all of them)."""
+        names = [layer.name for layer in self.layers]
+        if output is not None and output not in names:
             raise ValueError(
-                f"dense evaluation needs images at least {self.crop_size}×"
-                f"{self.crop_size}, got {size[0]}×{size[1]}"
+                f"output must be a layer of the net ({', '.join(names)}), got {output!r}"
             )
-        if not dense and size != (self.crop_size, self.crop_size):
+        return self.layers[: names.index(output) + 1 if output else None]
+
+    def _check_input(self, shape: tuple[int, ...], dense: bool, sizes: Any, fc: bool) -> None:
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {shape}")
+        h, w = shape[1:3]
+        least = self.crop_size if fc else 32
+        if dense and min(h, w) < least:
+            raise ValueError(f"dense evaluation needs images at least {least}×{least}, got {h}×{w}")
+        if not dense and (h, w) != (self.crop_size, self.crop_size):
             raise ValueError(
                 f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
-                f"{size[0]}×{size[1]}; use dense=True for whole images"
+                f"{h}×{w}; use dense=True for whole images"
             )
         if sizes is not None and not dense:
             raise ValueError("per-image sizes apply to the dense form only (dense=True)")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        dense: bool = False,
+        sizes: jax.Array | None = None,
+        output: str | None = None,
+    ) -> jax.Array:
+        layers = self._upto(output)
+        self._check_input(x.shape, dense, sizes, fc=layers[-1].kind == "fc")
         init = KERNEL_INITS[self.kernel_init]
         x = x.astype(self.dtype)
-        for layer in self.layers:
+        for layer in layers:
             if layer.kind == "conv":
                 x = _zero_outside(x, sizes)
                 x = nn.Conv(
@@ -260,10 +290,8 @@ class VGG(nn.Module):
             else:
                 if layer.name == "fc6" and not dense:
                     x = x.reshape(x.shape[0], -1)
-                window = self.crop_size // 32 if layer.name == "fc6" else 1
-                x = FullyConnected(layer.features, window, init, self.dtype, name=layer.name)(
-                    x, dense
-                )
+                fc = FullyConnected(layer.features, layer.kernel, init, self.dtype, name=layer.name)
+                x = fc(x, dense)
                 if layer.name != "fc8":
                     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
         return x
@@ -277,7 +305,39 @@ def resolve_name(name: str) -> tuple[str, bool]:
         return ALIASES[name.lower()], False
     if name.lower() in BATCH_NORM_NETS:
         return BATCH_NORM_NETS[name.lower()], True
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def check_model(
+    name: str,
+    num_classes: int,
+    width: float,
+    fc_width: int,
+    crop_size: int,
+    dropout_rate: float,
+    kernel_init: str,
+    prefix: str = "",
+) -> None:
+    """UserError naming the first argument of `create_model` that is not allowed (`prefix`
+    names where it came from, e.g. "config.")."""
+    resolve_name(name)
+    positive = "a positive integer"
+    require(
+        crop_size > 0 and crop_size % 32 == 0,
+        prefix + "crop_size",
+        "a positive multiple of 32 (five 2×2 poolings)",
+        crop_size,
+    )
+    require(width > 0, prefix + "width", "a positive channel multiplier", width)
+    require(fc_width > 0, prefix + "fc_width", positive, fc_width)
+    require((num_classes or 0) > 0, prefix + "num_classes", positive, num_classes)
+    require(0 <= dropout_rate < 1, prefix + "dropout_rate", "in [0, 1)", dropout_rate)
+    require(
+        kernel_init in KERNEL_INITS,
+        prefix + "kernel_init",
+        f"one of {tuple(KERNEL_INITS)}",
+        kernel_init,
+    )
 
 
 def create_model(
@@ -296,22 +356,8 @@ def create_model(
     width scales every conv's channels and fc_width sets the FC layers' size, so tests and the
     demo can run narrow nets of exactly the paper's shape.
     """
+    check_model(name, num_classes, width, fc_width, crop_size, dropout_rate, kernel_init)
     config, batch_norm = resolve_name(name)
-    if crop_size <= 0 or crop_size % 32:
-        raise ValueError(
-            f"crop_size must be a positive multiple of 32 (five 2×2 poolings), got {crop_size}"
-        )
-    if width <= 0 or fc_width <= 0 or num_classes <= 0:
-        raise ValueError(
-            f"width, fc_width and num_classes must be positive, got {width}, "
-            f"{fc_width}, {num_classes}"
-        )
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if kernel_init not in KERNEL_INITS:
-        raise ValueError(
-            f"unknown kernel_init {kernel_init!r}; choose one of {', '.join(KERNEL_INITS)}"
-        )
     return VGG(
         config,
         num_classes,
@@ -323,6 +369,17 @@ def create_model(
         kernel_init,
         jnp.dtype(dtype),
     )
+
+
+# The config fields (and config.json keys) that shape the module, with create_model's defaults.
+MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
+
+
+def model_from_config(config: Mapping[str, Any]) -> VGG:
+    """The net a config describes: a training config, or a workdir's config.json (which may hold
+    only some of MODEL_FIELDS: a converted checkpoint's). The only place a config becomes a VGG."""
+    fields = {k: config[k] for k in MODEL_FIELDS if config.get(k) is not None}
+    return create_model(config["model"], config.get("num_classes") or 1000, **fields)
 
 
 def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:

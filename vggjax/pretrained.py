@@ -9,23 +9,21 @@ runs load the same way.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from vggjax import checkpoints, models
+from vggjax.data import augment
+from vggjax.errors import UserError
 
 CONFIG_FILE = "config.json"
-# The config fields that shape the module, beyond the model name and num_classes.
-MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
 
 
 def workdir_of(path: str) -> str:
@@ -43,15 +41,15 @@ def read_config(path: str) -> dict[str, Any]:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise ValueError(
+        raise UserError(
             f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
             f"input mean (vggjax.convert and training write it)"
         ) from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+        raise UserError(f"{file} is not valid JSON ({e})") from None
     missing = [k for k in ("model", "mean_rgb") if k not in config]
     if missing:
-        raise ValueError(f"{file} has no {' or '.join(missing)}")
+        raise UserError(f"{file} has no {' or '.join(missing)}")
     return config
 
 
@@ -78,11 +76,6 @@ def inherit_net(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return with_net_of(config, config.init_from, keep_classes=True)
 
 
-def subtract_mean(images: jax.Array, mean_rgb: tuple[float, float, float]) -> jax.Array:
-    """RGB images on the 0–255 scale (NHWC) → the model's input."""
-    return jnp.asarray(images, jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
-
-
 def load_pretrained(
     path: str, sharding: jax.sharding.Sharding | None = None
 ) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
@@ -93,11 +86,7 @@ def load_pretrained(
     only: `conv_features` runs them, or add a head of your own before `model.apply`.
     """
     config = read_config(path)
-    model = models.create_model(
-        config["model"],
-        config.get("num_classes", 1000),
-        **{k: config[k] for k in MODEL_FIELDS if k in config},
-    )
+    model = models.model_from_config(config)
     variables = checkpoints.restore_params(path, sharding)
     include_top = config.get("pretrained", {}).get("include_top", True)
     expected = models.abstract_variables(model)
@@ -107,39 +96,21 @@ def load_pretrained(
         }
     for name, layer in expected["params"].items():
         if name not in variables["params"]:
-            raise ValueError(f"{path}: layer {name} is missing; the model in {CONFIG_FILE} has it")
+            raise UserError(f"{path}: layer {name} is missing; the model in {CONFIG_FILE} has it")
         want, got = (jax.tree.map(jnp.shape, t) for t in (layer, variables["params"][name]))
         if want != got:
-            raise ValueError(
+            raise UserError(
                 f"{path}: layer {name} has shapes {got}, but the model in "
                 f"{CONFIG_FILE} needs {want}"
             )
-    return model, variables, functools.partial(subtract_mean, mean_rgb=tuple(config["mean_rgb"]))
-
-
-@contextlib.contextmanager
-def skip_layers(names: Sequence[str]) -> Iterator[None]:
-    """Within it, the FC layers `names` of any VGG pass their input through unchanged."""
-
-    def skip(next_fun, args, kwargs, context):
-        if (
-            isinstance(context.module, models.FullyConnected)
-            and context.module.name in names
-            and context.method_name == "__call__"
-        ):
-            return args[0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(skip):
-        yield
+    return (
+        model,
+        variables,
+        functools.partial(augment.subtract_mean, mean_rgb=tuple(config["mean_rgb"])),
+    )
 
 
 def conv_features(model: models.VGG, variables: dict[str, Any], images: jax.Array) -> jax.Array:
-    """The last conv stage's pooled map (N, H//32, W//32, C) of preprocessed images (H, W ≥ 32).
-
-    Runs the model with its FC layers skipped: what a checkpoint without the top can compute,
-    and what Keras's `include_top=False` nets output. (The ReLU and dropout around the skipped
-    layers are identities on this non-negative map at test time.)
-    """
-    with skip_layers(models.FC_LAYERS):
-        return model.clone(crop_size=32).apply(variables, images, dense=True)
+    """The last conv stage's pooled map (N, H//32, W//32, C) of preprocessed images (H, W ≥ 32):
+    what a checkpoint without the top computes, and what Keras's `include_top=False` nets output."""
+    return model.apply(variables, images, dense=True, output="pool5")

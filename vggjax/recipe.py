@@ -1,13 +1,14 @@
 """The paper's training and testing recipe (Sect. 3) as one ConfigDict, shared by configs/*.py.
 
-Every field can be overridden on the command line (`--config.batch_size=128`).
+Every field can be overridden on the command line (`--config.batch_size=128`); the values each
+field allows are in `vggjax/options.py`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import ml_collections
+
+from vggjax.errors import UserError
 
 # Mean RGB of the ILSVRC-2012 training set on the 0–255 scale (Sect. 2.1's only pre-processing).
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -31,7 +32,7 @@ def parse_scale(scale: str) -> tuple[int, int]:
     except ValueError:
         parts = ()
     if len(parts) not in (1, 2) or not 0 < parts[0] <= parts[-1]:
-        raise ValueError(
+        raise UserError(
             f"training scale must be S or SMIN-SMAX (e.g. 256, 384, 256-512), got {scale!r}"
         )
     return parts[0], parts[-1]
@@ -55,7 +56,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
 
     # Data (Sect. 3.1: isotropic rescale to S, random crop, flip, RGB colour shift).
-    c.dataset = "imagenet2012"  # imagenet2012 | folder | demo
+    c.dataset = "imagenet2012"  # one of options.DATASETS
     c.data_dir = ""
     c.num_workers = 8  # grain worker processes per host decoding and augmenting
     c.train_scale = train_scale  # (S_min, S_max); equal for single-scale training
@@ -84,8 +85,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # training some layers only (`trainable`). model "" takes the net (Table 1 column, widths,
     # crop, mean RGB) from init_from's config.json.
     c.init_from = ""
-    c.init_layers = "net_a"  # one of INIT_LAYERS
-    c.trainable = "all"  # one of TRAINABLE: the layers SGD updates; the others stay as initialised
+    c.init_layers = "net_a"  # one of options.INIT_LAYERS
+    # One of options.TRAINABLE: the layers SGD updates; the others stay as initialised.
+    c.trainable = "all"
     if scale in ("384", "256-512"):
         # S=384 starts from the S=256 net with learning rate 1e-3; multi-scale starts from S=384
         # (the paper gives no rate for it: we keep 1e-3).
@@ -101,7 +103,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # Testing (Sect. 3.2, 4.2–4.4).
     c.eval = ml_collections.ConfigDict()
     c.eval.scales = eval_scales_for(train_scale)  # Q
-    # Any of EVAL_PROTOCOLS (vggjax/evaluate.py says what each computes).
+    # Any of options.EVAL_PROTOCOLS (vggjax/evaluate.py says what each computes).
     c.eval.protocols = ("dense", "multi_scale_dense")
     c.eval.flip = True
     c.eval.batch_size = 32
@@ -131,111 +133,3 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.transfer.train_per_class = 30
     c.transfer.test_per_class = 50
     return c
-
-
-DATASETS = ("imagenet2012", "folder", "demo")
-EVAL_PROTOCOLS = (
-    "dense",
-    "multi_scale_dense",
-    "multi_crop",
-    "multi_crop_dense",
-    "centre_crop",
-    "fusion",
-)
-DTYPES = ("float32", "bfloat16")
-AGGREGATIONS = ("stack", "average")
-INIT_LAYERS = ("net_a", "all", "all_but_fc8", "conv")
-TRAINABLE = ("all", "fc", "fc8")
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first field whose value is not allowed, and what is."""
-    from vggjax import models  # imports jax: only when a config is actually used
-
-    if not c.model:
-        raise ValueError(
-            "config.model is '', which takes the net of config.init_from, but "
-            "config.init_from is empty; give a checkpoint or a model (e.g. D)"
-        )
-    models.resolve_name(c.model)
-    checks = [
-        ("num_classes", (c.num_classes or 0) > 0, "a positive integer"),
-        ("width", c.width > 0, "a positive channel multiplier"),
-        ("fc_width", c.fc_width > 0, "a positive integer"),
-        ("crop_size", c.crop_size > 0 and c.crop_size % 32 == 0, "a positive multiple of 32"),
-        ("dropout_rate", 0 <= c.dropout_rate < 1, "in [0, 1)"),
-        (
-            "kernel_init",
-            c.kernel_init in models.KERNEL_INITS,
-            f"one of {tuple(models.KERNEL_INITS)}",
-        ),
-        ("dtype", c.dtype in DTYPES, f"one of {DTYPES}"),
-        ("dataset", c.dataset in DATASETS, f"one of {DATASETS}"),
-        (
-            "train_scale",
-            len(c.train_scale) == 2 and c.crop_size <= c.train_scale[0] <= c.train_scale[1],
-            "(S_min, S_max) with crop_size <= S_min <= S_max",
-        ),
-        ("eval_scale", c.eval_scale >= c.crop_size, "at least crop_size"),
-        ("mean_rgb", len(c.mean_rgb) == 3, "three numbers (R, G, B on the 0–255 scale)"),
-        ("batch_size", c.batch_size > 0, "a positive integer"),
-        (
-            "num_epochs",
-            c.num_epochs > 0 or c.num_train_steps > 0,
-            "positive (or num_train_steps > 0)",
-        ),
-        ("learning_rate", c.learning_rate > 0, "positive"),
-        ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
-        ("weight_decay", c.weight_decay >= 0, "non-negative"),
-        ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
-        ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
-        ("init_layers", c.init_layers in INIT_LAYERS, f"one of {INIT_LAYERS}"),
-        ("trainable", c.trainable in TRAINABLE, f"one of {TRAINABLE}"),
-        ("checkpoint_every_steps", c.checkpoint_every_steps > 0, "a positive integer"),
-        (
-            "eval.scales",
-            len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size,
-            "a non-empty list of test scales Q, each at least crop_size",
-        ),
-        (
-            "eval.protocols",
-            set(c.eval.protocols) <= set(EVAL_PROTOCOLS)
-            and bool(set(c.eval.protocols) - {"fusion"}),
-            f"some of {EVAL_PROTOCOLS}, not fusion alone (it fuses the others)",
-        ),
-        (
-            "eval.checkpoints",
-            "fusion" not in c.eval.protocols or len(c.eval.checkpoints) > 1,
-            "two or more checkpoint paths for the fusion protocol",
-        ),
-        ("eval.batch_size", c.eval.batch_size > 0, "a positive integer"),
-        (
-            "eval.bucket_multiple",
-            c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
-            "a positive multiple of 32",
-        ),
-        (
-            "features.scales",
-            len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
-            "a non-empty list of test scales Q, each at least crop_size",
-        ),
-        ("features.aggregation", c.features.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
-        (
-            "features.splits",
-            len(c.features.splits) > 0 and set(c.features.splits) <= {"train", "val"},
-            "some of ('train', 'val')",
-        ),
-        (
-            "transfer.c_values",
-            len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
-            "a non-empty list of positive numbers",
-        ),
-        ("transfer.validation_fraction", 0 < c.transfer.validation_fraction < 1, "in (0, 1)"),
-        ("transfer.random_splits", c.transfer.random_splits >= 0, "a non-negative integer"),
-        ("transfer.train_per_class", c.transfer.train_per_class > 0, "a positive integer"),
-        ("transfer.test_per_class", c.transfer.test_per_class > 0, "a positive integer"),
-    ]
-    for field, ok, allowed in checks:
-        if not ok:
-            value = functools.reduce(lambda config, key: config[key], field.split("."), c)
-            raise ValueError(f"config.{field} must be {allowed}, got {value!r}")

@@ -39,7 +39,7 @@ def layer_rows(model: VGG, image_size: int | None = None) -> list[Row]:
             h, w = h // 2, w // 2
             rows.append(Row(layer.name, (h, w, c), 0, 0))
         else:
-            window = model.crop_size // 32 if layer.name == "fc6" else 1
+            window = layer.kernel
             h, w = h - window + 1, w - window + 1
             fan_in = window * window * c
             rows.append(

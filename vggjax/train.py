@@ -25,8 +25,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, metrics, models, pretrained
+from vggjax import checkpoints, metrics, models, options, pretrained
 from vggjax.data import pipeline, sources
+from vggjax.errors import DivergedError, UserError
 
 
 @flax.struct.dataclass
@@ -47,23 +48,6 @@ def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
     )
 
 
-def model_from_config(config: ml_collections.ConfigDict) -> models.VGG:
-    return models.create_model(
-        config.model,
-        config.num_classes,
-        width=config.width,
-        fc_width=config.fc_width,
-        crop_size=config.crop_size,
-        dropout_rate=config.dropout_rate,
-        kernel_init=config.kernel_init,
-        dtype=jnp.dtype(config.dtype),
-    )
-
-
-# Which layers `config.trainable` lets SGD update (None: all); a BN layer goes with its conv.
-TRAINABLE_LAYERS = {"all": None, "fc": models.FC_LAYERS, "fc8": ("fc8",)}
-
-
 def _base(name: str) -> str:
     return name.removesuffix("_bn")
 
@@ -81,7 +65,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         optax.add_decayed_weights(config.weight_decay, decay_mask),
         optax.sgd(config.learning_rate, momentum=config.momentum),
     )
-    layers = TRAINABLE_LAYERS[config.trainable]
+    layers = options.TRAINABLE[config.trainable]
     if layers is None:
         return tx
     return optax.multi_transform(
@@ -126,31 +110,17 @@ def init_state(
     )
 
 
-# Sect. 3.1: "we initialised the first four convolutional layers and the last three
-# fully-connected layers with the layers of net A". Net A's first four convs are conv1_1,
-# conv2_1, conv3_1 and conv3_2; every deeper net has layers of those names and shapes.
-NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
-# config.init_layers → which layers to copy. all_but_fc8: fine-tuning for new classes; conv: from
-# a checkpoint without the top (Keras's _notop files).
-INIT_LAYERS = {
-    "net_a": lambda name: name in NET_A_LAYERS,
-    "all": lambda name: True,
-    "all_but_fc8": lambda name: name != "fc8",
-    "conv": lambda name: name not in models.FC_LAYERS,
-}
-
-
 def initialise_from(
     variables: dict[str, Any], source: dict[str, Any], layers: str
 ) -> dict[str, Any]:
-    """`variables` with the layers `layers` (a key of INIT_LAYERS) copied from `source`: their
+    """`variables` with the layers `layers` (a key of options.INIT_LAYERS) copied from `source`: their
     parameters, and for BN nets their batch-norm statistics."""
     out = {}
     for collection, tree in variables.items():
         tree, found = dict(tree), source.get(collection, {})
-        for name in (n for n in tree if INIT_LAYERS[layers](_base(n))):
+        for name in (n for n in tree if options.INIT_LAYERS[layers](_base(n))):
             if name not in found:
-                raise ValueError(
+                raise UserError(
                     f"init_from: layer {name} is missing from the checkpoint"
                     + (" (its batch-norm statistics)" if collection != "params" else "")
                 )
@@ -159,7 +129,7 @@ def initialise_from(
                 hint = (
                     " (a new number of classes: init_layers='all_but_fc8')" if name == "fc8" else ""
                 )
-                raise ValueError(
+                raise UserError(
                     f"init_from: layer {name} has shape {shapes[1]} in the checkpoint "
                     f"but {shapes[0]} in the model{hint}"
                 )
@@ -244,7 +214,7 @@ def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> Non
     """Warns when the run subtracts another mean RGB than the checkpoint's net was trained with."""
     try:
         mean = pretrained.read_config(path)["mean_rgb"]
-    except ValueError:  # no config.json: nothing recorded to compare with
+    except UserError:  # no config.json: nothing recorded to compare with
         return
     if not np.allclose(mean, config.mean_rgb, atol=1e-3):
         logging.warning(
@@ -262,8 +232,8 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.config, self.mesh = config, mesh
         # With the conv layers frozen, their batch norms keep their statistics too.
-        self.model = model_from_config(config).clone(
-            batch_norm_frozen=TRAINABLE_LAYERS[config.trainable] is not None
+        self.model = models.model_from_config(config).clone(
+            batch_norm_frozen=options.TRAINABLE[config.trainable] is not None
         )
         self.tx = make_optimizer(config)
         self.plateau = make_plateau(config)
@@ -271,7 +241,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.train_step = jax.jit(
             functools.partial(
-                train_step, self.model, self.tx, trainable=TRAINABLE_LAYERS[config.trainable]
+                train_step, self.model, self.tx, trainable=options.TRAINABLE[config.trainable]
             ),
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
@@ -369,121 +339,150 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _sum(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
-    host = jax.device_get(metrics)
-    return {k: float(sum(m[k] for m in host)) for k in host[0]}
+def _steps(config: ml_collections.ConfigDict, train_source: sources.Source) -> tuple[int, int]:
+    """(total steps, steps per epoch) of the run, checking the training set fits the config."""
+    if train_source.num_classes != config.num_classes:
+        raise UserError(
+            f"config.num_classes is {config.num_classes} but the {config.dataset} "
+            f"training set has {train_source.num_classes} classes"
+        )
+    per_epoch = len(train_source) // config.batch_size
+    if per_epoch == 0:
+        raise UserError(
+            f"the training set has {len(train_source)} images, fewer than one batch "
+            f"of config.batch_size={config.batch_size}"
+        )
+    total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * per_epoch
+    return total, per_epoch
+
+
+class _Run:
+    """One training run's loop state: the train state, where the data and the checkpoints are,
+    and the step metrics not yet reported. Each method moves it on explicitly."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
+        self.config, self.workdir, self.trainer = config, workdir, trainer
+        self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.total_steps, per_epoch = _steps(config, sources.make_source(config, "train"))
+        self.data = iter(pipeline.train_dataset(config, **self.process))
+        self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
+        if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        if self.ckpt.latest_step() is not None:
+            self.state = self.ckpt.restore(trainer.abstract_state(), self.data)
+            logging.info("Resumed from the checkpoint at step %d.", int(self.state.step))
+        else:
+            self.state = trainer.init(jax.random.key(config.seed))
+        self.step = int(self.state.step)
+        self.pending: list[dict[str, jax.Array]] = []  # step metrics since the last report
+        self.skipped = 0.0  # undecodable training images so far
+        self.reporter = metrics.Reporter(workdir, self.total_steps, config.batch_size, self.step)
+        logging.info(
+            "Training %s on %d devices (%d processes): %d steps of %d images, %d per epoch.",
+            config.model,
+            trainer.mesh.size,
+            jax.process_count(),
+            self.total_steps,
+            config.batch_size,
+            per_epoch,
+        )
+
+    def train_step(self) -> None:
+        batch = self.trainer.global_batch(next(self.data))
+        self.state, step_metrics = self.trainer.train_step(self.state, batch)
+        self.step += 1
+        self.pending.append(step_metrics)
+
+    def report(self) -> None:
+        """The progress line of the steps since the last one; stops a diverged run."""
+        sums = self._checked_sums()
+        self.pending = []
+        self.skipped += sums["skipped"]
+        lr = self.config.learning_rate * float(self.state.plateau.scale)
+        self.reporter.train(self.step, sums, lr)
+
+    def _checked_sums(self) -> dict[str, float]:
+        host = jax.device_get(self.pending)
+        sums = {k: float(sum(m[k] for m in host)) for k in host[0]} if host else {}
+        if sums.get("nonfinite"):
+            self.ckpt.close()
+            raise DivergedError(
+                f"the loss or gradients became NaN/Inf before step {self.step}; stopped without "
+                f"saving. The last good checkpoint (step {self.ckpt.latest_step()}) is kept in "
+                f"{self.workdir}."
+            )
+        return sums
+
+    def validate(self) -> dict[str, float]:
+        result = self.trainer.evaluate(
+            self.state, pipeline.eval_dataset(self.config, **self.process)
+        )
+        self.reporter.eval(self.step, "val", result)
+        return result
+
+    def cut_learning_rate(self, top1_error: float) -> None:
+        """Steps the plateau schedule with a validation pass's top-1 error."""
+        plateau = self.trainer.plateau_step(
+            self.state.plateau, self.state.params, jnp.float32(top1_error)
+        )
+        self.state = self.state.replace(plateau=plateau)
+
+    def save(self, force: bool = False) -> None:
+        """Checkpoints this step (once), after checking its metrics are finite."""
+        self._checked_sums()
+        if self.ckpt.latest_step() != self.step:
+            self.ckpt.save(self.step, self.state, self.data, force=force)
+
+    def close(self) -> None:
+        self.data.close()
+        self.reporter.close()
+
+
+def _loop(run: _Run, preemption: _Preemption) -> bool:
+    """Trains to the end; False if stopped early by SIGTERM (after saving)."""
+    c = run.config
+    while run.step < run.total_steps:
+        run.train_step()
+        if run.step % c.log_every_steps == 0 or run.step == run.total_steps:
+            run.report()
+        if run.step % c.eval_every_steps == 0 and run.step < run.total_steps:
+            run.cut_learning_rate(run.validate()["top1_error"])
+        if preemption.reached(run.step):
+            run.save(force=True)
+            return False
+        if run.step % c.checkpoint_every_steps == 0:
+            run.save()
+    run.save(force=True)
+    return True
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
-    mesh = make_mesh()
-    trainer = Trainer(config, mesh)
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_source = sources.make_source(config, "train")
-    if train_source.num_classes != config.num_classes:
-        raise ValueError(
-            f"config.num_classes is {config.num_classes} but the {config.dataset} "
-            f"training set has {train_source.num_classes} classes"
-        )
-    steps_per_epoch = len(train_source) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training set has {len(train_source)} images, fewer than one batch "
-            f"of config.batch_size={config.batch_size}"
-        )
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else config.num_epochs * steps_per_epoch
-    )
-    data = iter(pipeline.train_dataset(config, **process))
-    ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
-    if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(trainer.abstract_state(), data)
-        logging.info("Resumed from the checkpoint at step %d.", int(state.step))
-    else:
-        state = trainer.init(jax.random.key(config.seed))
-    step = int(state.step)
-    logging.info(
-        "Training %s on %d devices (%d processes): %d steps of %d images, %d per epoch.",
-        config.model,
-        mesh.size,
-        jax.process_count(),
-        total_steps,
-        config.batch_size,
-        steps_per_epoch,
-    )
-
-    def validate() -> dict[str, float]:
-        result = trainer.evaluate(state, pipeline.eval_dataset(config, **process))
-        reporter.eval(step, "val", result)
-        return result
-
-    def save(force: bool = False) -> None:
-        check_finite()
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, data, force=force)
-
-    def check_finite() -> dict[str, float] | None:
-        sums = _sum(pending) if pending else None
-        if sums and sums["nonfinite"]:
-            ckpt.close()
-            raise FloatingPointError(
-                f"the loss or gradients became NaN/Inf before step {step}; stopped without saving."
-                f" The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}."
-            )
-        return sums
-
-    reporter = metrics.Reporter(workdir, total_steps, config.batch_size, step)
+    run = _Run(config, workdir, Trainer(config, make_mesh()))
     preemption = _Preemption()
-    pending: list[dict[str, jax.Array]] = []
-    skipped = 0.0
     try:
-        while step < total_steps:
-            state, step_metrics = trainer.train_step(state, trainer.global_batch(next(data)))
-            step += 1
-            pending.append(step_metrics)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                sums = check_finite()
-                skipped += sums["skipped"]
-                reporter.train(step, sums, config.learning_rate * float(state.plateau.scale))
-                pending = []
-            if step % config.eval_every_steps == 0 and step < total_steps:
-                result = validate()
-                state = state.replace(
-                    plateau=trainer.plateau_step(
-                        state.plateau, state.params, jnp.float32(result["top1_error"])
-                    )
-                )
-            if preemption.reached(step):
-                save(force=True)
-                ckpt.close()
-                logging.warning(
-                    "Stopped at step %d on SIGTERM; rerun the same command to resume.", step
-                )
-                return {"step": step, "preempted": True}
-            if step % config.checkpoint_every_steps == 0:
-                save()
-        save(force=True)
-        result = validate()
+        finished = _loop(run, preemption)
+        result = run.validate() if finished else None
     finally:
-        data.close()
+        run.close()
         preemption.restore()
-        reporter.close()
-    ckpt.close()
+    run.ckpt.close()
+    if not finished:
+        logging.warning(
+            "Stopped at step %d on SIGTERM; rerun the same command to resume.", run.step
+        )
+        return {"step": run.step, "preempted": True}
     results = {
         "model": config.model,
         "dataset": config.dataset,
-        "step": step,
+        "step": run.step,
         "eval_scale": config.eval_scale,
         "crop_size": config.crop_size,
         "top1_error": result["top1_error"],
         "top5_error": result["top5_error"],
         "val_images": result["count"],
-        "train_images_skipped": int(skipped),
+        "train_images_skipped": int(run.skipped),
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:

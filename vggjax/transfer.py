@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from vggjax import features
+from vggjax.errors import UserError
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
@@ -139,7 +140,7 @@ def evaluate_svm(
     if len(c_values) > 1:
         validation = held_out(labels, validation_fraction, seed)
         if not validation.any():
-            raise ValueError(
+            raise UserError(
                 "every class has a single training image: none can be held out to "
                 "choose the SVM's C; give one, e.g. --config.transfer.c_values="
                 "'(1.0,)'"
@@ -174,7 +175,7 @@ def random_splits(
     on (index arrays). Every class needs more than `train_per_class` images."""
     classes, sizes = np.unique(labels, return_counts=True)
     if sizes.min() <= train_per_class:
-        raise ValueError(
+        raise UserError(
             f"class {classes[sizes.argmin()]} has {sizes.min()} images; the random "
             f"splits take {train_per_class} per class to train on and need at least "
             f"one more to test (config.transfer.train_per_class)"

@@ -7,6 +7,7 @@ Evaluation: rescale to Q, centre crop, mean subtraction.
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -117,8 +118,9 @@ def colour_shift(image: np.ndarray, rng: np.random.Generator, std: float = 0.1) 
     return image.astype(np.float32) + shift
 
 
-def subtract_mean(image: np.ndarray, mean_rgb: Sequence[float]) -> np.ndarray:
-    """Centres pixels on the training set's mean RGB (the paper's only norm)."""
+def subtract_mean(image: Any, mean_rgb: Sequence[float]) -> Any:
+    """Centres pixels (0–255, RGB last) on the training set's mean RGB: the paper's only
+    normalisation and every vggjax net's input. numpy in, numpy out; jax in (also traced), jax out."""
     return image.astype(np.float32) - np.asarray(mean_rgb, np.float32)
 
 

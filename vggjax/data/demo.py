@@ -16,6 +16,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vggjax.errors import UserError
+
 CLASSES = (
     "circle",
     "square",
@@ -176,7 +178,7 @@ def ensure_demo_dataset(
     if os.path.exists(os.path.join(root, BOXES_FILE)):
         return root
     if os.path.isdir(root) and os.listdir(root):
-        raise ValueError(
+        raise UserError(
             f"{root} is not empty and holds no demo data set "
             f"({BOXES_FILE} missing): remove it or choose another "
             "directory"

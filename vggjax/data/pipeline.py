@@ -19,7 +19,9 @@ import grain
 import numpy as np
 from absl import logging
 
+from vggjax import options
 from vggjax.data import augment, sources
+from vggjax.errors import UserError
 
 # Each element is a whole batch: a few threads overlap batch assembly with
 # training, while worker processes (config.num_workers) give the parallelism.
@@ -31,7 +33,7 @@ _warned_ids: set[str] = set()  # Per process: each bad file is logged once.
 def local_batch_size(config: Any, process_count: int) -> int:
     """This process's share of the global config.batch_size."""
     if config.batch_size % process_count:
-        raise ValueError(
+        raise UserError(
             f"batch_size {config.batch_size} is not divisible by the {process_count} processes"
         )
     return config.batch_size // process_count
@@ -120,12 +122,8 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Endless augmented training batches, reshuffled every epoch."""
     batch = local_batch_size(config, process_count)
+    options.check_train_scale(config)
     s_min, s_max = config.train_scale
-    if s_min < config.crop_size:
-        raise ValueError(
-            f"train_scale {tuple(config.train_scale)} must not be "
-            f"smaller than crop_size {config.crop_size}"
-        )
     source = sources.make_source(config, "train")
     ds = (
         grain.MapDataset.source(source)
@@ -159,10 +157,7 @@ def eval_dataset(
     process yields the same number of batches and each image counts once.
     """
     batch = local_batch_size(config, process_count)
-    if config.eval_scale < config.crop_size:
-        raise ValueError(
-            f"eval_scale {config.eval_scale} must not be smaller than crop_size {config.crop_size}"
-        )
+    options.check_eval_scale(config)
     source = sources.make_source(config, split)
     padded = steps_per_epoch(config, len(source)) * config.batch_size
     ds = grain.MapDataset.range(padded).map(

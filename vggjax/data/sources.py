@@ -7,9 +7,11 @@ Splits are named 'train' and 'val' for every data set.
 
 import abc
 import os
+from collections.abc import Callable
 from typing import Any
 
 from vggjax.data import demo
+from vggjax.errors import UserError
 
 
 class Source(abc.ABC):
@@ -34,7 +36,7 @@ class FolderSource(Source):
     def __init__(self, split_dir: str):
         layout = f"expected {split_dir}/<class>/<image files>"
         if not os.path.isdir(split_dir):
-            raise ValueError(f"{split_dir} is not a directory: {layout}")
+            raise UserError(f"{split_dir} is not a directory: {layout}")
         self.root = split_dir
         self.class_names = tuple(
             sorted(
@@ -48,7 +50,7 @@ class FolderSource(Source):
             if e.is_file() and not e.name.startswith(".")
         )
         if not self.files:
-            raise ValueError(f"{split_dir} holds no image files: {layout}")
+            raise UserError(f"{split_dir} holds no image files: {layout}")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -67,7 +69,7 @@ class TfdsImageNetSource(Source):
 
         builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
         if not builder.is_prepared():
-            raise ValueError(
+            raise UserError(
                 f"imagenet2012 is not prepared in {builder.data_dir}: put "
                 "ILSVRC2012_img_{train,val}.tar in MANUAL_DIR, `pip install -e "
                 ".[imagenet]`, then run `tfds build imagenet2012 "
@@ -93,20 +95,36 @@ class TfdsImageNetSource(Source):
         }
 
 
+def _folder(data_dir: str, split: str) -> Source:
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UserError(
+            f"data_dir {data_dir!r} is not a directory: dataset 'folder' expects "
+            "DATA_DIR/{train,val}/<class>/<image files>"
+        )
+    return FolderSource(os.path.join(data_dir, split))
+
+
+def _demo(data_dir: str, split: str) -> Source:
+    return FolderSource(os.path.join(demo.ensure_demo_dataset(data_dir or None), split))
+
+
+def _imagenet(data_dir: str, split: str) -> Source:
+    return TfdsImageNetSource(data_dir or None, split)
+
+
+# config.dataset → its source of (data_dir, split); options.DATASETS are these names.
+SOURCES: dict[str, Callable[[str, str], Source]] = {
+    "imagenet2012": _imagenet,
+    "folder": _folder,
+    "demo": _demo,
+}
+SPLITS = ("train", "val")
+
+
 def make_source(config: Any, split: str) -> Source:
     """The `split` ('train' or 'val') of `config.dataset` in `config.data_dir`."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    if config.dataset == "folder":
-        if not config.data_dir or not os.path.isdir(config.data_dir):
-            raise ValueError(
-                f"data_dir {config.data_dir!r} is not a directory: "
-                "dataset 'folder' expects "
-                "DATA_DIR/{train,val}/<class>/<image files>"
-            )
-        return FolderSource(os.path.join(config.data_dir, split))
-    if config.dataset == "demo":
-        return FolderSource(os.path.join(demo.ensure_demo_dataset(config.data_dir or None), split))
-    if config.dataset == "imagenet2012":
-        return TfdsImageNetSource(config.data_dir or None, split)
-    raise ValueError(f"unknown dataset {config.dataset!r}: expected folder, demo or imagenet2012")
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+    if config.dataset not in SOURCES:
+        raise UserError(f"unknown dataset {config.dataset!r}; choose one of {tuple(SOURCES)}")
+    return SOURCES[config.dataset](config.data_dir, split)

@@ -15,6 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vggjax.data import augment, sources
+from vggjax.errors import UserError
 
 _DATASET = flags.DEFINE_string("dataset", "folder", "folder, demo or imagenet2012.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set lives.")
@@ -57,7 +58,7 @@ def mean_rgb(
         if not np.isnan(m).any():
             total, count = total + np.asarray(m), count + 1
     if not count:
-        raise ValueError("no decodable images")
+        raise UserError("the training set holds no decodable images")
     return total / count, count
 
 
@@ -68,8 +69,9 @@ def main(argv: list[str]) -> None:
     try:
         source = sources.make_source(config, "train")
         mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except UserError as e:
+        print(f"vggjax.data.stats: error: {e}", file=sys.stderr)
+        sys.exit(2)
     logging.info("mean over %d of %d training images", count, len(source))
     print("mean_rgb=({:.3f}, {:.3f}, {:.3f})".format(*mean))
 

@@ -1,0 +1,102 @@
+"""Published VGG weights → a vggjax checkpoint: Keras .h5, torchvision .pth, timm or torchvision
+.safetensors, and the authors' Caffe .caffemodel.
+
+    python -m vggjax.convert --from=keras vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
+        --model=D --output=DIR [--verify]
+
+DIR becomes a workdir that `vggjax.load_pretrained` and `restore_params` (so also
+`--config.init_from`) read: checkpoints/0/state holds the parameters, config.json the model, its
+input mean and where the weights came from. Each source's input convention is folded exactly into
+conv1_1 (layout.py), so the converted net takes what every vggjax net takes, RGB on 0–255 minus a
+mean RGB. Their batch-norm nets (vgg16_bn, ...) convert too: each BN's scale and shift go to the
+conv's `<conv>_bn` parameters, its running mean and variance to `batch_stats`.
+
+No file's code is run: Keras files are read through their h5 attributes as Keras's own legacy
+loader reads them (keras.py), PyTorch's through an unpickler that builds nothing but dicts and
+tensors and safetensors from its JSON header (torch.py), .caffemodel files from the protobuf wire
+format (caffe.py). verify.py is `--verify`, __main__.py the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vggjax import checkpoints, pretrained
+from vggjax.convert.caffe import read_caffemodel
+from vggjax.convert.keras import read_keras_h5
+from vggjax.convert.layout import (
+    SOURCES,
+    SourceLayer,
+    build_variables,
+    fold_input_convention,
+    name_of,
+    split_keras_layers,
+    torch_layers,
+)
+from vggjax.convert.torch import file_format, read_tensors
+from vggjax.convert.verify import MAX_RELATIVE_DIFFERENCE, reference, verify
+from vggjax.errors import UserError
+
+__all__ = [
+    "MAX_RELATIVE_DIFFERENCE",
+    "SOURCES",
+    "SourceLayer",
+    "convert",
+    "file_format",
+    "main",
+    "read_layers",
+    "reference",
+    "verify",
+]
+
+
+def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceLayer]]:
+    """The conv and FC layers of a published weight file, in vggjax's layout."""
+    if source not in SOURCES:
+        raise UserError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "caffe":
+        return read_caffemodel(path)
+    found = file_format(path)
+    if (source == "keras") != (found == "hdf5"):
+        raise UserError(
+            f"{path} is {'an' if found == 'hdf5' else 'not an'} HDF5 file; "
+            f"--from=keras reads Keras's .h5 files, --from=torchvision and "
+            f"--from=timm .pth and .safetensors"
+        )
+    if source == "keras":
+        return split_keras_layers(read_keras_h5(path))
+    return torch_layers(path, read_tensors(path, found), source)
+
+
+def convert(source: str, path: str, model_name: str, output: str) -> dict[str, Any]:
+    """Converts `path` into the workdir `output` (new or empty); returns its config.json."""
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise UserError(f"--output {output} exists and is not an empty directory")
+    convs, fcs = read_layers(source, path)
+    model, variables = build_variables(path, model_name, convs, fcs)
+    mean = fold_input_convention(variables["params"], source)
+    config = dict(model=name_of(model), width=model.width, mean_rgb=list(mean))
+    if fcs:
+        config.update(
+            num_classes=model.num_classes, fc_width=model.fc_width, crop_size=model.crop_size
+        )
+    config["pretrained"] = dict(
+        source=source,
+        file=os.path.basename(path),
+        include_top=bool(fcs),
+        input="RGB on 0-255 minus mean_rgb (the source's convention folded into conv1_1)",
+    )
+    checkpoints.save_params(output, variables)
+    with open(os.path.join(output, pretrained.CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vggjax.convert`, callable in-process (imported only when called: runpy warns
+    when it runs a __main__ module that is already imported)."""
+    from vggjax.convert.__main__ import main as command_line
+
+    command_line(argv)

@@ -1,0 +1,86 @@
+"""The command line: python -m vggjax.convert --from=SOURCE FILE --model=NAME --output=DIR
+[--verify]. A UserError ends it with one line on stderr and status 2; anything else is a bug
+and keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+from vggjax import convert  # the package: its functions looked up at call time, as tests patch
+from vggjax.errors import UserError
+
+
+def _fail(message: str, status: int = 2) -> NoReturn:
+    print(f"vggjax.convert: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not a usage dump
+        _fail(f"{message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m vggjax.convert", description=convert.__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "file", help="the published weight file (.h5, .pth, .safetensors or .caffemodel)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=convert.SOURCES,
+        help="whose layout the file is in",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Table 1 configuration: D (vgg16) or E "
+        "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
+        "for torchvision and timm",
+    )
+    parser.add_argument("--output", required=True, help="new or empty directory to write")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the converted net's "
+        "outputs with the source library's own (needs that library)",
+    )
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> None:
+    """Converts, and with --verify compares; status 1 if the nets differ."""
+    run = convert.reference(args.source, args.file) if args.verify else None
+    config = convert.convert(args.source, args.file, args.model, args.output)
+    top = "with the top" if config["pretrained"]["include_top"] else "conv layers only"
+    print(
+        f"Wrote VGG {config['model']} ({top}) from {args.file} to {args.output}; input: "
+        f"RGB on 0-255 minus {tuple(config['mean_rgb'])}"
+    )
+    if run is None:
+        return
+    difference, what = convert.verify(args.output, run)
+    print(
+        f"Compared with {args.source}: max relative difference {difference:.2e} "
+        f"over the {what} (limit {convert.MAX_RELATIVE_DIFFERENCE:.0e})"
+    )
+    if not difference < convert.MAX_RELATIVE_DIFFERENCE:
+        _fail(f"the converted net differs from {args.source}'s by {difference:.2e}", 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses `argv` (default sys.argv) and converts; user errors end in one line, status 2."""
+    args = _parser().parse_args(argv)
+    try:
+        _convert(args)
+    except UserError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax narrates every read-only restore
+    main()

@@ -1,0 +1,177 @@
+"""Every allowed value of a config field, and the checks that read them: one place.
+
+The code that acts on a value reads it from here too (a trainable set's layers, a protocol's
+column in the paper's tables), so a value cannot be allowed without meaning something. Two
+registries live beside what they name and are read from here: the data sets
+(`data.sources.SOURCES`) and the kernel initialisers (`models.KERNEL_INITS`).
+Model fields (the net's name, widths, crop, kernel init) are checked by `models.check_model`,
+which `validate` calls, so `models.create_model` and a config fail alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from vggjax import models
+from vggjax.data import sources
+from vggjax.errors import UserError, require
+
+DATASETS = tuple(sources.SOURCES)
+SPLITS = sources.SPLITS
+DTYPES = ("float32", "bfloat16")
+KERNEL_INITS = tuple(models.KERNEL_INITS)
+
+# Test protocols (Sect. 3.2, 4.2–4.4) → their "evaluation method" column in Tables 3–6.
+# fusion averages the posteriors of several checkpoints for each of the other protocols.
+EVAL_PROTOCOLS = {
+    "dense": "dense",
+    "multi_scale_dense": "dense",
+    "multi_crop": "multi-crop",
+    "multi_crop_dense": "multi-crop & dense",
+    "centre_crop": "centre crop",
+    "fusion": "fusion",
+}
+
+# Appendix B: descriptors at several Q stacked (the paper's Caltech) or averaged (VOC).
+AGGREGATIONS = ("stack", "average")
+
+# Sect. 3.1: "we initialised the first four convolutional layers and the last three
+# fully-connected layers with the layers of net A". Net A's first four convs are conv1_1,
+# conv2_1, conv3_1 and conv3_2; every deeper net has layers of those names and shapes.
+NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+
+# config.init_layers → which layers (by name, without "_bn") `init_from` copies. all_but_fc8:
+# fine-tuning for new classes; conv: from a checkpoint without the top (Keras's _notop files).
+INIT_LAYERS: dict[str, Callable[[str], bool]] = {
+    "net_a": lambda name: name in NET_A_LAYERS,
+    "all": lambda name: True,
+    "all_but_fc8": lambda name: name != "fc8",
+    "conv": lambda name: name not in models.FC_LAYERS,
+}
+
+# config.trainable → the layers SGD updates (None: all); a BN layer goes with its conv.
+TRAINABLE: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "fc": models.FC_LAYERS,
+    "fc8": ("fc8",),
+}
+
+
+def one_of(field: str, value: Any, allowed: Any) -> None:
+    """UserError unless `value` is one of `allowed` (a tuple or the keys of a dict)."""
+    require(value in allowed, field, f"one of {tuple(allowed)}", value)
+
+
+def check_train_scale(config: Any) -> None:
+    """Sect. 3.1 crops from images rescaled to S: S_min at least the crop."""
+    s_min, s_max = config.train_scale
+    require(
+        config.crop_size <= s_min <= s_max,
+        "config.train_scale",
+        f"(S_min, S_max) with crop_size ({config.crop_size}) <= S_min <= S_max",
+        tuple(config.train_scale),
+    )
+
+
+def check_eval_scale(config: Any) -> None:
+    """The validation pass crops from images rescaled to Q: Q at least the crop."""
+    require(
+        config.eval_scale >= config.crop_size,
+        "config.eval_scale",
+        f"at least crop_size ({config.crop_size})",
+        config.eval_scale,
+    )
+
+
+def _checks(c: Any) -> list[tuple[str, bool, str]]:
+    """(field, ok, what is allowed) for every field that is not a model field or a choice."""
+    scales = "a non-empty list of test scales Q, each at least crop_size"
+    positive_int = "a positive integer"
+    return [
+        ("train_scale", len(c.train_scale) == 2, "(S_min, S_max)"),
+        ("mean_rgb", len(c.mean_rgb) == 3, "three numbers (R, G, B on the 0–255 scale)"),
+        ("batch_size", c.batch_size > 0, positive_int),
+        (
+            "num_epochs",
+            c.num_epochs > 0 or c.num_train_steps > 0,
+            "positive (or num_train_steps > 0)",
+        ),
+        ("learning_rate", c.learning_rate > 0, "positive"),
+        ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
+        ("weight_decay", c.weight_decay >= 0, "non-negative"),
+        ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
+        ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
+        ("checkpoint_every_steps", c.checkpoint_every_steps > 0, positive_int),
+        ("eval.scales", len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size, scales),
+        (
+            "eval.protocols",
+            set(c.eval.protocols) <= set(EVAL_PROTOCOLS)
+            and bool(set(c.eval.protocols) - {"fusion"}),
+            f"some of {tuple(EVAL_PROTOCOLS)}, not fusion alone (it fuses the others)",
+        ),
+        (
+            "eval.checkpoints",
+            "fusion" not in c.eval.protocols or len(c.eval.checkpoints) > 1,
+            "two or more checkpoint paths for the fusion protocol",
+        ),
+        ("eval.batch_size", c.eval.batch_size > 0, positive_int),
+        (
+            "eval.bucket_multiple",
+            c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
+            "a positive multiple of 32",
+        ),
+        (
+            "features.scales",
+            len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
+            scales,
+        ),
+        (
+            "features.splits",
+            len(c.features.splits) > 0 and set(c.features.splits) <= set(SPLITS),
+            f"some of {SPLITS}",
+        ),
+        (
+            "transfer.c_values",
+            len(c.transfer.c_values) > 0 and min(c.transfer.c_values) > 0,
+            "a non-empty list of positive numbers",
+        ),
+        ("transfer.validation_fraction", 0 < c.transfer.validation_fraction < 1, "in (0, 1)"),
+        ("transfer.random_splits", c.transfer.random_splits >= 0, "a non-negative integer"),
+        ("transfer.train_per_class", c.transfer.train_per_class > 0, positive_int),
+        ("transfer.test_per_class", c.transfer.test_per_class > 0, positive_int),
+    ]
+
+
+def validate(c: Any) -> None:
+    """UserError naming the first field of config `c` whose value is not allowed, and what is."""
+    if not c.model:
+        raise UserError(
+            "config.model is '', which takes the net of config.init_from, but "
+            "config.init_from is empty; give a checkpoint or a model (e.g. D)"
+        )
+    models.check_model(
+        c.model,
+        c.num_classes,
+        c.width,
+        c.fc_width,
+        c.crop_size,
+        c.dropout_rate,
+        c.kernel_init,
+        prefix="config.",
+    )
+    for field, value, allowed in [
+        ("dtype", c.dtype, DTYPES),
+        ("dataset", c.dataset, DATASETS),
+        ("init_layers", c.init_layers, INIT_LAYERS),
+        ("trainable", c.trainable, TRAINABLE),
+        ("features.aggregation", c.features.aggregation, AGGREGATIONS),
+    ]:
+        one_of(f"config.{field}", value, allowed)
+    for field, ok, allowed in _checks(c):
+        if not ok:
+            value = functools.reduce(lambda config, key: config[key], field.split("."), c)
+            require(False, f"config.{field}", allowed, value)
+    check_train_scale(c)
+    check_eval_scale(c)
