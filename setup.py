@@ -28,10 +28,24 @@ setup(
     ],
     extras_require={
         # keras.applications: the independent reference for Keras's weights in test_convert.py,
-        # where h5py and safetensors write the published file layouts.
-        "test": ["pytest>=8", "ruff==0.17.6", "keras>=3", "h5py>=3.8", "safetensors>=0.4"],
+        # where h5py and safetensors write the published file layouts; huggingface_hub for
+        # test_hub.py's timm downloads (from a loopback server).
+        "test": [
+            "pytest>=8",
+            "ruff==0.17.6",
+            "keras>=3",
+            "h5py>=3.8",
+            "safetensors>=0.4",
+            "huggingface_hub>=0.30",
+            # torch.nn is the reference of the torchvision/timm parity tests, which must run in
+            # CI, not skip; 2.13.0 is the CPU build these machines hold on disk (a bare `torch`
+            # would fetch a multi-GB CUDA build).
+            "torch==2.13.0",
+        ],
         # Keras's .h5 weights for python -m vggjax.convert (.pth and .safetensors need nothing).
         "convert": ["h5py>=3.8"],
+        # timm's published weights by name (--from=timm vgg16.tv_in1k) live on the Hugging Face Hub.
+        "hub": ["huggingface_hub>=0.30"],
         # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).
         "imagenet": ["tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]"],

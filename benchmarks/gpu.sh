@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one run (about 5 minutes on one H100 or H200), with a Python
-# that has jax[cuda], vggjax's requirements and PyTorch (CUDA):
+# The GPU figures of BENCHMARKS.md, with a Python that has jax[cuda], vggjax's requirements and
+# PyTorch (CUDA):
 #
-#   bash benchmarks/gpu.sh [OUTDIR]
+#   bash benchmarks/gpu.sh [OUTDIR] [PARTS]
 #
+# PARTS, comma-separated (default all, in this order):
+#   eval   dense evaluation from an empty compilation cache, from a warm one, and a PyTorch eager
+#          loop (eval_cold_start.py; issue 12); not yet run on a GPU, time unknown
+#   tests  the test suite on the GPU (test_multihost.py excepted: it starts CPU processes of four
+#          fake devices each, by design); the pytest summary goes to OUTDIR/tests.txt
+#   train  train step and inference next to PyTorch, the eval_dense throughput (about 5 minutes)
 # Each benchmark's JSON line goes to OUTDIR/results.jsonl as it finishes.
 set -u
 out=${1:-/tmp/vggjax-gpu}
+parts=,${2:-eval,tests,train},
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -17,11 +24,26 @@ bench() {
   echo "+ $*"
   "$@" 2>>"$out/stderr.log" | tail -n 1 | tee -a "$out/results.jsonl"
 }
-# Most telling first. MFU against the dense bfloat16 peak of the H100/H200 SXM: 989 TFLOP/s.
-for dtype in float32 bfloat16; do
-  bench $py benchmarks/torch_train_step.py --model=D --batch_size=64 --dtype=$dtype --steps=10 --rounds=2
-done
-bench $py benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
-bench $py benchmarks/eval_dense.py --model=D --num_images=256 --batch_size=32 --scales=256,384,512 --dtype=bfloat16
-bench $py benchmarks/train_step.py --model=E --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
-bench $py benchmarks/eval_dense.py --model=D --num_images=256 --batch_size=32 --scales=256,384,512
+if [[ $parts == *,eval,* ]]; then
+  # Issue 12's setting: VGG16, bfloat16, Q = 256, 384, 512 with flips, 1,024 images of sides
+  # 300–500; then the same with coarser buckets (fewer programs to compile, more padding).
+  bench $py benchmarks/eval_cold_start.py --model=D --num_images=1024 --batch_size=32 \
+    --scales=256,384,512 --dtype=bfloat16
+  bench $py benchmarks/eval_cold_start.py --model=D --num_images=1024 --batch_size=32 \
+    --scales=256,384,512 --dtype=bfloat16 --buckets_per_octave=4
+fi
+if [[ $parts == *,tests,* ]]; then
+  # Default settings: tests/conftest.py pins float32 matmul precision on a GPU by itself.
+  echo "+ pytest tests (JAX_PLATFORMS=cuda)"
+  JAX_PLATFORMS=cuda timeout 900 $py -m pytest tests -q --ignore=tests/test_multihost.py 2>&1 \
+    | tail -n 40 | tee "$out/tests.txt"
+fi
+if [[ $parts == *,train,* ]]; then
+  # MFU against the dense bfloat16 peak of the H100/H200 SXM: 989 TFLOP/s.
+  for dtype in float32 bfloat16; do
+    bench $py benchmarks/torch_train_step.py --model=D --batch_size=64 --dtype=$dtype --steps=10 --rounds=2
+  done
+  bench $py benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
+  bench $py benchmarks/eval_dense.py --model=D --num_images=256 --batch_size=32 --scales=256,384,512 --dtype=bfloat16
+  bench $py benchmarks/train_step.py --model=E --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
+fi

@@ -15,7 +15,7 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+import safetensors.numpy
 
 from vggjax.convert.torch import TORCH_LEGACY_MAGIC
 
@@ -256,14 +256,14 @@ def write_torch(path, state: dict[str, np.ndarray], legacy: bool = False) -> Non
 
 def write_torch_layout(path, state, fmt: str) -> None:
     if fmt == "safetensors":
-        pytest.importorskip("safetensors.numpy").save_file(state, str(path))
+        safetensors.numpy.save_file(state, str(path))
     else:
         write_torch(path, state, legacy=fmt == "legacy")
 
 
 def torch_vgg(cfg, divisor, fc, classes, window, batch_norm=False):
-    """torchvision's VGG module at 1/divisor width, with torch.nn (skips without torch)."""
-    nn = pytest.importorskip("torch").nn
+    """torchvision's VGG module at 1/divisor width, with torch.nn."""
+    from torch import nn
 
     class VGG(nn.Module):
         def __init__(self):
@@ -458,7 +458,8 @@ def write_keras_h5(path, layers, chunks: int = 1) -> None:
     """The layout of Keras's published VGG files (Keras 1/2 names, `{layer}_W_1:0`): the root's
     layer_names lists every layer, each layer's group lists its weight_names. With chunks > 1,
     layer_names is split as Keras splits attributes too large for one HDF5 header."""
-    h5py = pytest.importorskip("h5py")
+    import h5py
+
     with h5py.File(path, "w") as f:
         names = np.array([name.encode() for name, _ in layers])
         if chunks == 1:

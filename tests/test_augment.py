@@ -226,7 +226,7 @@ def test_train_transform_shape_range_and_determinism():
     data = _encode(Image.fromarray(_photo(90, 120)), "JPEG")
     kwargs = dict(crop=32, s_min=32, s_max=64, mean_rgb=(100.0, 110.0, 120.0), colour_std=0.1)
     outs = [
-        augment.train_transform(data, np.random.default_rng(seed), **kwargs) for seed in (0, 0, 1)
+        augment.train_crop(data, np.random.default_rng(seed), **kwargs)[0] for seed in (0, 0, 1)
     ]
     assert outs[0].shape == (32, 32, 3) and outs[0].dtype == np.float32
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -238,7 +238,8 @@ def test_eval_transform_is_centre_crop_of_rescaled_image_minus_mean():
     photo = _photo(90, 120)
     data = _encode(Image.fromarray(photo), "PNG")
     mean = (100.0, 110.0, 120.0)
-    out = augment.eval_transform(data, crop=48, q=64, mean_rgb=mean)
+    out, window = augment.eval_crop(data, crop=48, q=64, mean_rgb=mean)
+    assert window == augment.Window((64, 85), (8, 18), 48)
     expected = augment.center_crop(augment.rescale_smallest_side(photo, 64), 48)
     np.testing.assert_allclose(out, expected - np.float32(mean))
     assert out.dtype == np.float32

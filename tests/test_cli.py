@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, load_config, run_main
@@ -114,7 +116,27 @@ def test_summary_prints_the_layer_table():
 )
 def test_user_mistakes_get_one_clear_line(args, message):
     result = run_main(*args, XLA_FLAGS="")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset=folder", "--data_dir=/no/such/dir"], "'/no/such/dir' is not a directory"),
+        (["--bogus=1"], "Unknown command line flag 'bogus'"),
+    ],
+)
+def test_stats_mistakes_get_one_line_and_status_2(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "vggjax.data.stats", *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

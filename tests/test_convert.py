@@ -19,6 +19,7 @@ os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported, whatever ~/.ker
 import jax
 import numpy as np
 import pytest
+import safetensors.torch
 from convert_files import (
     CFG,
     NARROW,
@@ -101,9 +102,9 @@ def test_bad_caffemodels_are_named(tmp_path, capsys):
 @pytest.fixture
 def keras(monkeypatch):
     """keras on JAX, its random init skipped: the weights come from files (138M draws: 8 s)."""
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("keras was imported with another backend")
+    import keras
+
+    assert keras.backend.backend() == "jax", "keras was imported with another backend"
     monkeypatch.setattr(
         keras.initializers.GlorotUniform,
         "__call__",
@@ -140,7 +141,8 @@ def test_torch_layouts_match_torchvisions_forward_pass(tmp_path, source, fmt):
         < 1e-5
     )
     if fmt != "safetensors":  # the files written here are what torch itself reads
-        torch = pytest.importorskip("torch")
+        import torch
+
         loaded = torch.load(tmp_path / "w", weights_only=True)
         assert all(np.array_equal(loaded[k].numpy(), v) for k, v in state.items())
 
@@ -177,7 +179,8 @@ def test_batch_norm_nets_convert_with_their_statistics(tmp_path, source, fmt):
 
 
 def test_torch_batch_norm_net_matches_torch(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
+    import torch
+
     net = torch_vgg(CFG["D"], **NARROW, batch_norm=True)
     torch.save(net.state_dict(), tmp_path / "vgg16_bn.pth")
     convert.convert("torchvision", str(tmp_path / "vgg16_bn.pth"), "vgg16_bn", str(tmp_path / "o"))
@@ -195,13 +198,14 @@ def test_torch_batch_norm_net_matches_torch(tmp_path, monkeypatch):
 
 
 def test_torch_saved_files_match_torch(tmp_path, monkeypatch, capsys):
-    torch = pytest.importorskip("torch")
+    import torch
+
     net = torch_vgg(CFG["D"], **NARROW)
     rgb = images(2, 64)
     for fmt in ("zip", "legacy", "safetensors"):
         path = str(tmp_path / f"vgg16.{fmt}")
         if fmt == "safetensors":
-            pytest.importorskip("safetensors.torch").save_file(net.state_dict(), path)
+            safetensors.torch.save_file(net.state_dict(), path)
         else:
             torch.save(net.state_dict(), path, _use_new_zipfile_serialization=fmt == "zip")
         convert.convert("torchvision", path, "D", str(tmp_path / fmt))
@@ -395,7 +399,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for args, message in [
         (["--from=onnx", "w.pth", "--model=D", "--output=o"], "argument --from: invalid"),
         (["--from=caffe", "w.pth", "--model=D", "--output=o"], "w.pth: not a Caffe .caffemodel"),
-        (["--from=torchvision", "w.pth", "--output=o"], "required: --model"),
+        (["--from=torchvision", "w.pth", "--output=o"], "--model is required for a file"),
         (["--from=torchvision", "w.pth", "--model=F", "--output=o"], "unknown model 'F'"),
         (["--from=torchvision", "w.pth", "--model=D", "--output=full"], "not an empty dir"),
     ]:

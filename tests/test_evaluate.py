@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import helpers
@@ -116,6 +117,51 @@ def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
         np.testing.assert_allclose(got, flip_averaged, rtol=0, atol=1e-5)
 
 
+def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeypatch, caplog):
+    """Scales with the same heads share batches; a bucket that fills a batch runs its rest in
+    a full one, the others in the smallest batch holding them (on 2 devices: 2, 4 or 8)."""
+    model, variables = net_a
+    mean = (120.0, 110.0, 100.0)
+    engine = inference.Engine(
+        model,
+        mean,
+        train.make_mesh(jax.devices()[:2]),
+        {72: ("dense",), 88: ("dense",)},
+        {"dense": evaluate.posterior_heads()["dense"]},
+        batch_size=8,
+    )
+    assert engine.batch_sizes[-3:] == (2, 4, 8)  # (1, 2, 4, 8) on a single device
+    # Buckets: (96, 128) holds 5 + 5 images of both Q; (96, 96), (128, 96), (96, 160): 2 each.
+    sizes = {72: [(72, 100)] * 5 + [(72, 72), (100, 72), (72, 150)], 88: [(88, 120)] * 5}
+    sizes[88] += [(88, 88), (120, 88), (88, 150)]
+    rng = np.random.default_rng(4)
+    elements = [
+        dict(
+            index=k,
+            id=str(k),
+            label=0,
+            images=[rng.integers(0, 256, (*sizes[q][k], 3), np.uint8) for q in (72, 88)],
+        )
+        for k in range(8)
+    ]
+    monkeypatch.setattr(inference, "_LOG_EVERY_SECONDS", 0)  # a progress line at every step
+    with caplog.at_level("INFO"):
+        out = engine.outputs(variables, elements, 8, "test")
+    # At the end three tails need new programs, two or more unbuilt: the progress line says so.
+    assert re.search(r"Evaluating test: 8/8 images read; compiling [2-4] programs", caplog.text)
+    # Batches: 8 + 8 slots for (96, 128)'s 10 images, then 2 slots for each other bucket.
+    assert out["batches"] == 5 and len(engine.programs) == 4
+    assert out["padded_pixels"] == 96 * (16 * 128 + 2 * (96 + 128 + 160))
+    cost = engine.cost()
+    assert cost["compiled_shapes"] + cost["cached_shapes"] == 4 and cost["compile_seconds"] > 0
+    for i, q in enumerate((72, 88)):
+        for k, element in enumerate(elements):
+            x = augment.subtract_mean(element["images"][i], mean)[None]
+            sizes = jnp.asarray([x.shape[1:3]])
+            alone = evaluate.dense_posteriors(model, variables, x, sizes, flip=True)[0]
+            np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-4, atol=1e-6)
+
+
 def protocols_config(protocols=tuple(options.EVAL_PROTOCOLS)[:-1], scales=(72, 88, 104)):
     c = recipe.paper_recipe("A", "72-104")
     c.crop_size, c.num_classes = CROP, 4
@@ -196,19 +242,30 @@ def rescaled(h, w, q):
     return (q, max(q, round(w * q / h))) if h <= w else (max(q, round(h * q / w)), q)
 
 
-def test_bucket_shapes_stay_few_for_imagenet_like_sizes():
-    """The README's bound: sizes 300–500 × 300–500 at Q = 224, 256, 288 need 37 shapes."""
+def bucket_count(scales, per_octave=8):
+    """Buckets (and the most padding in one) of sizes 300–500 × 300–500 rescaled to `scales`."""
     shapes, waste = set(), 0.0
     for h in range(300, 501):
         for w in range(300, 501):
-            for q in (224, 256, 288):
+            for q in scales:
                 size = rescaled(h, w, q)
-                bucket = inference.bucket_shape(*size)
+                bucket = inference.bucket_shape(*size, 32, per_octave)
                 assert bucket[0] >= size[0] and bucket[1] >= size[1]
                 assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
                 shapes.add(bucket)
                 waste = max(waste, 1 - size[0] * size[1] / (bucket[0] * bucket[1]))
-    assert len(shapes) == 37 and waste < 0.13  # at most 12% of a bucket is padding
+    return len(shapes), waste
+
+
+def test_bucket_shapes_stay_few_for_imagenet_like_sizes():
+    """The README's bounds: 37 shapes at Q = 224, 256, 288; at 256, 384, 512 (coarser steps at
+    large Q) 39, or 21 with 4 buckets per octave."""
+    shapes, waste = bucket_count((224, 256, 288))
+    assert shapes == 37 and waste < 0.13  # at most 12% of a bucket is padding
+    shapes, waste = bucket_count((256, 384, 512))
+    assert shapes == 39 and waste < 0.11
+    shapes, waste = bucket_count((256, 384, 512), per_octave=4)
+    assert shapes == 21 and waste < 0.2
     # However elongated, a few buckets per octave of aspect ratio: 8 per octave at Q = 256.
     long_sides = {inference.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
     assert len(long_sides) == 3 * 8 + 1  # 256, 288, …, 512, 576, …, 1024, 1152, …, 2048
@@ -223,7 +280,7 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     data = tmp_path / "data"
     shutil.copytree(os.path.join(tiny_demo_dir, "val"), data / "val")
     (data / "val" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_main(
+    args = [
         "--config=configs/demo.py",
         "--mode=eval",
         f"--workdir={workdir}",
@@ -231,10 +288,20 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
         f"--config.data_dir={data}",
         "--config.width=0.0625",
         "--config.fc_width=32",
+        "--config.num_classes=10",  # the folder holds val/ only
         "--config.num_workers=0",
         "--config.eval.batch_size=8",
+    ]
+    # A persistent compilation cache of its own, keeping every program: the rerun below loads.
+    cache = dict(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    result = run_main(
+        *args,
         f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)!r}",
         f"--config.eval.checkpoints=('{workdir}', '{workdir}/checkpoints/2')",
+        **cache,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "circle/broken.jpg" in result.stderr and "images/s" in result.stderr
@@ -301,4 +368,16 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
             # Q = 72, 88 and 104 run the same program (dense and multi-crop); 73 the centre crop.
             expected |= {("Q", inference.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
             expected.add(("centre", inference.bucket_shape(*rescaled(h, w, 73))))
-    assert summary["compiled_shapes"] == len(expected) <= 8
+    assert summary["compiled_shapes"] == len(expected) <= 8 and summary["cached_shapes"] == 0
+    assert summary["compile_seconds"] > 0 and "programs compiled" in result.stderr
+
+    # A rerun needs the same programs (one checkpoint, the same heads): all from the cache.
+    rerun = run_main(
+        *args,
+        f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)[:-1]!r}",
+        f"--config.eval.checkpoints=('{workdir}',)",
+        **cache,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads((workdir / "eval_results.json").read_text())
+    assert (again["compiled_shapes"], again["cached_shapes"]) == (0, len(expected))

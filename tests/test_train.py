@@ -68,6 +68,39 @@ def test_eight_devices_compute_the_same_update_as_one(tiny_config, model):
         state = after[1]
 
 
+def _step_on(trainer, state, batch):
+    new, metrics = trainer.train_step(jax.device_put(state, trainer.replicated), batch)
+    return jax.device_get((new, metrics))
+
+
+@pytest.mark.parametrize("model", ["A", "vgg11_bn"])
+def test_a_masked_image_changes_nothing(tiny_config, model):
+    """An undecodable image (mask 0) is in the batch but counts nowhere: the loss, the gradients,
+    the update, batch norm's statistics and running averages equal those of the batch without it.
+    Net A checks the loss mask alone; vgg11_bn the batch-norm mask too."""
+    tiny_config.model = model
+    trainer = train.Trainer(tiny_config, train.make_mesh(jax.devices()[:1]))
+    state = jax.device_get(trainer.init(jax.random.key(0)))
+    full = next(synthetic_batches(tiny_config, 1))
+    full["image"][-1] = 255.0  # what the masked slot holds must not matter
+    without = {k: v[:-1] for k, v in full.items()}
+    masked, masked_metrics = _step_on(trainer, state, full)
+    alone, alone_metrics = _step_on(trainer, state, without)
+    for k in ("loss", "top1_errors", "count"):
+        np.testing.assert_allclose(masked_metrics[k], alone_metrics[k], rtol=1e-5)
+    # atol: the conv biases before a batch norm have a zero gradient in exact arithmetic; 15
+    # rows or 16 summed leave them (and their momentum) float32 noise of about 5e-7.
+    for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    # The same slot counted (mask 1) moves the parameters: the comparison can fail.
+    full["mask"][-1] = 1.0
+    counted, _ = _step_on(trainer, state, full)
+    assert not all(
+        np.allclose(a, b, rtol=1e-4, atol=2e-6)
+        for a, b in zip(jax.tree.leaves(counted.params), jax.tree.leaves(alone.params))
+    )
+
+
 def test_weight_decay_skips_biases_unless_asked(tiny_config):
     params = {"conv1_1": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}
     zero = jax.tree.map(jnp.zeros_like, params)
@@ -149,6 +182,59 @@ def test_half_written_checkpoint_is_never_loaded(tiny_config, tmp_path):
     (partial / "state" / "garbage").write_bytes(b"\0" * 10)
     assert checkpoints.Checkpoints(str(tmp_path)).latest_step() == 4
     assert read_params(tmp_path)["fc8"]["kernel"].shape == (32, 10)
+
+
+def _kill_during_a_save(args: list[str], checkpoint_dir) -> list[str]:
+    """Starts training and SIGKILLs it while an asynchronous save after the first complete one
+    is being written (orbax's temporary folder is there); the folder's names at the kill."""
+    command = [sys.executable, "-m", "vggjax.main", *args, "--config.num_train_steps=100000"]
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            names = [p.name for p in checkpoint_dir.iterdir()] if checkpoint_dir.exists() else []
+            complete = [n for n in names if n.isdigit()]
+            if complete and any("tmp" in n for n in names):
+                proc.kill()
+                return names
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tiny_demo_dir, tmp_path):
+    """SIGKILL while a save is in flight (wide FC layers: 34 MB of state to write) leaves a
+    temporary folder; the same command then resumes from the last complete checkpoint, whose
+    parameters are those an uninterrupted run had at that step, and ends where it ends."""
+    args = [
+        "--config=configs/demo.py",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.width=0.0625",
+        "--config.fc_width=2048",
+        "--config.num_workers=0",
+        "--config.batch_size=16",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=1000",
+    ]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    names = _kill_during_a_save([*args, f"--workdir={killed}"], killed / "checkpoints")
+    last = max(int(n) for n in names if n.isdigit())
+    left = [p.name for p in (killed / "checkpoints").iterdir()]
+    assert any("tmp" in n for n in left), left  # the kill landed mid-write
+    assert checkpoints.Checkpoints(str(killed)).latest_step() == last
+    result = run_main(*args, f"--workdir={killed}", f"--config.num_train_steps={last + 2}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Resumed from the checkpoint at step {last}" in result.stderr
+    run_main(*args, f"--workdir={straight}", f"--config.num_train_steps={last + 2}")
+    for step in (last, last + 2):
+        for a, b in zip(
+            jax.tree.leaves(checkpoints.restore_params(str(killed / "checkpoints" / str(step)))),
+            jax.tree.leaves(checkpoints.restore_params(str(straight / "checkpoints" / str(step)))),
+        ):  # float32 rounding apart: 3e-6 relative at most, measured
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
 def test_init_from_net_a_copies_the_papers_seven_layers(tiny_config, tmp_path):

@@ -8,12 +8,16 @@ half-written when the process died is never listed, and so never loaded.
 
 from __future__ import annotations
 
+import contextlib
+import logging as pylogging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 STATE, DATA = "state", "data"
 
@@ -71,6 +75,25 @@ class Checkpoints:
         self.manager.close()
 
 
+class _ErrorsOnly(pylogging.Filter):
+    """Lets through errors only, or everything when debugging (--verbosity=1)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.ERROR or logging.get_verbosity() >= logging.DEBUG
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax warns on every read-only restore (`read_only=True, setting save_interval_steps=0`,
+    `Metadata file does not exist`, ...): nothing wrong and nothing to do, so not shown."""
+    quiet, logger = _ErrorsOnly(), pylogging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _state_item_dir(path: str) -> str:
     """The `state` item of: a workdir, its checkpoints/ folder, or one step's folder."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -96,6 +119,11 @@ def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> 
     The arrays land on `sharding` (default: the first local device), whatever the device
     count of the run that wrote them.
     """
+    with _quiet_orbax():
+        return _restore_params(path, sharding)
+
+
+def _restore_params(path: str, sharding: jax.sharding.Sharding | None) -> dict[str, Any]:
     item_dir = _state_item_dir(path)
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree

@@ -50,11 +50,8 @@ def dense_posteriors(
 ) -> jax.Array:
     """Sect. 3.2: the softmax of the class score map averaged over the image; with `flip`,
     averaged with the mirror image's."""
-    p = jax.nn.softmax(inference.dense_average(model, variables, images, sizes))
-    if flip:
-        mirrored = inference.mirror(images, sizes)
-        p = (p + jax.nn.softmax(inference.dense_average(model, variables, mirrored, sizes))) / 2
-    return p
+    scores = inference.dense_averages(model, variables, images, sizes, flip=flip)
+    return jax.nn.softmax(scores).mean(1)
 
 
 def _classic_posteriors(model: models.VGG, variables: Any, crops: jax.Array) -> jax.Array:
@@ -149,9 +146,18 @@ def error_rates(posteriors: np.ndarray, labels: np.ndarray, bad: np.ndarray) -> 
     return float(top1.sum() / n), float(top5.sum() / n)
 
 
-def _train_scale(config: ml_collections.ConfigDict) -> str:
-    s_min, s_max = config.train_scale
+def train_scale_label(train_scale: Sequence[int]) -> str:
+    """The paper's "train (S)" column: S, or [S_min;S_max] for scale jittering."""
+    s_min, s_max = train_scale
     return str(s_min) if s_min == s_max else f"[{s_min};{s_max}]"
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned with two spaces between them, the header first."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
 
 
 def format_table(results: list[dict[str, Any]], train_scale: str) -> str:
@@ -175,10 +181,7 @@ def format_table(results: list[dict[str, Any]], train_scale: str) -> str:
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
-    )
+    return text_table(header, rows)
 
 
 def _results(
@@ -222,16 +225,17 @@ def engine(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> infere
         plan(config),
         posterior_heads(config.eval.flip),
         config.eval.batch_size,
-        config.eval.bucket_multiple,
-        config.num_workers,
+        bucket_multiple=config.eval.bucket_multiple,
+        num_threads=config.num_workers,
+        buckets_per_octave=config.eval.buckets_per_octave,
     )
 
 
 def _run_checkpoints(
     config: ml_collections.ConfigDict, paths: tuple[str, ...], source: sources.Source
-) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]], dict[str, Any], int]:
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Each checkpoint's protocol posteriors and result rows, the last pass's labels and ids,
-    and how many programs were compiled."""
+    and what building the programs cost (`Engine.cost`)."""
     # Each process runs its own share on its own devices: the hosts need not agree on the order
     # of bucket shapes, and evaluation needs no communication until the posteriors are gathered.
     runner = engine(config, train.make_mesh(jax.local_devices()))
@@ -244,7 +248,7 @@ def _run_checkpoints(
         model = f"{config.model} #{i}" if several else config.model
         prefix = f"ckpt{i}_" * several
         results += _results(prefix, model, per_model[-1], data["labels"], data["bad"], config)
-    return per_model, results, data, len(runner.compiled)
+    return per_model, results, data, runner.cost()
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -258,7 +262,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     paths = tuple(config.eval.checkpoints) or (workdir,)
     start = time.monotonic()
-    per_model, results, data, compiled = _run_checkpoints(config, paths, source)
+    per_model, results, data, cost = _run_checkpoints(config, paths, source)
     seconds = time.monotonic() - start
     several = len(paths) > 1
     posteriors = {
@@ -275,12 +279,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         model=config.model,
         dataset=config.dataset,
         checkpoints=list(paths),
-        train_scale=_train_scale(config),
+        train_scale=train_scale_label(config.train_scale),
         crop_size=config.crop_size,
         flip=config.eval.flip,
         images=len(source),
         bad_images=int(data["bad"].sum()),
-        compiled_shapes=compiled,
+        **cost,  # compiled_shapes (by XLA), cached_shapes (from the cache), compile_seconds
         seconds=round(seconds, 1),
         images_per_second=round(len(source) * len(paths) / seconds, 1),
         results=results,

@@ -28,11 +28,7 @@ def dense_descriptor(
 ) -> jax.Array:
     """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
     positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
-    d = inference.dense_average(model, variables, images, sizes, output="fc7")
-    if flip:
-        mirrored = inference.mirror(images, sizes)
-        d = (d + inference.dense_average(model, variables, mirrored, sizes, output="fc7")) / 2
-    return d
+    return inference.dense_averages(model, variables, images, sizes, "fc7", flip).mean(1)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -79,8 +75,9 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
             dict.fromkeys(scales, ("features",)),
             {"features": head},
             config.eval.batch_size,
-            config.eval.bucket_multiple,
-            config.num_workers,
+            bucket_multiple=config.eval.bucket_multiple,
+            num_threads=config.num_workers,
+            buckets_per_octave=config.eval.buckets_per_octave,
         )
         _, variables, _ = pretrained.load_pretrained(path, runner.replicated)
         if "fc7" not in variables["params"]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging as pylogging
 import os
-import sys
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vggjax import errors
 from vggjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,7 +32,7 @@ _MODE = flags.DEFINE_enum(
     "train",
     ["train", "eval", "summary", "features", "transfer"],
     "train: train (resuming from the workdir); eval: the paper's test "
-    "protocols; summary: print the layer table; features: Appendix B's "
+    "protocols (Appendix A's for a localisation net); summary: print the layer table; features: Appendix B's "
     "descriptors of the data set; transfer: linear SVMs on them, scored.",
 )
 _IMAGE_SIZE = flags.DEFINE_integer(
@@ -58,9 +59,8 @@ flags.register_multi_flags_validator(
 )
 
 
-def _fail(message: str) -> None:
-    print(f"vggjax: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> NoReturn:
+    errors.fail("vggjax", message)
 
 
 def _init_distributed() -> None:
@@ -118,10 +118,32 @@ def _use_compilation_cache() -> None:
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         cache = os.environ.get("VGGJAX_CACHE") or os.path.expanduser("~/.cache/vggjax")
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax"))
+    # Beside the programs, XLA's per-fusion GPU autotuning results (JAX's default, pinned here):
+    # a program missing from the cache still skips tuning any fusion of the same shapes that an
+    # earlier run tuned.
+    if not os.environ.get("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES"):
+        jax.config.update(
+            "jax_persistent_cache_enable_xla_caches", "xla_gpu_per_fusion_autotune_cache_dir"
+        )
+
+
+def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
+    """A folder data set's number of classes is its training folder's, unless the command line
+    gives --config.num_classes (training then checks that they agree): a config file's value
+    (configs/demo.py's 10, fine-tuning's None) is not the user's data."""
+    if config.dataset != "folder" or "num_classes" in config_flags.get_override_values(
+        flags.FLAGS["config"]
+    ):
+        return
+    from vggjax.data import sources
+
+    config.num_classes = sources.make_source(config, "train").num_classes
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-    if mode == "eval":
+    if mode == "eval" and config.objective != "classification":  # Appendix A's protocols
+        from vggjax.localise_eval import run
+    elif mode == "eval":
         from vggjax.evaluate import evaluate as run
     elif mode == "features":
         from vggjax.features import run
@@ -139,6 +161,8 @@ def _main(argv: list[str]) -> None:
 
     try:
         config = pretrained.inherit_net(_CONFIG.value)
+        if _MODE.value != "summary":
+            _classes_from_folder(config)
         options.validate(config)
         if _MODE.value == "summary":
             return _summary(config)
@@ -218,11 +242,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_flag_error(e))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 class _OwnInfoOnly(pylogging.Filter):
-    """INFO lines from vggjax only: orbax and jax narrate every save and backend probe."""
+    """INFO lines from vggjax's own modules only (orbax, grain and jax narrate every save, worker
+    and backend probe), unless debugging: --verbosity=1 shows them all. By the module's path, not
+    its name: a checkout called vggjax holds the virtual environment's libraries too."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "vggjax" in record.pathname
+        return (
+            record.levelno >= pylogging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+            or logging.get_verbosity() >= logging.DEBUG
+        )
 
 
 def run() -> None:

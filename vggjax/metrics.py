@@ -21,8 +21,14 @@ def _duration(seconds: float) -> str:
     )
 
 
+def _label(error: str) -> str:
+    """A progress line's name for an error: top1_error → "top-1 err", loc_error → "loc err"."""
+    return error.removesuffix("_error").replace("top", "top-") + " err"
+
+
 class Reporter:
-    """Turns summed step metrics into error rates, images/s and time left."""
+    """Turns summed step metrics into error rates, images/s and time left. The errors are the
+    objective's (`<name>_errors` sums): top-1 and top-5, or a box's."""
 
     def __init__(self, workdir: str, total_steps: int, batch_size: int, start_step: int):
         self.total_steps, self.batch_size = total_steps, batch_size
@@ -45,24 +51,22 @@ class Reporter:
         steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         n = max(sums["count"], 1.0)
+        errors = {k[:-1]: v / n for k, v in sums.items() if k.endswith("_errors")}
         scalars = {
             "train/loss": sums["loss"] / n,
-            "train/top1_error": sums["top1_errors"] / n,
-            "train/top5_error": sums["top5_errors"] / n,
+            **{f"train/{k}": v for k, v in errors.items()},
             "train/learning_rate": learning_rate,
             "train/images_per_sec": rate,
         }
         self._write(step, scalars)
         if jax.process_index() == 0:
             logging.info(
-                "step %d/%d (%.0f%%) | loss %.4f | top-1 err %.1f%% | top-5 err %.1f%% | "
-                "lr %.1e | %.0f img/s | %s left%s",
+                "step %d/%d (%.0f%%) | loss %.4f | %s | lr %.1e | %.0f img/s | %s left%s",
                 step,
                 self.total_steps,
                 100 * step / self.total_steps,
                 scalars["train/loss"],
-                100 * scalars["train/top1_error"],
-                100 * scalars["train/top5_error"],
+                " | ".join(f"{_label(k)} {100 * v:.1f}%" for k, v in errors.items()),
                 learning_rate,
                 rate,
                 _duration((self.total_steps - step) / steps_per_sec),
@@ -70,20 +74,14 @@ class Reporter:
             )
 
     def eval(self, step: int, split: str, result: dict[str, float]) -> None:
-        self._write(
-            step,
-            {
-                f"{split}/top1_error": result["top1_error"],
-                f"{split}/top5_error": result["top5_error"],
-            },
-        )
+        errors = {k: v for k, v in result.items() if k.endswith("_error")}
+        self._write(step, {f"{split}/{k}": v for k, v in errors.items()})
         if jax.process_index() == 0:
             logging.info(
-                "step %d | %s: top-1 err %.2f%% | top-5 err %.2f%% on %d images",
+                "step %d | %s: %s on %d images",
                 step,
                 split,
-                100 * result["top1_error"],
-                100 * result["top5_error"],
+                " | ".join(f"{_label(k)} {100 * v:.2f}%" for k, v in errors.items()),
                 result["count"],
             )
         self.last_time = time.monotonic()  # evaluation time is not training time

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vggjax import objectives
 from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
@@ -102,6 +103,10 @@ def layer_table(
 
 
 FC_LAYERS = ("fc6", "fc7", "fc8")
+# `output="conv3_3:pre"`: a conv layer's activation before its ReLU (after its batch norm).
+PRE_RELU = ":pre"
+# VGG.pooling: the paper's max-pooling, or average pooling (Gatys et al.'s choice for style).
+POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": nn.max_pool, "avg": nn.avg_pool}
 
 
 def local_response_norm(
@@ -197,7 +202,9 @@ class VGG(nn.Module):
     output: the name of the layer whose activation to return instead of the logits (`layers`
     lists them: conv1_1 … pool5, fc6, fc7, fc8), the net stopping there: a conv's after its
     ReLU (and batch norm), fc6's and fc7's after ReLU and dropout. Up to pool5 any image of at
-    least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is enough.
+    least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is enough. A
+    sequence of names returns a dict of their activations, from one pass; `conv3_3:pre`
+    (`PRE_RELU`) names a conv's before its ReLU, as perceptual losses ask (vggjax.perceptual).
 
     sizes (dense form only): (N, 2) valid (height, width) of each image, placed top-left in a
     larger padded batch. Every conv's input is zeroed outside the valid region, which halves
@@ -206,6 +213,9 @@ class VGG(nn.Module):
     pooling window straddling the border carries an image value one row or column into the
     padding.) Map positions inside `dense_map_sizes(sizes)` are then those of the image
     alone, and the rest are to be ignored.
+
+    mask (training, BN nets): (N,) 1 for the images that count, 0 for masked ones (undecodable
+    images): batch norm's statistics, and so its running averages, are over the counted ones.
     """
 
     config: str = "D"
@@ -220,19 +230,26 @@ class VGG(nn.Module):
     # Batch norm in inference mode even when training: the conv layers are frozen (fine-tuning
     # the FC layers only), so their BN layers keep their statistics, as Keras does.
     batch_norm_frozen: bool = False
+    pooling: str = "max"  # a key of POOLINGS
 
     @property
     def layers(self) -> list[Layer]:
         return layer_table(self.config, self.width, self.fc_width, self.num_classes, self.crop_size)
 
-    def _upto(self, output: str | None) -> list[Layer]:
-        """The layers to run to return `output`'s activation (None: all of them)."""
-        names = [layer.name for layer in self.layers]
-        if output is not None and output not in names:
+    def _upto(self, output: str | Sequence[str] | None) -> list[Layer]:
+        """The layers to run to return the activations `output` names (None: all of them)."""
+        layers = self.layers
+        if output is None:
+            return layers
+        names = [layer.name for layer in layers]
+        wanted = [output] if isinstance(output, str) else list(output)
+        pre = [layer.name + PRE_RELU for layer in layers if layer.kind == "conv"]
+        if not wanted or not set(wanted) <= set(names + pre):
             raise ValueError(
-                f"output must be a layer of the net ({', '.join(names)}), got {output!r}"
+                f"output must name layers of the net ({', '.join(names)}; a conv's before its "
+                f"ReLU: {pre[0]}), got {output!r}"
             )
-        return self.layers[: names.index(output) + 1 if output else None]
+        return layers[: max(names.index(n.removesuffix(PRE_RELU)) for n in wanted) + 1]
 
     def _check_input(self, shape: tuple[int, ...], dense: bool, sizes: Any, fc: bool) -> None:
         if len(shape) != 4 or shape[-1] != 3:
@@ -256,9 +273,11 @@ class VGG(nn.Module):
         train: bool = False,
         dense: bool = False,
         sizes: jax.Array | None = None,
-        output: str | None = None,
-    ) -> jax.Array:
-        layers = self._upto(output)
+        output: str | Sequence[str] | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array | dict[str, jax.Array]:
+        layers, found = self._upto(output), {}
+        counted = None if mask is None else mask.reshape(-1, 1, 1, 1) > 0
         self._check_input(x.shape, dense, sizes, fc=layers[-1].kind == "fc")
         init = KERNEL_INITS[self.kernel_init]
         x = x.astype(self.dtype)
@@ -278,14 +297,19 @@ class VGG(nn.Module):
                         use_running_average=not train or self.batch_norm_frozen,
                         momentum=0.9,
                         epsilon=1e-5,
+                        # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically
+                        # when |mean| >> std, so the order of a reduction (one host or two)
+                        # changed the update by 10% after 4 steps.
+                        use_fast_variance=False,
                         dtype=self.dtype,
                         name=layer.name + "_bn",
-                    )(x)
+                    )(x, mask=counted)
+                found[layer.name + PRE_RELU] = x
                 x = nn.relu(x)
             elif layer.kind == "lrn":
                 x = local_response_norm(x, **LRN_PARAMS)
             elif layer.kind == "pool":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = POOLINGS[self.pooling](x, (2, 2), strides=(2, 2))
                 sizes = None if sizes is None else sizes // 2
             else:
                 if layer.name == "fc6" and not dense:
@@ -294,7 +318,10 @@ class VGG(nn.Module):
                 x = fc(x, dense)
                 if layer.name != "fc8":
                     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
-        return x
+            found[layer.name] = x
+        if output is None:
+            return x
+        return found[output] if isinstance(output, str) else {n: found[n] for n in output}
 
 
 def resolve_name(name: str) -> tuple[str, bool]:
@@ -377,9 +404,19 @@ MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init",
 
 def model_from_config(config: Mapping[str, Any]) -> VGG:
     """The net a config describes: a training config, or a workdir's config.json (which may hold
-    only some of MODEL_FIELDS: a converted checkpoint's). The only place a config becomes a VGG."""
+    only some of MODEL_FIELDS: a converted checkpoint's). The only place a config becomes a VGG.
+    Its `objective` sizes fc8: class scores, or Appendix A's box (4) or box per class (4 × classes).
+    """
     fields = {k: config[k] for k in MODEL_FIELDS if config.get(k) is not None}
-    return create_model(config["model"], config.get("num_classes") or 1000, **fields)
+    objective = config.get("objective") or "classification"
+    require(
+        objective in objectives.OBJECTIVES,
+        "objective",
+        f"one of {tuple(objectives.OBJECTIVES)}",
+        objective,
+    )
+    outputs = objectives.OBJECTIVES[objective].outputs(config.get("num_classes") or 1000)
+    return create_model(config["model"], outputs, **fields)
 
 
 def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:

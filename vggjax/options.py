@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from vggjax import models
+from vggjax import models, objectives
 from vggjax.data import sources
 from vggjax.errors import UserError, require
 
@@ -33,6 +33,14 @@ EVAL_PROTOCOLS = {
     "centre_crop": "centre crop",
     "fusion": "fusion",
 }
+
+# What fc8 learns (vggjax/objectives.py): class scores, or Appendix A's single-class (scr) or
+# per-class (pcr) box regression.
+OBJECTIVES = tuple(objectives.OBJECTIVES)
+
+# Appendix A's test protocols (vggjax/localise_eval.py) → the error they report: Table 8's (the
+# central crop's box for the ground-truth class) and Table 9's (dense, merged, top-5 classes).
+LOC_PROTOCOLS = {"gt_class": "gt_class_error", "top5": "top5_error"}
 
 # Appendix B: descriptors at several Q stacked (the paper's Caltech) or averaged (VOC).
 AGGREGATIONS = ("stack", "average")
@@ -122,6 +130,7 @@ def _checks(c: Any) -> list[tuple[str, bool, str]]:
             c.eval.bucket_multiple > 0 and c.eval.bucket_multiple % 32 == 0,
             "a positive multiple of 32",
         ),
+        ("eval.buckets_per_octave", c.eval.buckets_per_octave > 0, positive_int),
         (
             "features.scales",
             len(c.features.scales) > 0 and min(c.features.scales) >= c.crop_size,
@@ -141,6 +150,14 @@ def _checks(c: Any) -> list[tuple[str, bool, str]]:
         ("transfer.random_splits", c.transfer.random_splits >= 0, "a non-negative integer"),
         ("transfer.train_per_class", c.transfer.train_per_class > 0, positive_int),
         ("transfer.test_per_class", c.transfer.test_per_class > 0, positive_int),
+        ("loc.scales", len(c.loc.scales) > 0 and min(c.loc.scales) >= c.crop_size, scales),
+        (
+            "loc.protocols",
+            len(c.loc.protocols) > 0 and set(c.loc.protocols) <= set(LOC_PROTOCOLS),
+            f"some of {tuple(LOC_PROTOCOLS)}",
+        ),
+        ("loc.merge_iou", 0 < c.loc.merge_iou <= 1, "in (0, 1]"),
+        ("loc.max_aspect", c.loc.max_aspect >= 1, "at least 1"),
     ]
 
 
@@ -164,6 +181,7 @@ def validate(c: Any) -> None:
     for field, value, allowed in [
         ("dtype", c.dtype, DTYPES),
         ("dataset", c.dataset, DATASETS),
+        ("objective", c.objective, OBJECTIVES),
         ("init_layers", c.init_layers, INIT_LAYERS),
         ("trainable", c.trainable, TRAINABLE),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),

@@ -57,7 +57,8 @@ def with_net_of(
     config: ml_collections.ConfigDict, path: str, keep_classes: bool = False
 ) -> ml_collections.ConfigDict:
     """A copy of `config` describing the checkpoint's net: its Table 1 column, widths, crop,
-    mean RGB and (unless `keep_classes`) number of classes, as its config.json records them."""
+    mean RGB and (unless `keep_classes`) number of classes and objective (what its fc8 predicts),
+    as its config.json records them."""
     net = read_config(path)
     fields = ("model", "width", "fc_width", "crop_size", "mean_rgb") + ("num_classes",) * (
         not keep_classes
@@ -66,6 +67,8 @@ def with_net_of(
     for field in fields:
         if field in net:
             c[field] = tuple(net[field]) if field == "mean_rgb" else net[field]
+    if not keep_classes:
+        c.objective = net.get("objective", "classification")
     return c
 
 
@@ -76,15 +79,28 @@ def inherit_net(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return with_net_of(config, config.init_from, keep_classes=True)
 
 
+def resolve(path: str) -> str:
+    """`path`, or for a published net's name (`torchvision:vgg16`, `keras:vgg19_notop`,
+    `timm:vgg16.tv_in1k`) its converted workdir: fetched, verified and converted on first use."""
+    source, _, name = path.partition(":")
+    if os.path.exists(path) or not name:
+        return path
+    from vggjax.convert import hub  # the converters load only for a name
+
+    return hub.converted(source, name) if source in {s for s, _ in hub.WEIGHTS} else path
+
+
 def load_pretrained(
     path: str, sharding: jax.sharding.Sharding | None = None
 ) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
-    """`model, variables, preprocess` of a converted checkpoint or a training workdir.
+    """`model, variables, preprocess` of a converted checkpoint, a training workdir, or a
+    published net by name (`"torchvision:vgg16"`: see `resolve`).
 
     `model.apply(variables, preprocess(images))` gives the logits of RGB images in [0, 255].
     A checkpoint converted from a file without the top (Keras's `_notop`) holds the conv layers
     only: `conv_features` runs them, or add a head of your own before `model.apply`.
     """
+    path = resolve(path)
     config = read_config(path)
     model = models.model_from_config(config)
     variables = checkpoints.restore_params(path, sharding)

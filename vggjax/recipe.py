@@ -54,6 +54,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # "glorot" is the paper's later finding that needs no pre-training.
     c.kernel_init = "normal" if model in ("A", "A-LRN", "vgg11", "vgg11_lrn") else "glorot"
     c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
+    # What fc8 learns: "classification", or Appendix A's box regression, "scr" (one box for all
+    # classes) or "pcr" (a box per class); options.OBJECTIVES.
+    c.objective = "classification"
 
     # Data (Sect. 3.1: isotropic rescale to S, random crop, flip, RGB colour shift).
     c.dataset = "imagenet2012"  # one of options.DATASETS
@@ -109,6 +112,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.eval.batch_size = 32
     c.eval.checkpoints = ()  # empty: the workdir's latest checkpoint; several: fusion (Sect. 4.4)
     c.eval.bucket_multiple = 32  # images are padded to sides that are multiples of this
+    # ... whose step doubles with each octave of side past 8 × 32 = 256: fewer buckets (and
+    # programs to compile) at large Q; 4 halves them again for at most 25% padding a side.
+    c.eval.buckets_per_octave = 8
 
     # Features for other data sets (Appendix B): --mode=features, --mode=transfer.
     c.features = ml_collections.ConfigDict()
@@ -132,4 +138,14 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.transfer.random_splits = 0
     c.transfer.train_per_class = 30
     c.transfer.test_per_class = 50
+
+    # Localisation (Appendix A), for objective "scr" or "pcr": --mode=eval runs the protocols.
+    c.loc = ml_collections.ConfigDict()
+    c.loc.annotations = ""  # imagenet2012: the unpacked ILSVRC bounding-box XML files
+    c.loc.protocols = ("gt_class", "top5")  # Table 8's and Table 9's (options.LOC_PROTOCOLS)
+    c.loc.scales = (c.eval_scale,)  # Q of the dense protocol (Table 9: S, or 352 and 384)
+    c.loc.classifier = ""  # the classification run giving the top-5 classes; "": init_from
+    c.loc.checkpoints = ()  # empty: the workdir's; several: the union of their boxes (Table 9)
+    c.loc.merge_iou = 0.5  # greedy merging joins boxes while the closest pair has this IoU
+    c.loc.max_aspect = 3.0  # boxes kept per image and Q: the map of an image this elongated
     return c

@@ -1,8 +1,9 @@
 """Training as in Sect. 3.1, data-parallel as in Sect. 3.3.
 
-Multinomial logistic loss, SGD with momentum 0.9, L2 weight decay 5e-4, dropout 0.5 on fc6
-and fc7, and a learning rate divided by 10 when validation accuracy stops improving (at most
-3 times). One jitted step over a 1-D device mesh: the batch is split over the `data` axis, the
+Multinomial logistic loss (or, for Appendix A's localisation nets, the Euclidean loss of a
+box: `config.objective`, vggjax/objectives.py), SGD with momentum 0.9, L2 weight decay 5e-4,
+dropout 0.5 on fc6 and fc7, and a learning rate divided by 10 when validation accuracy stops
+improving (at most 3 times). One jitted step over a 1-D device mesh: the batch is split over the `data` axis, the
 state is replicated, and XLA averages the gradients across devices, so the update is the one
 a single device would compute on the whole batch.
 """
@@ -25,7 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, metrics, models, options, pretrained
+from vggjax import checkpoints, metrics, models, objectives, options, pretrained
 from vggjax.data import pipeline, sources
 from vggjax.errors import DivergedError, UserError
 
@@ -75,7 +76,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-    """The learning-rate cut, stepped once per validation pass with the top-1 error."""
+    """The learning-rate cut, stepped once per validation pass with its watched error (top-1)."""
     return optax.contrib.reduce_on_plateau(
         factor=config.lr_drop_factor,
         patience=config.plateau_patience,
@@ -144,14 +145,19 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     trainable: tuple[str, ...] | None = None,
+    objective: objectives.Objective = objectives.OBJECTIVES["classification"],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch; metrics are sums over the batch's real images.
 
+    objective: the loss and errors of what fc8 learns (class scores or a box).
     trainable: the layers to differentiate (None: all). The others are constants to autodiff,
     so no backward pass runs below the lowest trainable layer.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     mask = batch["mask"]
+    # Masked images enter no batch statistic; a batch with none to count (all undecodable)
+    # counts them all rather than divide by zero: its loss is zero either way.
+    counted = jnp.where(jnp.any(mask > 0), mask, 1.0)
 
     def loss_fn(params):
         if trainable is not None:
@@ -165,9 +171,10 @@ def train_step(
             train=True,
             rngs={"dropout": rng},
             mutable=["batch_stats"],
+            mask=counted,
         )
         logits = logits.astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        losses = objective.loss(logits, batch)
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -182,32 +189,34 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     metrics = dict(
         loss=loss * jnp.sum(mask),
-        **error_counts(logits, batch["label"], mask),
+        **error_counts(objective, logits, batch),
         skipped=jnp.sum(1.0 - mask),
         nonfinite=1.0 - finite.astype(jnp.float32),
     )
     return new_state, metrics
 
 
-def error_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Top-1 and top-5 errors summed over the real (mask 1) images, and their count."""
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit = top5 == labels[:, None]
-    return dict(
-        top1_errors=jnp.sum((1.0 - hit[:, 0]) * mask),
-        top5_errors=jnp.sum((1.0 - jnp.any(hit, axis=1)) * mask),
-        count=jnp.sum(mask),
-    )
+def error_counts(
+    objective: objectives.Objective, outputs: jax.Array, batch: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """The objective's errors (top-1 and top-5, or the box's) summed over the real (mask 1)
+    images as `<name>s`, and their count."""
+    mask = batch["mask"]
+    errors = objective.errors(outputs, batch)
+    return {f"{name}s": jnp.sum(e * mask) for name, e in errors.items()} | {"count": jnp.sum(mask)}
 
 
 def eval_step(
-    model: models.VGG, state: TrainState, batch: dict[str, jax.Array]
+    model: models.VGG,
+    objective: objectives.Objective,
+    state: TrainState,
+    batch: dict[str, jax.Array],
 ) -> dict[str, jax.Array]:
     """Validation errors on centre crops (the pass that drives the learning-rate cut)."""
-    logits = model.apply(
+    outputs = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
-    return error_counts(logits.astype(jnp.float32), batch["label"], batch["mask"])
+    return error_counts(objective, outputs.astype(jnp.float32), batch)
 
 
 def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> None:
@@ -235,20 +244,25 @@ class Trainer:
         self.model = models.model_from_config(config).clone(
             batch_norm_frozen=options.TRAINABLE[config.trainable] is not None
         )
+        self.objective = objectives.OBJECTIVES[config.objective]
         self.tx = make_optimizer(config)
         self.plateau = make_plateau(config)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.train_step = jax.jit(
             functools.partial(
-                train_step, self.model, self.tx, trainable=options.TRAINABLE[config.trainable]
+                train_step,
+                self.model,
+                self.tx,
+                trainable=options.TRAINABLE[config.trainable],
+                objective=self.objective,
             ),
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
         )
         self.eval_step = jax.jit(
-            functools.partial(eval_step, self.model),
+            functools.partial(eval_step, self.model, self.objective),
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
         )
@@ -292,21 +306,19 @@ class Trainer:
         }
 
     def evaluate(self, state: TrainState, dataset) -> dict[str, float]:
-        """Top-1/top-5 error over one pass of `dataset` (padding masked, nothing dropped)."""
+        """The objective's errors (top-1, top-5) over one pass of `dataset` (padding masked,
+        nothing dropped)."""
         totals, batches = None, iter(dataset)
         try:
             for local in batches:
                 counts = self.eval_step(state, self.global_batch(local))
                 totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
         finally:
-            batches.close()  # stops its worker processes now, not at exit
+            pipeline.close(batches)  # stops its worker processes now, not at exit
         totals = jax.device_get(totals)
         n = max(float(totals["count"]), 1.0)
-        return dict(
-            top1_error=float(totals["top1_errors"]) / n,
-            top5_error=float(totals["top5_errors"]) / n,
-            count=int(totals["count"]),
-        )
+        errors = {k[:-1]: float(v) / n for k, v in totals.items() if k.endswith("_errors")}
+        return errors | {"count": int(totals["count"])}
 
 
 class _Preemption:
@@ -363,7 +375,7 @@ class _Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
         self.config, self.workdir, self.trainer = config, workdir, trainer
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        self.total_steps, per_epoch = _steps(config, sources.make_source(config, "train"))
+        self.total_steps, per_epoch = _steps(config, pipeline.source(config, "train"))
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
@@ -421,10 +433,10 @@ class _Run:
         self.reporter.eval(self.step, "val", result)
         return result
 
-    def cut_learning_rate(self, top1_error: float) -> None:
-        """Steps the plateau schedule with a validation pass's top-1 error."""
+    def cut_learning_rate(self, error: float) -> None:
+        """Steps the plateau schedule with a validation pass's watched error (top-1)."""
         plateau = self.trainer.plateau_step(
-            self.state.plateau, self.state.params, jnp.float32(top1_error)
+            self.state.plateau, self.state.params, jnp.float32(error)
         )
         self.state = self.state.replace(plateau=plateau)
 
@@ -433,9 +445,10 @@ class _Run:
         self._checked_sums()
         if self.ckpt.latest_step() != self.step:
             self.ckpt.save(self.step, self.state, self.data, force=force)
+            logging.info("Saving the checkpoint of step %d in %s.", self.step, self.workdir)
 
     def close(self) -> None:
-        self.data.close()
+        pipeline.close(self.data)
         self.reporter.close()
 
 
@@ -447,7 +460,7 @@ def _loop(run: _Run, preemption: _Preemption) -> bool:
         if run.step % c.log_every_steps == 0 or run.step == run.total_steps:
             run.report()
         if run.step % c.eval_every_steps == 0 and run.step < run.total_steps:
-            run.cut_learning_rate(run.validate()["top1_error"])
+            run.cut_learning_rate(run.validate()[run.trainer.objective.watch])
         if preemption.reached(run.step):
             run.save(force=True)
             return False
@@ -479,8 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "step": run.step,
         "eval_scale": config.eval_scale,
         "crop_size": config.crop_size,
-        "top1_error": result["top1_error"],
-        "top5_error": result["top5_error"],
+        **{k: v for k, v in result.items() if k.endswith("_error")},
         "val_images": result["count"],
         "train_images_skipped": int(run.skipped),
     }

@@ -3,6 +3,7 @@
 
     python -m vggjax.convert --from=keras vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
         --model=D --output=DIR [--verify]
+    python -m vggjax.convert --from=keras vgg16 --output=DIR   # the published file, by name
 
 DIR becomes a workdir that `vggjax.load_pretrained` and `restore_params` (so also
 `--config.init_from`) read: checkpoints/0/state holds the parameters, config.json the model, its
@@ -14,7 +15,8 @@ conv's `<conv>_bn` parameters, its running mean and variance to `batch_stats`.
 No file's code is run: Keras files are read through their h5 attributes as Keras's own legacy
 loader reads them (keras.py), PyTorch's through an unpickler that builds nothing but dicts and
 tensors and safetensors from its JSON header (torch.py), .caffemodel files from the protobuf wire
-format (caffe.py). verify.py is `--verify`, __main__.py the command line.
+format (caffe.py). hub.py fetches, verifies and caches the published files by name, verify.py is
+`--verify`, __main__.py the command line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from vggjax import checkpoints, pretrained
 from vggjax.convert.caffe import read_caffemodel
+from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
 from vggjax.convert.layout import (
     SOURCES,
@@ -42,13 +45,16 @@ from vggjax.errors import UserError
 __all__ = [
     "MAX_RELATIVE_DIFFERENCE",
     "SOURCES",
+    "WEIGHTS",
     "SourceLayer",
     "convert",
+    "converted",
     "file_format",
     "main",
     "read_layers",
     "reference",
     "verify",
+    "weight_file",
 ]
 
 

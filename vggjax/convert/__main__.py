@@ -1,21 +1,22 @@
 """The command line: python -m vggjax.convert --from=SOURCE FILE --model=NAME --output=DIR
-[--verify]. A UserError ends it with one line on stderr and status 2; anything else is a bug
+[--verify], or --from=SOURCE NAME --output=DIR for a published net by name (hub.py). A UserError ends it with one line on stderr and status 2; anything else is a bug
 and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import NoReturn
 
-from vggjax import convert  # the package: its functions looked up at call time, as tests patch
+from vggjax import (
+    convert,  # the package: its functions looked up at call time, as tests patch
+    errors,
+)
 from vggjax.errors import UserError
 
 
 def _fail(message: str, status: int = 2) -> NoReturn:
-    print(f"vggjax.convert: error: {message}", file=sys.stderr)
-    sys.exit(status)
+    errors.fail("vggjax.convert", message, status)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,10 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m vggjax.convert", description=convert.__doc__.split("\n\n")[0])
     parser.add_argument(
-        "file", help="the published weight file (.h5, .pth, .safetensors or .caffemodel)"
+        "file",
+        help="the published weight file (.h5, .pth, .safetensors or .caffemodel), or a "
+        "published net's name, fetched and verified: torchvision's vgg11 … vgg19_bn, "
+        "Keras's vgg16, vgg19, vgg16_notop, vgg19_notop, timm's vgg16.tv_in1k …",
     )
     parser.add_argument(
         "--from",
@@ -37,10 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        required=True,
         help="Table 1 configuration: D (vgg16) or E "
         "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
-        "for torchvision and timm",
+        "for torchvision and timm. Required for a file; a published net's name knows its own",
     )
     parser.add_argument("--output", required=True, help="new or empty directory to write")
     parser.add_argument(
@@ -54,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _convert(args: argparse.Namespace) -> None:
     """Converts, and with --verify compares; status 1 if the nets differ."""
-    run = convert.reference(args.source, args.file) if args.verify else None
-    config = convert.convert(args.source, args.file, args.model, args.output)
+    path, model = convert.weight_file(args.source, args.file, args.model)
+    run = convert.reference(args.source, path) if args.verify else None
+    config = convert.convert(args.source, path, model, args.output)
     top = "with the top" if config["pretrained"]["include_top"] else "conv layers only"
     print(
-        f"Wrote VGG {config['model']} ({top}) from {args.file} to {args.output}; input: "
+        f"Wrote VGG {config['model']} ({top}) from {path} to {args.output}; input: "
         f"RGB on 0-255 minus {tuple(config['mean_rgb'])}"
     )
     if run is None:

@@ -3,8 +3,11 @@
 Training: isotropic rescale to a sampled smallest side S, random crop, random
 horizontal flip, Krizhevsky's RGB colour shift, mean RGB subtraction.
 Evaluation: rescale to Q, centre crop, mean subtraction.
+Each crop comes with its `Window`, which carries boxes through the rescale, crop and flip
+exactly (localisation, Appendix A).
 """
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -91,11 +94,14 @@ def _check_fits(image: np.ndarray, size: int) -> tuple[int, int]:
     return h, w
 
 
+def _random_offset(image: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    h, w = _check_fits(image, size)
+    return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+
+
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A size x size window at a uniformly random position."""
-    h, w = _check_fits(image, size)
-    y = int(rng.integers(0, h - size + 1))
-    x = int(rng.integers(0, w - size + 1))
+    y, x = _random_offset(image, size, rng)
     return image[y : y + size, x : x + size]
 
 
@@ -124,7 +130,33 @@ def subtract_mean(image: Any, mean_rgb: Sequence[float]) -> Any:
     return image.astype(np.float32) - np.asarray(mean_rgb, np.float32)
 
 
-def train_transform(
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Where a crop lies: the size x size window at `offset` (top, left) of the image rescaled to
+    `rescaled` (height, width), mirrored or not. Boxes follow it exactly (`boxes`)."""
+
+    rescaled: tuple[int, int]
+    offset: tuple[int, int]
+    size: int
+    flipped: bool = False
+
+    def cut(self, image: np.ndarray) -> np.ndarray:
+        """The window's pixels of the rescaled image."""
+        (y, x), s = self.offset, self.size
+        crop = image[y : y + s, x : x + s]
+        return crop[:, ::-1] if self.flipped else crop
+
+    def boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes (K, 4): x0, y0, x1, y1 as fractions of the whole image's width and height →
+        pixel edges of the crop, mirrored with it; parts outside the crop are kept."""
+        (h, w), (y, x) = self.rescaled, self.offset
+        b = np.asarray(boxes, np.float64) * [w, h, w, h] - [x, y, x, y]
+        if self.flipped:
+            b = np.stack([self.size - b[:, 2], b[:, 1], self.size - b[:, 0], b[:, 3]], axis=1)
+        return b
+
+
+def train_crop(
     data: bytes | np.ndarray,
     rng: np.random.Generator,
     *,
@@ -133,17 +165,20 @@ def train_transform(
     s_max: int,
     mean_rgb: Sequence[float],
     colour_std: float,
-) -> np.ndarray:
-    """Sect. 3.1 training augmentation; returns float32 crop x crop x 3."""
+) -> tuple[np.ndarray, Window]:
+    """Sect. 3.1 training augmentation: float32 crop x crop x 3, and the window it was cut from."""
     s = sample_scale(rng, s_min, s_max)
     image = rescale_smallest_side(decode_image(data, min_side=s), s)
-    image = random_flip(random_crop(image, crop, rng), rng)
-    return subtract_mean(colour_shift(image, rng, colour_std), mean_rgb)
+    offset = _random_offset(image, crop, rng)
+    window = Window(image.shape[:2], offset, crop, flipped=bool(rng.random() < 0.5))
+    return subtract_mean(colour_shift(window.cut(image), rng, colour_std), mean_rgb), window
 
 
-def eval_transform(
+def eval_crop(
     data: bytes | np.ndarray, *, crop: int, q: int, mean_rgb: Sequence[float]
-) -> np.ndarray:
-    """Single centre crop at test scale Q; returns float32 crop x crop x 3."""
+) -> tuple[np.ndarray, Window]:
+    """Single centre crop at test scale Q: float32 crop x crop x 3, and its window."""
     image = rescale_smallest_side(decode_image(data, min_side=q), q)
-    return subtract_mean(center_crop(image, crop), mean_rgb)
+    h, w = _check_fits(image, crop)
+    window = Window(image.shape[:2], ((h - crop) // 2, (w - crop) // 2), crop)
+    return subtract_mean(window.cut(image), mean_rgb), window

@@ -7,10 +7,14 @@ number of processes or workers, and its augmentation (seeded by stream
 position) is the same too. Batches are dicts of `image` float32
 (B_local, crop, crop, 3), `label` int32 (B_local,) and `mask` float32
 (B_local,): 0 marks undecodable images and eval padding, which must not count.
+For box regression (`config.objective`, Appendix A) the images are those with boxes and a batch
+also holds `box` float32 (B_local, 4), each crop's target (`data.boxes.target`); a crop that
+shows none of its image's boxes is masked too.
 """
 
 import dataclasses
 import functools
+import gc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from vggjax import options
-from vggjax.data import augment, sources
+from vggjax.data import augment, boxes, sources
 from vggjax.errors import UserError
 
 # Each element is a whole batch: a few threads overlap batch assembly with
@@ -44,27 +48,50 @@ def steps_per_epoch(config: Any, num_examples: int) -> int:
     return math.ceil(num_examples / config.batch_size)
 
 
-def _masked(label: int, crop: int) -> dict[str, np.ndarray]:
-    """A zero image that keeps batch shapes fixed but must not count."""
-    return {
+def _regresses_boxes(config: Any) -> bool:
+    """Whether the net learns boxes (config.objective scr or pcr; classification by default)."""
+    return config.get("objective", "classification") != "classification"
+
+
+def source(config: Any, split: str) -> sources.Source:
+    """The images a run reads: all of the split's, or for box regression those with boxes."""
+    if _regresses_boxes(config):
+        return boxes.boxed_source(config, split)
+    return sources.make_source(config, split)
+
+
+def _masked(label: int, crop: int, box: bool) -> dict[str, np.ndarray]:
+    """A zero image (and box) that keeps batch shapes fixed but must not count."""
+    example = {
         "image": np.zeros((crop, crop, 3), np.float32),
         "label": np.int32(label),
         "mask": np.float32(0.0),
     }
+    return example | ({"box": np.zeros(4, np.float32)} if box else {})
 
 
 def _example(
-    element: dict[str, Any], image_fn: Callable[[Any], np.ndarray], crop: int
+    element: dict[str, Any],
+    crop_fn: Callable[[Any], tuple[np.ndarray, augment.Window]],
+    crop: int,
+    box: bool,
 ) -> dict[str, np.ndarray]:
-    """Applies image_fn; an undecodable image becomes a masked zero image."""
+    """Applies crop_fn; an undecodable image becomes a masked zero image. With `box`, the
+    example carries the crop's target box, and is masked when no box shows in the crop."""
     try:
-        image = image_fn(element["data"])
+        image, window = crop_fn(element["data"])
     except augment.BadImageError as e:
         if element["id"] not in _warned_ids:
             _warned_ids.add(element["id"])
             logging.warning("Masking out undecodable image %s: %s", element["id"], e)
-        return _masked(element["label"], crop)
-    return {"image": image, "label": np.int32(element["label"]), "mask": np.float32(1.0)}
+        return _masked(element["label"], crop, box)
+    example = {"image": image, "label": np.int32(element["label"]), "mask": np.float32(1.0)}
+    if not box:
+        return example
+    target = boxes.target(window, element["boxes"])
+    if target is None:
+        return _masked(element["label"], crop, box)
+    return example | {"box": target}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +100,13 @@ class _TrainExample(grain.transforms.RandomMap):
     train_scale: tuple[int, int]
     mean_rgb: tuple[float, ...]
     colour_std: float
+    box: bool = False
 
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
         transform = functools.partial(
-            augment.train_transform,
+            augment.train_crop,
             rng=rng,
             crop=self.crop,
             s_min=self.train_scale[0],
@@ -86,7 +114,7 @@ class _TrainExample(grain.transforms.RandomMap):
             mean_rgb=self.mean_rgb,
             colour_std=self.colour_std,
         )
-        return _example(element, transform, self.crop)
+        return _example(element, transform, self.crop, self.box)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +125,15 @@ class _EvalExample(grain.transforms.Map):
     crop: int
     q: int
     mean_rgb: tuple[float, ...]
+    box: bool = False
 
     def map(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self.source):
-            return _masked(0, self.crop)
+            return _masked(0, self.crop, self.box)
         transform = functools.partial(
-            augment.eval_transform, crop=self.crop, q=self.q, mean_rgb=self.mean_rgb
+            augment.eval_crop, crop=self.crop, q=self.q, mean_rgb=self.mean_rgb
         )
-        return _example(self.source[index], transform, self.crop)
+        return _example(self.source[index], transform, self.crop, self.box)
 
 
 def _finish(
@@ -117,6 +146,14 @@ def _finish(
     )
 
 
+def close(iterator: grain.DatasetIterator) -> None:
+    """Stops the iterator's worker processes now, and frees the shared memory of the batches they
+    sent: grain unlinks a batch's when its arrays are collected, and some are held in reference
+    cycles, which at exit are never collected (resource_tracker then reports them leaked)."""
+    iterator.close()
+    gc.collect()
+
+
 def train_dataset(
     config: Any, *, process_index: int = 0, process_count: int = 1, seed: int | None = None
 ) -> grain.IterDataset:
@@ -124,9 +161,8 @@ def train_dataset(
     batch = local_batch_size(config, process_count)
     options.check_train_scale(config)
     s_min, s_max = config.train_scale
-    source = sources.make_source(config, "train")
     ds = (
-        grain.MapDataset.source(source)
+        grain.MapDataset.source(source(config, "train"))
         .seed(config.seed if seed is None else seed)
         .shuffle()  # A fresh permutation in every epoch of the repeat.
         .repeat()
@@ -136,6 +172,7 @@ def train_dataset(
                 train_scale=(s_min, s_max),
                 mean_rgb=tuple(config.mean_rgb),
                 colour_std=config.colour_shift_std,
+                box=_regresses_boxes(config),
             )
         )
     )
@@ -158,14 +195,15 @@ def eval_dataset(
     """
     batch = local_batch_size(config, process_count)
     options.check_eval_scale(config)
-    source = sources.make_source(config, split)
-    padded = steps_per_epoch(config, len(source)) * config.batch_size
+    images = source(config, split)
+    padded = steps_per_epoch(config, len(images)) * config.batch_size
     ds = grain.MapDataset.range(padded).map(
         _EvalExample(
-            source=source,
+            source=images,
             crop=config.crop_size,
             q=config.eval_scale,
             mean_rgb=tuple(config.mean_rgb),
+            box=_regresses_boxes(config),
         )
     )
     return _finish(

@@ -29,6 +29,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
+    def catalogue(self) -> list[tuple[str, int]]:
+        """Each element's (id, label), in order; reads every element unless the source knows."""
+        return [(e["id"], e["label"]) for e in map(self.__getitem__, range(len(self)))]
+
 
 class FolderSource(Source):
     """`<split_dir>/<class>/<file>`: classes are the sorted subfolder names."""
@@ -54,6 +58,9 @@ class FolderSource(Source):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def catalogue(self) -> list[tuple[str, int]]:
+        return list(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         relpath, label = self.files[index]

@@ -6,7 +6,6 @@ equally (like the Caffe mean, computed on images warped to one size).
   python -m vggjax.data.stats --dataset=folder --data_dir=DIR
 """
 
-import sys
 from typing import Any
 
 import grain
@@ -14,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
+from vggjax import errors
 from vggjax.data import augment, sources
 from vggjax.errors import UserError
 
@@ -70,11 +70,18 @@ def main(argv: list[str]) -> None:
         source = sources.make_source(config, "train")
         mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
     except UserError as e:
-        print(f"vggjax.data.stats: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        errors.fail("vggjax.data.stats", str(e))
     logging.info("mean over %d of %d training images", count, len(source))
     print("mean_rgb=({:.3f}, {:.3f}, {:.3f})".format(*mean))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with one line and exit status 2 for a bad flag instead of a usage dump."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        errors.fail("vggjax.data.stats", str(e))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,106 @@
+"""VGG as a loss network: named activations of a pretrained net, content and Gram style losses.
+
+Perceptual, style and LPIPS-type losses (Gatys et al. 2016, Johnson et al. 2016, Zhang et al.
+2018) use a pretrained VGG's conv layers as a fixed feature extractor:
+
+    net = perceptual.load("torchvision:vgg16")  # a published net by name, or any checkpoint
+    maps = net.activations(rgb, ("conv2_2", "conv4_2:pre"))  # rgb: NHWC in [0, 1]
+    loss = perceptual.content_loss(net, x, y) + 1e3 * perceptual.style_loss(net, x, style)
+
+Layers carry the Caffe release's names (`conv1_1` … `conv5_4`): a name is the activation after
+the ReLU, `conv4_2:pre` before it; torchvision's `vgg16().features[:4]` is `conv1_2` and
+`features[:3]` is `conv1_2:pre`. The input is RGB in [0, 1] whatever the weights' source: the
+converter folds each source's convention (torchvision's normalisation, Keras's BGR) into conv1_1,
+leaving only the mean RGB to subtract, which the checkpoint's config.json records.
+
+A `LossNet` is a pytree whose leaves are the conv layers' variables (the FC layers are dropped):
+pass it to a jitted function as an argument — closed over, the weights would be compiled in as
+constants — and differentiate with respect to the images. `pooling="avg"` replaces max-pooling
+by average pooling, as Gatys et al. do for style transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from vggjax import models, pretrained
+from vggjax.data import augment
+from vggjax.errors import require
+
+# Gatys et al.'s layers: content from conv4_2, style from the first conv of each stage.
+CONTENT_LAYERS = ("conv4_2",)
+STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+
+
+@flax.struct.dataclass
+class LossNet:
+    """A pretrained VGG's conv layers with the input convention they take."""
+
+    variables: dict[str, Any]
+    model: models.VGG = flax.struct.field(pytree_node=False)
+    mean_rgb: tuple[float, float, float] = flax.struct.field(pytree_node=False)
+
+    def activations(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
+        """{layer: (N, h, w, C) activation} of NHWC RGB images in [0, 1] (at least 32×32), from
+        one pass that stops at the deepest layer asked for."""
+        x = augment.subtract_mean(255.0 * rgb, self.mean_rgb)
+        return self.model.apply(self.variables, x, dense=True, output=tuple(layers))
+
+
+def load(path: str, pooling: str = "max") -> LossNet:
+    """The loss network of a converted checkpoint, a training workdir or a published net's name
+    (`torchvision:vgg16`, `keras:vgg19_notop`: `pretrained.resolve`)."""
+    require(pooling in models.POOLINGS, "pooling", f"one of {tuple(models.POOLINGS)}", pooling)
+    path = pretrained.resolve(path)
+    model, variables, _ = pretrained.load_pretrained(path)
+    conv = {
+        collection: {k: v for k, v in tree.items() if k not in models.FC_LAYERS}
+        for collection, tree in variables.items()
+    }
+    mean = tuple(pretrained.read_config(path)["mean_rgb"])
+    return LossNet(conv, model.clone(pooling=pooling), mean)
+
+
+def gram(features: jax.Array) -> jax.Array:
+    """(N, h, w, C) → (N, C, C) Gram matrices, divided by h·w·C (Johnson et al.), so layers of
+    any size weigh alike."""
+    n, h, w, c = features.shape
+    f = features.reshape(n, h * w, c)
+    return jnp.einsum("npc,npd->ncd", f, f) / (h * w * c)
+
+
+def _weighted(terms: list[jax.Array], weights: Sequence[float] | None) -> jax.Array:
+    weights = [1.0] * len(terms) if weights is None else list(weights)
+    require(len(weights) == len(terms), "weights", f"{len(terms)} numbers, one a layer", weights)
+    return sum(w * t for w, t in zip(weights, terms))
+
+
+def content_loss(
+    net: LossNet,
+    images: jax.Array,
+    targets: jax.Array,
+    layers: Sequence[str] = CONTENT_LAYERS,
+    weights: Sequence[float] | None = None,
+) -> jax.Array:
+    """Σ_l w_l · mean((φ_l(images) − φ_l(targets))²): Gatys et al.'s content term, Johnson et
+    al.'s feature reconstruction loss (their VGG16 layer: conv2_2)."""
+    a, b = net.activations(images, layers), net.activations(targets, layers)
+    return _weighted([jnp.mean(jnp.square(a[n] - b[n])) for n in layers], weights)
+
+
+def style_loss(
+    net: LossNet,
+    images: jax.Array,
+    styles: jax.Array,
+    layers: Sequence[str] = STYLE_LAYERS,
+    weights: Sequence[float] | None = None,
+) -> jax.Array:
+    """Σ_l w_l · mean((G_l(images) − G_l(styles))²) over Gram matrices; one style image serves
+    the whole batch (its Gram matrices broadcast), and the sizes may differ."""
+    a, b = net.activations(images, layers), net.activations(styles, layers)
+    return _weighted([jnp.mean(jnp.square(gram(a[n]) - gram(b[n]))) for n in layers], weights)
