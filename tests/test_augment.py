@@ -80,11 +80,13 @@ def test_center_crop_is_central():
 
 
 def test_random_flip_mirrors_about_half_the_time():
-    image, rng = _positions(8, 9), np.random.default_rng(0)
+    image, rng = _positions(8, 8), np.random.default_rng(0)
     flips = 0
+    crop = dict(crop=8, s_min=8, s_max=8, mean_rgb=(0.0, 0.0, 0.0), colour_std=0.0)
     for _ in range(1000):
-        out = augment.random_flip(image, rng)
-        if np.array_equal(out, image[:, ::-1]):
+        out, window = augment.train_crop(image, rng, **crop)
+        assert window.flipped == np.array_equal(out, image[:, ::-1])
+        if window.flipped:
             flips += 1
         else:
             np.testing.assert_array_equal(out, image)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import init, narrow, run_main
+from helpers import init, load_config, narrow, run_main
 from PIL import Image
 
 from vggjax import checkpoints, localise, localise_eval, models, objectives, pretrained
@@ -368,6 +368,17 @@ def test_dense_boxes_lie_in_their_windows():
     assert localise_eval.max_positions(384, 224, 3.0) == 6 * 30  # 384 × 1152: a 6 × 30 map
 
 
+def test_mistakes_name_the_field(tmp_path):
+    _, config = load_config("configs/demo_loc.py")
+    (tmp_path / pretrained.CONFIG_FILE).write_text(json.dumps(dict(model="A", mean_rgb=[0, 0, 0])))
+    with pytest.raises(boxes.UserError, match="is a classification net"):
+        localise_eval.nets(config, str(tmp_path))
+    with pytest.raises(boxes.UserError, match="config.loc.classifier must name"):
+        localise_eval.classifier_config(config)  # neither it nor init_from is given
+    config.loc.classifier = str(tmp_path)
+    assert localise_eval.classifier_config(config)[1].eval.protocols == ("multi_scale_dense",)
+
+
 def _loss_at(log, step):
     return float(re.search(rf"step {step}/\d+ .*?\| loss ([\d.]+)", log).group(1))
 
@@ -403,11 +414,10 @@ def test_demo_trains_and_tests_both_protocols_through_the_command_line(tiny_demo
         *common,
         "--config.num_train_steps=30",
         "--config.log_every_steps=10",
-        "--config.learning_rate=0.01",
         **env,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert _loss_at(trained.stderr, 30) < 0.5 * _loss_at(trained.stderr, 10)
+    assert _loss_at(trained.stderr, 30) < 0.7 * _loss_at(trained.stderr, 10)
     tested = run_main(
         *common,
         "--mode=eval",

@@ -299,6 +299,7 @@ def _write(
 ) -> None:
     """The table on stdout; eval_results.json and predictions.npz (for later fusion) in workdir."""
     print(format_table(summary["results"], summary["train_scale"]))
+    os.makedirs(workdir, exist_ok=True)  # a new one, when eval.checkpoints names the nets
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     np.savez(

@@ -111,12 +111,11 @@ def max_positions(q: int, crop: int, max_aspect: float) -> int:
 
 
 class Net(NamedTuple):
-    """A localisation net to test: its checkpoint, its config (net, objective, and the run's
-    other settings) and what its own run recorded."""
+    """A localisation net to test: its checkpoint, and its config (its net and objective, with
+    the scales it is tested at, and the run's other settings)."""
 
     path: str
     config: ml_collections.ConfigDict
-    recorded: dict[str, Any]
 
 
 def nets(config: ml_collections.ConfigDict, workdir: str) -> list[Net]:
@@ -138,7 +137,7 @@ def nets(config: ml_collections.ConfigDict, workdir: str) -> list[Net]:
             net.eval_scale = recorded.get("eval_scale", net.eval_scale)
             net.train_scale = tuple(recorded.get("train_scale", net.train_scale))
             net.trainable = recorded.get("trainable", net.trainable)
-        out.append(Net(path, net, recorded))
+        out.append(Net(path, net))
     return out
 
 
@@ -183,6 +182,11 @@ def _engine(
     if "gt_class" in c.loc.protocols:
         plan[c.eval_scale] = ("centre_box",)
         heads["centre_box"] = inference.Head(centre_box, lambda width: np.nan)
+    if classifier is not None and classifier.crop_size != c.crop_size:
+        raise UserError(
+            f"the classifier's crop ({classifier.crop_size}) differs from localisation net "
+            f"{net.path}'s ({c.crop_size}): their dense maps must align to rate the boxes"
+        )
     for q in c.loc.scales if classifier is not None else ():
         name = f"boxes_q{q}"
         compute = functools.partial(
@@ -269,7 +273,7 @@ def format_tables(results: list[dict[str, Any]]) -> str:
         rows = [
             (
                 r["checkpoint"],
-                _FINE_TUNED[r["fine_tuned"]],
+                _FINE_TUNED.get(r["fine_tuned"], r["fine_tuned"]),
                 r["regression"].upper(),
                 str(r["test_scales"][0]),
                 f"{100 * r['gt_class_error']:.1f}",
@@ -333,13 +337,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if "gt_class" in config.loc.protocols:
             results.append(_gt_class_row(net, data["raw"], truth))
         if classifier is not None:
-            raws += [data["raw"][f"boxes_q{q}", q] for q in net.config.loc.scales]
-            results.append(
-                _top5_row([net], raws[-len(net.config.loc.scales) :], inputs["classes"], truth)[0]
-            )
-    if classifier is not None:
-        union, found = _top5_row(tested, raws, inputs["classes"], truth)
-        results += [union] * (len(tested) > 1)
+            raws.append([data["raw"][f"boxes_q{q}", q] for q in net.config.loc.scales])
+    if classifier is not None:  # a row per net, and one for their union when there are several
+        for net, raw in zip(tested, raws) if len(tested) > 1 else ():
+            results.append(_top5_row([net], raw, inputs["classes"], truth)[0])
+        union, found = _top5_row(tested, sum(raws, []), inputs["classes"], truth)
+        results.append(union)
     summary = dict(
         model=config.model,
         dataset=config.dataset,
@@ -368,6 +371,7 @@ def _write(
 ) -> None:
     """localisation_results.json; with top5, boxes.npz: each image's five (class, box, score)
     guesses, boxes in its original pixels (x0, y0, x1, y1)."""
+    os.makedirs(workdir, exist_ok=True)  # a fusion's workdir may hold no run
     with open(os.path.join(workdir, "localisation_results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if found is None:

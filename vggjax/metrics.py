@@ -70,7 +70,9 @@ class Reporter:
                 learning_rate,
                 rate,
                 _duration((self.total_steps - step) / steps_per_sec),
-                f" | {int(sums['skipped'])} undecodable images skipped" if sums["skipped"] else "",
+                f" | {int(sums['skipped'])} images skipped (undecodable, or no box in the crop)"
+                if sums["skipped"]
+                else "",
             )
 
     def eval(self, step: int, split: str, result: dict[str, float]) -> None:

@@ -38,9 +38,9 @@ EVAL_PROTOCOLS = {
 # per-class (pcr) box regression.
 OBJECTIVES = tuple(objectives.OBJECTIVES)
 
-# Appendix A's test protocols (vggjax/localise_eval.py) → the error they report: Table 8's (the
-# central crop's box for the ground-truth class) and Table 9's (dense, merged, top-5 classes).
-LOC_PROTOCOLS = {"gt_class": "gt_class_error", "top5": "top5_error"}
+# Appendix A's test protocols (vggjax/localise_eval.py): Table 8's (the central crop's box for the
+# ground-truth class: gt_class_error) and Table 9's (dense, merged, top-5 classes: top5_error).
+LOC_PROTOCOLS = ("gt_class", "top5")
 
 # Appendix B: descriptors at several Q stacked (the paper's Caltech) or averaged (VOC).
 AGGREGATIONS = ("stack", "average")
@@ -94,8 +94,8 @@ def check_eval_scale(config: Any) -> None:
 
 
 def _checks(c: Any) -> list[tuple[str, bool, str]]:
-    """(field, ok, what is allowed) for every field that is not a model field or a choice."""
-    scales = "a non-empty list of test scales Q, each at least crop_size"
+    """(field, ok, what is allowed) for every training field that is not a model field or a
+    choice."""
     positive_int = "a positive integer"
     return [
         ("train_scale", len(c.train_scale) == 2, "(S_min, S_max)"),
@@ -112,6 +112,14 @@ def _checks(c: Any) -> list[tuple[str, bool, str]]:
         ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
         ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, positive_int),
+    ]
+
+
+def _test_checks(c: Any) -> list[tuple[str, bool, str]]:
+    """`_checks` of the test protocols' fields: evaluation, features, transfer, localisation."""
+    scales = "a non-empty list of test scales Q, each at least crop_size"
+    positive_int = "a positive integer"
+    return [
         ("eval.scales", len(c.eval.scales) > 0 and min(c.eval.scales) >= c.crop_size, scales),
         (
             "eval.protocols",
@@ -187,7 +195,7 @@ def validate(c: Any) -> None:
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),
     ]:
         one_of(f"config.{field}", value, allowed)
-    for field, ok, allowed in _checks(c):
+    for field, ok, allowed in _checks(c) + _test_checks(c):
         if not ok:
             value = functools.reduce(lambda config, key: config[key], field.split("."), c)
             require(False, f"config.{field}", allowed, value)

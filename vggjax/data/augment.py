@@ -112,11 +112,6 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[y : y + size, x : x + size]
 
 
-def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Horizontal mirror with probability 1/2."""
-    return image[:, ::-1] if rng.random() < 0.5 else image
-
-
 def colour_shift(image: np.ndarray, rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
     """Krizhevsky's PCA lighting on the 0-255 scale: one RGB shift per image."""
     alpha = rng.normal(0.0, std, size=3).astype(np.float32)
