@@ -30,9 +30,10 @@ from convert_files import (
     write_keras_h5,
     write_torch,
 )
+from helpers import load_config
 
 import vggjax
-from vggjax import convert
+from vggjax import convert, pretrained
 from vggjax.convert import hub
 from vggjax.errors import UserError
 
@@ -160,6 +161,20 @@ def test_torchvision_by_name_downloads_once_and_converts_once(
     monkeypatch.setattr(hub, "fetch", lambda *a: pytest.fail("fetched again"))
     model, variables, preprocess = vggjax.load_pretrained("torchvision:vgg16")
     assert relative_difference(model.apply(variables, preprocess(rgb)), logits) == 0
+
+
+def test_init_from_takes_a_published_name(tmp_path, caches, server, monkeypatch):
+    """Fine-tuning from `--config.init_from=torchvision:vgg16`: the name becomes the converted
+    workdir, whose net (model "") the config then describes."""
+    state = torchvision_state(CFG["D"], **NARROW)
+    _, path = _publish(server, monkeypatch, ("torchvision", "vgg16"), _torch_file(state))
+    _, config = load_config("configs/finetune.py")
+    config.init_from = "torchvision:vgg16"
+    inherited = pretrained.inherit_net(config)
+    assert os.path.isdir(inherited.init_from) and server.gets == {path: 1}
+    assert (inherited.model, inherited.fc_width, inherited.crop_size) == ("D", 16, 64)
+    assert inherited.mean_rgb == pytest.approx((123.675, 116.28, 103.53))
+    assert config.init_from == "torchvision:vgg16"  # the caller's config is left as it was
 
 
 def test_a_corrupted_download_is_deleted_and_named(tmp_path, caches, server, monkeypatch, capsys):

@@ -73,10 +73,16 @@ def with_net_of(
 
 
 def inherit_net(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config`, or for `config.model == ""` (fine-tuning) the net of `config.init_from`."""
-    if config.model or not config.init_from:
+    """`config` with `init_from` a path (a published net's name, `torchvision:vgg16`, becomes
+    its converted workdir: `resolve`), and for `config.model == ""` (fine-tuning) the net of
+    `init_from`."""
+    if not config.init_from:
         return config
-    return with_net_of(config, config.init_from, keep_classes=True)
+    path = resolve(config.init_from)
+    if path != config.init_from:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.init_from = path
+    return config if config.model else with_net_of(config, path, keep_classes=True)
 
 
 def resolve(path: str) -> str:
