@@ -16,66 +16,6 @@ from vggjax.data import demo, pipeline, sources
 N_TRAIN, N_VAL = 24, 10  # The indexed set: image i has the colour (i, 0, 0).
 
 
-def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(
-        dict(
-            dataset="folder",
-            data_dir=data_dir,
-            batch_size=4,
-            crop_size=4,
-            train_scale=(4, 6),
-            eval_scale=5,
-            mean_rgb=(0.0, 0.0, 0.0),
-            colour_shift_std=0.0,
-            seed=0,
-            num_workers=0,
-        )
-    )
-    config.update(overrides)
-    return config
-
-
-def _write_indexed(root, split: str, n: int) -> None:
-    """n small PNGs in 3 classes; pixel values name the image, so batches can
-    be traced back to source images (no colour shift, zero mean)."""
-    for i in range(n):
-        folder = root / split / f"class{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        size = (8 + i % 4, 7 + i % 5)  # Varied sizes and aspect ratios.
-        Image.new("RGB", size, (i, 0, 0)).save(folder / f"{i:03d}.png")
-
-
-def _ids(batch: dict[str, np.ndarray]) -> list[int]:
-    """Source indices of a batch's real (mask 1) images."""
-    return [
-        int(round(image[..., 0].mean())) for image, m in zip(batch["image"], batch["mask"]) if m
-    ]
-
-
-@pytest.fixture(scope="module")
-def indexed_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("indexed")
-    _write_indexed(root, "train", N_TRAIN)
-    _write_indexed(root, "val", N_VAL)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> str:
-    return demo.ensure_demo_dataset(
-        str(tmp_path_factory.mktemp("cache") / "demo"), train_per_class=3, val_per_class=2
-    )
-
-
-def _take(config, n: int, **kwargs) -> list[dict[str, np.ndarray]]:
-    it = iter(pipeline.train_dataset(config, **kwargs))
-    return [next(it) for _ in range(n)]
-
-
-def _same(a: list[dict], b: list[dict]) -> bool:
-    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
-
-
 # Demo set.
 
 
@@ -371,3 +311,66 @@ def test_workers_give_the_same_batches_and_resume(demo_dir):
         assert _same([next(resumed) for _ in range(3)], expected[3:])
     finally:
         resumed.close()
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        dict(
+            dataset="folder",
+            data_dir=data_dir,
+            batch_size=4,
+            crop_size=4,
+            train_scale=(4, 6),
+            eval_scale=5,
+            mean_rgb=(0.0, 0.0, 0.0),
+            colour_shift_std=0.0,
+            seed=0,
+            num_workers=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def _write_indexed(root, split: str, n: int) -> None:
+    """n small PNGs in 3 classes; pixel values name the image, so batches can
+    be traced back to source images (no colour shift, zero mean)."""
+    for i in range(n):
+        folder = root / split / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (8 + i % 4, 7 + i % 5)  # Varied sizes and aspect ratios.
+        Image.new("RGB", size, (i, 0, 0)).save(folder / f"{i:03d}.png")
+
+
+def _ids(batch: dict[str, np.ndarray]) -> list[int]:
+    """Source indices of a batch's real (mask 1) images."""
+    return [
+        int(round(image[..., 0].mean())) for image, m in zip(batch["image"], batch["mask"]) if m
+    ]
+
+
+@pytest.fixture(scope="module")
+def indexed_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("indexed")
+    _write_indexed(root, "train", N_TRAIN)
+    _write_indexed(root, "val", N_VAL)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+    return demo.ensure_demo_dataset(
+        str(tmp_path_factory.mktemp("cache") / "demo"), train_per_class=3, val_per_class=2
+    )
+
+
+def _take(config, n: int, **kwargs) -> list[dict[str, np.ndarray]]:
+    it = iter(pipeline.train_dataset(config, **kwargs))
+    return [next(it) for _ in range(n)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)

@@ -20,33 +20,6 @@ CROP = 64
 SHAPES = [(64, 64), (67, 101), (99, 73), (64, 150), (127, 95), (80, 80)]
 
 
-def narrow(name):
-    model = helpers.narrow(name, CROP)
-    variables = helpers.init(model)
-    # Non-zero biases (as in a trained net; BN's shift too) turn the zero padding non-zero.
-    variables["params"] = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"]
-    )
-    return model, variables
-
-
-@pytest.fixture(scope="module")
-def net_a():
-    return narrow("A")
-
-
-def padded_batch(images, shape=(160, 160)):
-    batch = np.zeros((len(images), *shape, 3), np.float32)
-    for i, image in enumerate(images):
-        batch[i, : image.shape[0], : image.shape[1]] = image
-    return batch, jnp.asarray([image.shape[:2] for image in images], jnp.int32)
-
-
-def random_images(shapes, seed=0, std=1.0):
-    rng = np.random.default_rng(seed)
-    return [rng.normal(0, std, (*shape, 3)).astype(np.float32) for shape in shapes]
-
-
 @pytest.mark.parametrize("name", ["A", "vgg11_bn"])
 def test_padded_dense_evaluation_equals_each_image_alone(name):
     model, variables = narrow(name)
@@ -381,3 +354,33 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     again = json.loads((workdir / "eval_results.json").read_text())
     assert (again["compiled_shapes"], again["cached_shapes"]) == (0, len(expected))
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+def narrow(name):
+    model = helpers.narrow(name, CROP)
+    variables = helpers.init(model)
+    # Non-zero biases (as in a trained net; BN's shift too) turn the zero padding non-zero.
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 0.1 if path[-1].key == "bias" else p, variables["params"]
+    )
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def net_a():
+    return narrow("A")
+
+
+def padded_batch(images, shape=(160, 160)):
+    batch = np.zeros((len(images), *shape, 3), np.float32)
+    for i, image in enumerate(images):
+        batch[i, : image.shape[0], : image.shape[1]] = image
+    return batch, jnp.asarray([image.shape[:2] for image in images], jnp.int32)
+
+
+def random_images(shapes, seed=0, std=1.0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, std, (*shape, 3)).astype(np.float32) for shape in shapes]

@@ -38,87 +38,6 @@ from vggjax.convert import hub
 from vggjax.errors import UserError
 
 
-@pytest.fixture
-def server():
-    """A loopback HTTP server of `files` (URL path → bytes, extra headers in `headers`); `gets`
-    counts the bodies sent; a path in `cut` sends half its body, then closes."""
-    state = types.SimpleNamespace(files={}, headers={}, gets={}, cut=set())
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _respond(self, body: bool) -> None:
-            path = urllib.parse.urlsplit(self.path).path
-            if path not in state.files:
-                self.send_error(404)
-                return
-            data = state.files[path]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in state.headers.get(path, {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if body:
-                state.gets[path] = state.gets.get(path, 0) + 1
-                self.wfile.write(data[: len(data) // 2] if path in state.cut else data)
-
-        def do_GET(self):
-            self._respond(body=True)
-
-        def do_HEAD(self):
-            self._respond(body=False)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_port}"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture
-def caches(tmp_path, monkeypatch, server):
-    """Every cache in tmp_path, every official URL on the server."""
-    paths = types.SimpleNamespace(
-        torch=tmp_path / "torch", keras=tmp_path / "keras", vggjax=tmp_path / "vggjax"
-    )
-    monkeypatch.setenv("TORCH_HOME", str(paths.torch))
-    monkeypatch.setenv("KERAS_HOME", str(paths.keras))
-    monkeypatch.setenv("VGGJAX_CACHE", str(paths.vggjax))
-    monkeypatch.setenv(hub.MIRROR_ENV, server.url)
-    return paths
-
-
-def _publish(server, monkeypatch, key, data: bytes, served: bytes | None = None):
-    """Serves `served` (default `data`) at entry `key`'s URL path, the entry's checksum made
-    `data`'s; returns the entry and its URL path."""
-    entry = hub.WEIGHTS[key]
-    digest = hashlib.new(entry.algorithm, data).hexdigest()
-    entry = dataclasses.replace(entry, checksum=digest[: len(entry.checksum)])
-    monkeypatch.setitem(hub.WEIGHTS, key, entry)
-    path = urllib.parse.urlsplit(entry.url).path
-    server.files[path] = data if served is None else served
-    return entry, path
-
-
-def _torch_file(state) -> bytes:
-    buffer = io.BytesIO()
-    write_torch(buffer, state)
-    return buffer.getvalue()
-
-
-def _one_line_error(capsys, argv) -> str:
-    """The command's one error line, its last (a download's progress line may come before)."""
-    with pytest.raises(SystemExit) as e:
-        convert.main(argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("vggjax.convert: error: ")]
-    assert e.value.code == 2 and errors == lines[-1:], lines
-    assert all(line.startswith("Downloading http://127.0.0.1:") for line in lines[:-1]), lines
-    return lines[-1]
-
-
 def test_the_table_holds_the_published_files():
     tv = hub.WEIGHTS["torchvision", "vgg16"]
     assert tv.url == "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -303,3 +222,87 @@ def test_names_need_no_model_but_files_do(tmp_path):
     assert hub.weight_file("torchvision", str(path), "D") == (str(path), "D")
     with pytest.raises(UserError, match="--model is required for a file"):
         hub.weight_file("torchvision", str(path), None)
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server of `files` (URL path → bytes, extra headers in `headers`); `gets`
+    counts the bodies sent; a path in `cut` sends half its body, then closes."""
+    state = types.SimpleNamespace(files={}, headers={}, gets={}, cut=set())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _respond(self, body: bool) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            if path not in state.files:
+                self.send_error(404)
+                return
+            data = state.files[path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in state.headers.get(path, {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body:
+                state.gets[path] = state.gets.get(path, 0) + 1
+                self.wfile.write(data[: len(data) // 2] if path in state.cut else data)
+
+        def do_GET(self):
+            self._respond(body=True)
+
+        def do_HEAD(self):
+            self._respond(body=False)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_port}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch, server):
+    """Every cache in tmp_path, every official URL on the server."""
+    paths = types.SimpleNamespace(
+        torch=tmp_path / "torch", keras=tmp_path / "keras", vggjax=tmp_path / "vggjax"
+    )
+    monkeypatch.setenv("TORCH_HOME", str(paths.torch))
+    monkeypatch.setenv("KERAS_HOME", str(paths.keras))
+    monkeypatch.setenv("VGGJAX_CACHE", str(paths.vggjax))
+    monkeypatch.setenv(hub.MIRROR_ENV, server.url)
+    return paths
+
+
+def _publish(server, monkeypatch, key, data: bytes, served: bytes | None = None):
+    """Serves `served` (default `data`) at entry `key`'s URL path, the entry's checksum made
+    `data`'s; returns the entry and its URL path."""
+    entry = hub.WEIGHTS[key]
+    digest = hashlib.new(entry.algorithm, data).hexdigest()
+    entry = dataclasses.replace(entry, checksum=digest[: len(entry.checksum)])
+    monkeypatch.setitem(hub.WEIGHTS, key, entry)
+    path = urllib.parse.urlsplit(entry.url).path
+    server.files[path] = data if served is None else served
+    return entry, path
+
+
+def _torch_file(state) -> bytes:
+    buffer = io.BytesIO()
+    write_torch(buffer, state)
+    return buffer.getvalue()
+
+
+def _one_line_error(capsys, argv) -> str:
+    """The command's one error line, its last (a download's progress line may come before)."""
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("vggjax.convert: error: ")]
+    assert e.value.code == 2 and errors == lines[-1:], lines
+    assert all(line.startswith("Downloading http://127.0.0.1:") for line in lines[:-1]), lines
+    return lines[-1]

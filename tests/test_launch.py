@@ -34,49 +34,6 @@ TRAIN = (
 )
 
 
-def launch(script, *args, path=None, tmp=None, state="", busy=""):
-    env = dict(os.environ, TMPDIR=str(tmp or "/tmp"), TPU_STATE=state, TPU_BUSY=busy)
-    if path:
-        env["PATH"] = f"{path}:{env['PATH']}"
-    return subprocess.run(
-        ["bash", f"launch/{script}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def commands(stdout):
-    return [shlex.split(line) for line in stdout.splitlines() if line and not line.startswith("#")]
-
-
-@pytest.fixture
-def fakes(tmp_path):
-    """gcloud, sbatch and tail that record their arguments in calls.log (one line per call)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls.log"
-    record = f'(IFS=$\'\\x1f\'; echo "$(basename "$0")$IFS$*") >> {log}\n'
-    # `describe` prints $TPU_STATE, or fails as for a TPU that does not exist; with $TPU_BUSY
-    # set, the check that no training runs fails.
-    scripts = {
-        "gcloud": 'if [[ $4 == describe ]]; then echo "$TPU_STATE"; [[ $TPU_STATE ]]; fi\n'
-        'if [[ $* == *"kill -0"* && $TPU_BUSY ]]; then exit 1; fi\n',
-        "sbatch": "echo 4242\n",
-        "tail": "",
-    }
-    for name, body in scripts.items():
-        (bin_dir / name).write_text("#!/bin/bash\n" + record + body)
-        (bin_dir / name).chmod(0o755)
-    return bin_dir, log
-
-
-def calls(log):
-    return [line.split("\x1f") for line in log.read_text().splitlines()]
-
-
 def test_tpu_dry_run_prints_create_install_train_on_all_workers_and_teardown(tmp_path):
     result = launch("tpu_pod.sh", "--dry-run", "--spot", *TPU, tmp=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -212,3 +169,49 @@ def test_bad_arguments_get_one_clear_line(script, args, message):
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0]
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+def launch(script, *args, path=None, tmp=None, state="", busy=""):
+    env = dict(os.environ, TMPDIR=str(tmp or "/tmp"), TPU_STATE=state, TPU_BUSY=busy)
+    if path:
+        env["PATH"] = f"{path}:{env['PATH']}"
+    return subprocess.run(
+        ["bash", f"launch/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def commands(stdout):
+    return [shlex.split(line) for line in stdout.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """gcloud, sbatch and tail that record their arguments in calls.log (one line per call)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    record = f'(IFS=$\'\\x1f\'; echo "$(basename "$0")$IFS$*") >> {log}\n'
+    # `describe` prints $TPU_STATE, or fails as for a TPU that does not exist; with $TPU_BUSY
+    # set, the check that no training runs fails.
+    scripts = {
+        "gcloud": 'if [[ $4 == describe ]]; then echo "$TPU_STATE"; [[ $TPU_STATE ]]; fi\n'
+        'if [[ $* == *"kill -0"* && $TPU_BUSY ]]; then exit 1; fi\n',
+        "sbatch": "echo 4242\n",
+        "tail": "",
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + record + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, log
+
+
+def calls(log):
+    return [line.split("\x1f") for line in log.read_text().splitlines()]

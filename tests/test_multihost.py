@@ -17,60 +17,6 @@ from helpers import ROOT, run_main
 from vggjax import checkpoints, train
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_processes(
-    args: list[str], log_dir, sigterm_after: str | None = None, timeout: float = 240
-) -> list[str]:
-    """Runs `python -m vggjax.main ARGS` as processes 0 and 1 of a 2-process job; their output.
-
-    With `sigterm_after`, process 1 alone gets SIGTERM once process 0 has logged that text: one
-    host preempted before the others.
-    """
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    address = f"--coordinator_address=127.0.0.1:{free_port()}"
-    logs = [log_dir / f"process_{i}.log" for i in range(2)]
-    procs = []
-    try:
-        for i, log in enumerate(logs):
-            with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the job
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "vggjax.main",
-                            *args,
-                            address,
-                            "--num_processes=2",
-                            f"--process_id={i}",
-                        ],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + timeout
-        while sigterm_after and sigterm_after not in logs[0].read_text():
-            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()
-            time.sleep(0.2)
-        if sigterm_after:
-            procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    outputs = [log.read_text() for log in logs]
-    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    return outputs
-
-
 def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tmp_path):
     """2 processes × 4 devices, stopped by SIGTERM to one of them and resumed for 2 more steps,
     end where 1 process × 8 devices does in a straight run: same global batches, same update,
@@ -187,3 +133,60 @@ def test_two_processes_extract_the_features_one_does(trained_demo_net, tiny_demo
     two = np.load(tmp_path / "two" / "features_val.npz")
     assert list(two["ids"]) == list(one["ids"]) and np.array_equal(two["labels"], one["labels"])
     np.testing.assert_allclose(two["features"], one["features"], rtol=0, atol=1e-6)
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(
+    args: list[str], log_dir, sigterm_after: str | None = None, timeout: float = 240
+) -> list[str]:
+    """Runs `python -m vggjax.main ARGS` as processes 0 and 1 of a 2-process job; their output.
+
+    With `sigterm_after`, process 1 alone gets SIGTERM once process 0 has logged that text: one
+    host preempted before the others.
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    address = f"--coordinator_address=127.0.0.1:{free_port()}"
+    logs = [log_dir / f"process_{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the job
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "vggjax.main",
+                            *args,
+                            address,
+                            "--num_processes=2",
+                            f"--process_id={i}",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        while sigterm_after and sigterm_after not in logs[0].read_text():
+            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()
+            time.sleep(0.2)
+        if sigterm_after:
+            procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return outputs

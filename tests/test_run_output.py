@@ -25,39 +25,6 @@ VGGJAX_DIR = os.path.dirname(os.path.abspath(vggjax.__file__))
 ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
 
 
-@pytest.fixture(scope="module")
-def three_classes(tiny_demo_dir, tmp_path_factory):
-    """Three of the tiny demo set's classes as an image folder (12 training images each)."""
-    root = tmp_path_factory.mktemp("three")
-    for split in ("train", "val"):
-        for name in sorted(os.listdir(os.path.join(tiny_demo_dir, split)))[:3]:
-            shutil.copytree(os.path.join(tiny_demo_dir, split, name), root / split / name)
-    return str(root)
-
-
-def _train(workdir, data_dir, *extra: str):
-    return run_main(
-        "--config=configs/demo.py",
-        f"--workdir={workdir}",
-        "--config.dataset=folder",
-        f"--config.data_dir={data_dir}",
-        "--config.width=0.0625",
-        "--config.fc_width=32",
-        "--config.batch_size=16",
-        "--config.num_workers=2",
-        "--config.log_every_steps=2",
-        "--config.checkpoint_every_steps=2",
-        "--config.eval_every_steps=1000",
-        *extra,
-        timeout=600,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-    )
-
-
-def _module_files() -> set[str]:
-    return {f for _, _, files in os.walk(VGGJAX_DIR) for f in files if f.endswith(".py")}
-
-
 def test_a_run_prints_its_own_lines_and_reads_the_folders_classes(tmp_path, three_classes):
     result = _train(tmp_path, three_classes, "--config.num_train_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,3 +69,39 @@ def test_restore_params_and_load_pretrained_say_nothing(tmp_path, caplog):
             options=ocp.CheckpointManagerOptions(read_only=True),
         ).close()
     assert any("read_only=True" in r.getMessage() for r in caplog.records)
+
+
+# Helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_classes(tiny_demo_dir, tmp_path_factory):
+    """Three of the tiny demo set's classes as an image folder (12 training images each)."""
+    root = tmp_path_factory.mktemp("three")
+    for split in ("train", "val"):
+        for name in sorted(os.listdir(os.path.join(tiny_demo_dir, split)))[:3]:
+            shutil.copytree(os.path.join(tiny_demo_dir, split, name), root / split / name)
+    return str(root)
+
+
+def _train(workdir, data_dir, *extra: str):
+    return run_main(
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        "--config.dataset=folder",
+        f"--config.data_dir={data_dir}",
+        "--config.width=0.0625",
+        "--config.fc_width=32",
+        "--config.batch_size=16",
+        "--config.num_workers=2",
+        "--config.log_every_steps=2",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=1000",
+        *extra,
+        timeout=600,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
+
+
+def _module_files() -> set[str]:
+    return {f for _, _, files in os.walk(VGGJAX_DIR) for f in files if f.endswith(".py")}
