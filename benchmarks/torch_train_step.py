@@ -211,12 +211,7 @@ def main(argv: list[str]) -> None:
             failed[f"torch_{variant}"] = failure(error)
     best = measure(frameworks, failed)
     result = dict(
-        model=c.model,
-        width=c.width,
-        batch_size=c.batch_size,
-        image_size=c.crop_size,
-        dtype=c.dtype,
-        platform=jax.devices()[0].platform,
+        train_step.describe(c),
         cpus=os.cpu_count(),
         jax=jax.__version__,
         torch=torch.__version__,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -80,6 +81,18 @@ def seconds_per_call(run: Callable[[int], None], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a run measured, the head of every train-step benchmark's JSON line."""
+    return dict(
+        model=c.model,
+        width=c.width,
+        batch_size=c.batch_size,
+        image_size=c.crop_size,
+        dtype=c.dtype,
+        platform=jax.devices()[0].platform,
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     c = config()
@@ -89,13 +102,8 @@ def main(argv: list[str]) -> None:
     macs = sum(r.macs for r in summary.layer_rows(trainer.model))
     tflops = 6 * macs * c.batch_size / seconds / 1e12
     result = dict(
-        model=c.model,
-        width=c.width,
-        batch_size=c.batch_size,
-        image_size=c.crop_size,
-        dtype=c.dtype,
+        describe(c),
         devices=jax.device_count(),
-        platform=jax.devices()[0].platform,
         step_ms=round(seconds * 1e3, 2),
         images_per_sec=round(c.batch_size / seconds, 1),
         model_tflops=round(tflops, 3),

@@ -15,21 +15,8 @@ from vggjax import recipe
 
 
 def get_config():
-    c = recipe.paper_recipe("vgg11_bn", "72-104")
-    c.dataset = "demo"
-    c.num_classes = 10
+    c = recipe.on_demo_set(recipe.paper_recipe("vgg11_bn", "72-104"))
     c.width = 0.125
     c.fc_width = 128
-    c.dropout_rate = 0.0
-    c.crop_size = 64
-    c.kernel_init = "glorot"
     c.mean_rgb = (126.653, 128.350, 128.137)  # python -m vggjax.data.stats --dataset=demo
-    c.num_workers = 2
-    c.batch_size = 64
-    c.num_epochs = 40
-    c.eval_every_steps = 200
-    c.checkpoint_every_steps = 200
-    c.log_every_steps = 20
-    c.eval.scales = (72, 88, 104)
-    c.eval.batch_size = 64
     return c

@@ -23,21 +23,8 @@ from vggjax import recipe
 
 
 def get_config():
-    c = recipe.paper_recipe("", "64")
+    c = recipe.on_demo_set(recipe.paper_recipe("", "64"))  # crop 64: C's config.json gives it too
     c.objective = "pcr"
-    c.dataset = "demo"
-    c.num_classes = 10
-    c.crop_size = 64  # demo.py's; C's config.json gives it, with the rest of the net
     c.init_layers = "all_but_fc8"
-    c.kernel_init = "glorot"  # fc8's
     c.learning_rate = 1e-2
-    c.dropout_rate = 0.0
-    c.num_workers = 2
-    c.batch_size = 64
-    c.num_epochs = 40
-    c.eval_every_steps = 200
-    c.checkpoint_every_steps = 200
-    c.log_every_steps = 20
-    c.eval.scales = (72, 88, 104)
-    c.eval.batch_size = 64
     return c

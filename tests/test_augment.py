@@ -61,9 +61,11 @@ def test_random_crop_is_a_window_at_varied_positions():
     image, rng = _positions(50, 60), np.random.default_rng(0)
     corners = set()
     for _ in range(200):
-        crop = augment.random_crop(image, 32, rng)
+        crop, window = augment.train_crop(image, rng, **_UNCHANGED, crop=32, s_min=50, s_max=50)
+        crop = crop[:, ::-1] if window.flipped else crop
         assert crop.shape == (32, 32, 3)
         y, x = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+        assert (y, x) == window.offset
         np.testing.assert_array_equal(crop, image[y : y + 32, x : x + 32])
         corners.add((y, x))
     ys, xs = zip(*corners)
@@ -76,15 +78,16 @@ def test_center_crop_is_central():
     with pytest.raises(ValueError, match="cannot crop"):
         augment.center_crop(image, 51)
     with pytest.raises(ValueError, match="cannot crop"):
-        augment.random_crop(image, 51, np.random.default_rng(0))
+        augment.train_crop(
+            image, np.random.default_rng(0), **_UNCHANGED, crop=51, s_min=50, s_max=50
+        )
 
 
 def test_random_flip_mirrors_about_half_the_time():
     image, rng = _positions(8, 8), np.random.default_rng(0)
     flips = 0
-    crop = dict(crop=8, s_min=8, s_max=8, mean_rgb=(0.0, 0.0, 0.0), colour_std=0.0)
     for _ in range(1000):
-        out, window = augment.train_crop(image, rng, **crop)
+        out, window = augment.train_crop(image, rng, **_UNCHANGED, crop=8, s_min=8, s_max=8)
         assert window.flipped == np.array_equal(out, image[:, ::-1])
         if window.flipped:
             flips += 1
@@ -245,3 +248,7 @@ def test_eval_transform_is_centre_crop_of_rescaled_image_minus_mean():
     expected = augment.center_crop(augment.rescale_smallest_side(photo, 64), 48)
     np.testing.assert_allclose(out, expected - np.float32(mean))
     assert out.dtype == np.float32
+
+
+# train_crop with no colour shift and a zero mean: its output is the image's pixels.
+_UNCHANGED = dict(mean_rgb=(0.0, 0.0, 0.0), colour_std=0.0)

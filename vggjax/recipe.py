@@ -149,3 +149,23 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.loc.merge_iou = 0.5  # greedy merging joins boxes while the closest pair has this IoU
     c.loc.max_aspect = 3.0  # boxes kept per image and Q: the map of an image this elongated
     return c
+
+
+def on_demo_set(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` run on the generated demo set in minutes on a laptop CPU: its 10 classes, 64-pixel
+    crops, Q ∈ {72, 88, 104}, batch 64, 40 epochs, Glorot init and no dropout (configs/demo.py
+    says why), shared by configs/demo.py and demo_loc.py."""
+    c.dataset = "demo"
+    c.num_classes = 10
+    c.crop_size = 64
+    c.kernel_init = "glorot"
+    c.dropout_rate = 0.0
+    c.num_workers = 2
+    c.batch_size = 64
+    c.num_epochs = 40
+    c.eval_every_steps = 200
+    c.checkpoint_every_steps = 200
+    c.log_every_steps = 20
+    c.eval.scales = (72, 88, 104)
+    c.eval.batch_size = 64
+    return c

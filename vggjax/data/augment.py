@@ -99,17 +99,14 @@ def _random_offset(image: np.ndarray, size: int, rng: np.random.Generator) -> tu
     return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A size x size window at a uniformly random position."""
-    y, x = _random_offset(image, size, rng)
-    return image[y : y + size, x : x + size]
+def _centre_offset(image: np.ndarray, size: int) -> tuple[int, int]:
+    h, w = _check_fits(image, size)
+    return (h - size) // 2, (w - size) // 2
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """The central size x size window."""
-    h, w = _check_fits(image, size)
-    y, x = (h - size) // 2, (w - size) // 2
-    return image[y : y + size, x : x + size]
+    return Window(image.shape[:2], _centre_offset(image, size), size).cut(image)
 
 
 def colour_shift(image: np.ndarray, rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
@@ -174,6 +171,5 @@ def eval_crop(
 ) -> tuple[np.ndarray, Window]:
     """Single centre crop at test scale Q: float32 crop x crop x 3, and its window."""
     image = rescale_smallest_side(decode_image(data, min_side=q), q)
-    h, w = _check_fits(image, crop)
-    window = Window(image.shape[:2], ((h - crop) // 2, (w - crop) // 2), crop)
+    window = Window(image.shape[:2], _centre_offset(image, crop), crop)
     return subtract_mean(window.cut(image), mean_rgb), window
