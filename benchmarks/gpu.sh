@@ -10,10 +10,12 @@
 #   tests  the test suite on the GPU (test_multihost.py excepted: it starts CPU processes of four
 #          fake devices each, by design); the pytest summary goes to OUTDIR/tests.txt
 #   train  train step and inference next to PyTorch, the eval_dense throughput (about 5 minutes)
+#   fed    `python -m vggjax.main` on 4,096 generated JPEGs against the synthetic step rate
+#          (train_e2e.py; issue 11 item 4); not yet run on a GPU, time unknown
 # Each benchmark's JSON line goes to OUTDIR/results.jsonl as it finishes.
 set -u
 out=${1:-/tmp/vggjax-gpu}
-parts=,${2:-eval,tests,train},
+parts=,${2:-eval,tests,train,fed},
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -49,4 +51,8 @@ if [[ $parts == *,train,* ]]; then
   bench $py benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
   bench $py benchmarks/eval_dense.py --model=D --num_images=256 --batch_size=32 --scales=256,384,512 --dtype=bfloat16
   bench $py benchmarks/train_step.py --model=E --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
+fi
+if [[ $parts == *,fed,* ]]; then
+  # VGG16 bfloat16, batch 128, one grain worker per core: is the GPU fed (>= 0.9 of synthetic)?
+  bench $py benchmarks/train_e2e.py --model=D --dtype=bfloat16 --batch_size=128 --steps=200
 fi
