@@ -41,6 +41,9 @@ setup(
             # CI, not skip; 2.13.0 is the CPU build these machines hold on disk (a bare `torch`
             # would fetch a multi-GB CUDA build).
             "torch==2.13.0",
+            # The official caffe.proto for test_convert.py's .caffemodels: the descriptor protoc
+            # compiled from BVLC's file into mmdnn's caffe_pb2.py (pure Python, light deps).
+            "mmdnn==0.3.1",
         ],
         # Keras's .h5 weights for python -m vggjax.convert (.pth and .safetensors need nothing).
         "convert": ["h5py>=3.8"],

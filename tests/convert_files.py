@@ -1,14 +1,18 @@
 """The published weight layouts, written without their libraries, for tests/test_convert.py.
 
 torchvision- and timm-layout state dicts of random weights, torch.save's two file formats (by a
-pickler that writes torch's global names), the Caffe release's .caffemodel (protobuf messages
-built from caffe.proto's field numbers), Keras's legacy .h5 layout; and the references the
+pickler that writes torch's global names), the Caffe release's .caffemodel (serialised by protobuf
+in the official caffe.proto's messages), Keras's legacy .h5 layout; and the references the
 converted nets are checked against: torchvision's forward pass in NCHW with jax.lax, and torch.nn's
 VGG when torch is installed.
 """
 
+import ast
 import collections
+import functools
+import importlib.metadata
 import io
+import pathlib
 import pickle
 import zipfile
 
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from vggjax.convert.torch import TORCH_LEGACY_MAGIC
 
@@ -318,106 +323,99 @@ def torch_logits(net, rgb: np.ndarray) -> np.ndarray:
 # The Caffe release's layout -------------------------------------------------------------------------
 
 
-def caffe_messages() -> dict[str, type]:
-    """The caffe.proto messages a .caffemodel's weights live in, built with protobuf's own
-    descriptors (the field numbers and types of caffe.proto), to write files as Caffe does."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    T = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="caffe_test.proto", package="caffe_test")
-    specs = {
-        "BlobShape": [("dim", 1, T.TYPE_INT64, True, None)],
-        "BlobProto": [
-            ("num", 1, T.TYPE_INT32, False, None),
-            ("channels", 2, T.TYPE_INT32, False, None),
-            ("height", 3, T.TYPE_INT32, False, None),
-            ("width", 4, T.TYPE_INT32, False, None),
-            ("data", 5, T.TYPE_FLOAT, True, None),
-            ("shape", 7, T.TYPE_MESSAGE, False, "BlobShape"),
-        ],
-        "V1LayerParameter": [
-            ("name", 4, T.TYPE_STRING, False, None),
-            ("type", 5, T.TYPE_INT32, False, None),
-            ("blobs", 6, T.TYPE_MESSAGE, True, "BlobProto"),
-        ],
-        "LayerParameter": [
-            ("name", 1, T.TYPE_STRING, False, None),
-            ("type", 2, T.TYPE_STRING, False, None),
-            ("blobs", 7, T.TYPE_MESSAGE, True, "BlobProto"),
-        ],
-        "NetParameter": [
-            ("name", 1, T.TYPE_STRING, False, None),
-            ("layers", 2, T.TYPE_MESSAGE, True, "V1LayerParameter"),
-            ("layer", 100, T.TYPE_MESSAGE, True, "LayerParameter"),
-        ],
-    }
-    for message, fields in specs.items():
-        m = proto.message_type.add(name=message)
-        for name, number, kind, repeated, type_name in fields:
-            f = m.field.add(
-                name=name,
-                number=number,
-                type=kind,
-                label=T.LABEL_REPEATED if repeated else T.LABEL_OPTIONAL,
-            )
-            if type_name:
-                f.type_name = f".caffe_test.{type_name}"
-            if repeated and kind != T.TYPE_MESSAGE:
-                f.options.packed = True
+@functools.cache
+def caffe_net_parameter() -> type:
+    """NetParameter of the official caffe.proto, not of descriptors written here: BVLC's
+    caffe.proto of Caffe 1.0 as protoc compiled it into MMdnn's caffe_pb2.py (PyPI `mmdnn`, pinned
+    in the test extra). That module predates protobuf 4 and no longer imports, so the
+    FileDescriptorProto protoc serialised into it goes to a pool here, as a _pb2 module of today's
+    protoc hands its own to the pool. Checked when chosen: it differs from BVLC's last caffe.proto
+    only by four fields added after 1.0, none of which a VGG file sets."""
+    path = importlib.metadata.distribution("mmdnn").locate_file(
+        "mmdnn/conversion/caffe/caffe_pb2.py"
+    )
+    serialized = next(  # the module's `serialized_pb=_b('…')`: latin-1 text of the bytes
+        ast.literal_eval(node.value.args[0])
+        for node in ast.walk(ast.parse(pathlib.Path(path).read_text("utf-8")))
+        if isinstance(node, ast.keyword) and node.arg == "serialized_pb"
+    )
     pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"caffe_test.{name}"))
-        for name in specs
-    }
+    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(serialized.encode("latin-1")))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe.NetParameter"))
+
+
+# V1LayerParameter's LayerType names → LayerParameter's type names.
+_CAFFE_TYPES = {
+    "CONVOLUTION": "Convolution",
+    "RELU": "ReLU",
+    "POOLING": "Pooling",
+    "INNER_PRODUCT": "InnerProduct",
+    "DROPOUT": "Dropout",
+    "SOFTMAX": "Softmax",
+}
+
+
+def _caffe_layers(state: dict[str, np.ndarray], cfg: list) -> list[tuple[str, str, tuple, dict]]:
+    """(name, V1 type, blobs, layer parameters) of the release's deploy net, conv1_1 … prob."""
+    layers, stage, conv, i = [], 1, 1, 0
+    for v in cfg:
+        if v == "M":
+            pool = dict(pooling_param=dict(pool="MAX", kernel_size=2, stride=2))
+            layers.append((f"pool{stage}", "POOLING", (), pool))
+            stage, conv, i = stage + 1, 1, i + 1
+            continue
+        blobs = state[f"features.{i}.weight"], state[f"features.{i}.bias"]
+        conv_param = dict(num_output=len(blobs[1]), pad=[1], kernel_size=[3])
+        layers.append(
+            (f"conv{stage}_{conv}", "CONVOLUTION", blobs, dict(convolution_param=conv_param))
+        )
+        layers.append((f"relu{stage}_{conv}", "RELU", (), {}))
+        conv, i = conv + 1, i + 2
+    for n, j in ((6, 0), (7, 3), (8, 6)):
+        blobs = state[f"classifier.{j}.weight"], state[f"classifier.{j}.bias"]
+        fc_param = dict(inner_product_param=dict(num_output=len(blobs[1])))
+        layers.append((f"fc{n}", "INNER_PRODUCT", blobs, fc_param))
+        if n < 8:
+            layers.append((f"relu{n}", "RELU", (), {}))
+            layers.append((f"drop{n}", "DROPOUT", (), dict(dropout_param=dict(dropout_ratio=0.5))))
+    return layers + [("prob", "SOFTMAX", (), {})]
 
 
 def write_caffemodel(path, state: dict[str, np.ndarray], cfg: list, legacy: bool = True) -> None:
-    """torchvision-layout weights as the authors' .caffemodel: layers conv1_1 … fc8 with ReLU,
-    pooling and dropout layers between them; `legacy`: the 2014 V1 format (4-D blobs given as
-    num/channels/height/width, enum layer types), else the later one (BlobShape, type names)."""
-    m = caffe_messages()
-    net = m["NetParameter"](name="VGG_ILSVRC_16_layers")
-    types_ = {
-        "conv": (4, "Convolution"),
-        "relu": (18, "ReLU"),
-        "pool": (17, "Pooling"),
-        "fc": (14, "InnerProduct"),
-        "drop": (6, "Dropout"),
-    }
-
-    def add(name, kind, *blobs):
-        layer = (net.layers if legacy else net.layer).add(name=name)
-        layer.type = types_[kind][0 if legacy else 1]
-        for blob in blobs:
-            b = layer.blobs.add()
-            b.data.extend(blob.ravel().tolist())
-            if legacy:
-                b.num, b.channels, b.height, b.width = (1,) * (4 - blob.ndim) + blob.shape
-            else:
-                b.shape.dim.extend(blob.shape)
-
-    stage, conv, i = 1, 1, 0
-    for v in cfg:
-        if v == "M":
-            add(f"pool{stage}", "pool")
-            stage, conv, i = stage + 1, 1, i + 1
-            continue
-        add(
-            f"conv{stage}_{conv}",
-            "conv",
-            state[f"features.{i}.weight"],
-            state[f"features.{i}.bias"],
+    """torchvision-layout weights as the authors' .caffemodel, serialised by protobuf in the
+    official schema's messages (caffe_net_parameter): input "data", then conv1_1 … fc8 with their
+    ReLU, pooling and dropout layers, each with its bottom, top, learning-rate settings and layer
+    parameters as the release has them, and softmax "prob"; `legacy`: the 2014 V1 format (enum
+    types, 4-D blobs given as num/channels/height/width), else the later one (type names,
+    BlobShape)."""
+    net = caffe_net_parameter()(
+        name="VGG_ILSVRC_16_layers", input=["data"], input_dim=[10, 3, 224, 224]
+    )
+    rates = (
+        dict(blobs_lr=[1, 2], weight_decay=[1, 0])
+        if legacy
+        else dict(param=[dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)])
+    )
+    bottom = "data"
+    for name, kind, blobs, params in _caffe_layers(state, cfg):
+        top = bottom if kind in ("RELU", "DROPOUT") else name  # in place, as in the release
+        layer = (net.layers if legacy else net.layer).add(
+            name=name,
+            type=kind if legacy else _CAFFE_TYPES[kind],
+            bottom=[bottom],
+            top=[top],
+            **params,
+            **(rates if blobs else {}),
         )
-        add(f"relu{stage}_{conv}", "relu")
-        conv, i = conv + 1, i + 2
-    for n, j in ((6, 0), (7, 3), (8, 6)):
-        add(f"fc{n}", "fc", state[f"classifier.{j}.weight"], state[f"classifier.{j}.bias"])
-        if n < 8:
-            add(f"relu{n}", "relu")
-            add(f"drop{n}", "drop")
-    with open(path, "wb") as f:
-        f.write(net.SerializeToString())
+        for blob in blobs:
+            if legacy:  # 4-D: (1, 1, out, in) for an FC weight, (1, 1, 1, out) for a bias
+                dims = (1,) * (4 - blob.ndim) + blob.shape
+                shape = dict(zip(("num", "channels", "height", "width"), dims))
+            else:
+                shape = dict(shape=dict(dim=blob.shape))
+            layer.blobs.add(data=blob.ravel().tolist(), **shape)
+        bottom = top
+    pathlib.Path(path).write_bytes(net.SerializeToString())
 
 
 # Keras's layout ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import safetensors.torch
 from convert_files import (
     CFG,
     NARROW,
-    caffe_messages,
+    caffe_net_parameter,
     images,
     keras_layers,
     nchw_forward,
@@ -48,9 +48,29 @@ from vggjax.errors import UserError
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_caffe_release_layout_matches_its_forward_pass(tmp_path, legacy):
+    """Files serialised by protobuf in the official caffe.proto's messages (BVLC's schema as protoc
+    compiled it for the `mmdnn` package: convert_files.caffe_net_parameter), not in descriptors
+    written by the test, in both layer formats: every weight and bias comes back exactly, and
+    the converted net gives the Caffe release's forward pass."""
     state = torchvision_state(CFG["D"], **NARROW)
-    write_caffemodel(tmp_path / "vgg16.caffemodel", state, CFG["D"], legacy)
-    config = convert.convert("caffe", str(tmp_path / "vgg16.caffemodel"), "D", str(tmp_path / "o"))
+    path = str(tmp_path / "vgg16.caffemodel")
+    write_caffemodel(path, state, CFG["D"], legacy)
+    convs, fcs = convert.read_layers("caffe", path)
+    conv_keys = [k for k in state if k.startswith("features.") and k.endswith(".weight")]
+    for layer, key in zip(convs, conv_keys, strict=True):  # OIHW → HWIO
+        assert np.array_equal(layer.kernel, state[key].transpose(2, 3, 1, 0))
+        assert np.array_equal(layer.bias, state[key.replace(".weight", ".bias")])
+    fc6 = state["classifier.0.weight"]  # its columns flattened NCHW → vggjax's NHWC
+    channels, window = convs[-1].kernel.shape[-1], NARROW["window"]
+    kernels = [
+        fc6.reshape(-1, channels, window, window).transpose(2, 3, 1, 0).reshape(-1, len(fc6)),
+        state["classifier.3.weight"].T,
+        state["classifier.6.weight"].T,
+    ]
+    for layer, kernel, j in zip(fcs, kernels, (0, 3, 6), strict=True):
+        assert np.array_equal(layer.kernel, kernel)
+        assert np.array_equal(layer.bias, state[f"classifier.{j}.bias"])
+    config = convert.convert("caffe", path, "D", str(tmp_path / "o"))
     assert config["mean_rgb"] == [123.68, 116.779, 103.939]
     assert (config["model"], config["num_classes"], config["crop_size"]) == ("D", 10, 64)
     model, variables, preprocess = pretrained.load_pretrained(str(tmp_path / "o"))
@@ -69,7 +89,7 @@ def test_bad_caffemodels_are_named(tmp_path, capsys):
     data = (tmp_path / "w.caffemodel").read_bytes()
     (tmp_path / "cut.caffemodel").write_bytes(data[: len(data) * 9 // 10])
     assert "truncated .caffemodel" in _convert_error(tmp_path, "caffe", tmp_path / "cut.caffemodel")
-    net_class = caffe_messages()["NetParameter"]
+    net_class = caffe_net_parameter()
     full, gap = net_class.FromString(data), net_class()
     gap.layers.extend(layer for layer in full.layers if layer.name != "conv3_1")
     (tmp_path / "gap.caffemodel").write_bytes(gap.SerializeToString())
