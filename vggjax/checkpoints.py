@@ -2,15 +2,16 @@
 
 A workdir holds `checkpoints/<step>/` with two items: `state` (parameters, optimizer and
 learning-rate state, random key, step) and `data` (each process's grain iterator position).
-Orbax writes a step into a temporary folder and renames it when complete, so a checkpoint
-half-written when the process died is never listed, and so never loaded.
+Orbax writes a step into a temporary folder and renames it when complete (on Cloud Storage,
+which cannot rename, it marks the step complete with a last file instead), so a checkpoint
+half-written when the process died is never listed, and so never loaded. The workdir may be a
+local folder or a `gs://` URI (vggjax/storage.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging as pylogging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,12 +19,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from vggjax import storage
 
 STATE, DATA = "state", "data"
 
 
-def _checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
+def _checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+    return storage.at(workdir) / "checkpoints"
 
 
 class Checkpoints:
@@ -31,7 +35,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, max_to_keep: int = 3):
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(_checkpoint_dir(workdir)),
+            _checkpoint_dir(workdir),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
             ),
@@ -83,24 +87,28 @@ class _ErrorsOnly(pylogging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
+def quiet_reading() -> Iterator[None]:
     """Orbax warns on every read-only restore (`read_only=True, setting save_interval_steps=0`,
-    `Metadata file does not exist`, ...): nothing wrong and nothing to do, so not shown."""
-    quiet, logger = _ErrorsOnly(), pylogging.getLogger("absl")
-    logger.addFilter(quiet)
+    `Metadata file does not exist`, ...), and fsspec announces its read cache at each file opened
+    in a bucket: nothing wrong and nothing to do, so not shown."""
+    quiet = _ErrorsOnly()
+    loggers = [pylogging.getLogger(name) for name in ("absl", "fsspec.caching")]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
-def _state_item_dir(path: str) -> str:
+def _state_item_dir(path: str) -> epath.Path:
     """The `state` item of: a workdir, its checkpoints/ folder, or one step's folder."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(path, STATE)):
-        return os.path.join(path, STATE)
-    root = _checkpoint_dir(path) if os.path.isdir(_checkpoint_dir(path)) else path
-    if not os.path.isdir(root):
+    path = storage.at(path)
+    if (path / STATE).is_dir():
+        return path / STATE
+    root = _checkpoint_dir(path) if _checkpoint_dir(path).is_dir() else path
+    if not root.is_dir():
         raise ValueError(
             f"no checkpoint at {path}: expected a workdir, its checkpoints/ folder "
             f"or one step's folder"
@@ -109,7 +117,7 @@ def _state_item_dir(path: str) -> str:
         step = m.latest_step()
     if step is None:
         raise ValueError(f"no complete checkpoint in {root}")
-    return os.path.join(root, str(step), STATE)
+    return root / str(step) / STATE
 
 
 def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
@@ -119,7 +127,7 @@ def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> 
     The arrays land on `sharding` (default: the first local device), whatever the device
     count of the run that wrote them.
     """
-    with _quiet_orbax():
+    with quiet_reading():
         return _restore_params(path, sharding)
 
 
@@ -148,7 +156,7 @@ def save_params(workdir: str, variables: dict[str, Any]) -> None:
     """Writes `variables` (params, and batch_stats for BN nets) as the workdir's only checkpoint,
     step 0, with no optimizer or data state: what restore_params and `init_from` read. For
     weights trained elsewhere (vggjax.convert)."""
-    root = os.path.abspath(_checkpoint_dir(workdir))
+    root = _checkpoint_dir(workdir)
     with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=True)) as manager:
         if manager.latest_step() is not None:
             raise ValueError(f"{root} already holds checkpoints; choose a new directory")

@@ -8,8 +8,6 @@ the host, and `predictions.npz` lets runs be fused later (`fuse_predictions`) wi
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vggjax import checkpoints, inference, models, options, train
+from vggjax import checkpoints, inference, models, options, storage, train
 from vggjax.data import sources
 from vggjax.errors import UserError
 
@@ -299,11 +297,10 @@ def _write(
 ) -> None:
     """The table on stdout; eval_results.json and predictions.npz (for later fusion) in workdir."""
     print(format_table(summary["results"], summary["train_scale"]))
-    os.makedirs(workdir, exist_ok=True)  # a new one, when eval.checkpoints names the nets
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    np.savez(
-        os.path.join(workdir, "predictions.npz"),
+    folder = storage.at(workdir)  # made if new: eval.checkpoints may name other runs' nets
+    storage.write_json(folder / "eval_results.json", summary)
+    storage.write_npz(
+        folder / "predictions.npz",
         ids=data["ids"],
         labels=data["labels"],
         bad=data["bad"],
@@ -314,15 +311,12 @@ def _write(
 def fuse_predictions(paths: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Table 6 from finished runs: (top-1, top-5) error of the averaged posteriors of each
     protocol all the predictions.npz files hold (e.g. nets D and E evaluated separately)."""
-    files = [np.load(path) for path in paths]
+    files = [storage.read_npz(path) for path in paths]
     for path, f in zip(paths[1:], files[1:]):
         if not np.array_equal(f["ids"], files[0]["ids"]):
             raise UserError(f"{path} holds other images (or another order) than {paths[0]}")
     fused = fuse(
-        [
-            {k[len("posteriors_") :]: f[k] for k in f.files if k.startswith("posteriors_")}
-            for f in files
-        ]
+        [{k[len("posteriors_") :]: f[k] for k in f if k.startswith("posteriors_")} for f in files]
     )
     bad = np.any([f["bad"] for f in files], axis=0)
     return {name: error_rates(p, files[0]["labels"], bad) for name, p in fused.items()}

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vggjax import inference, models, options, pretrained, train
+from vggjax import inference, models, options, pretrained, storage, train
 from vggjax.data import sources
 from vggjax.errors import UserError
 
@@ -46,7 +46,7 @@ def settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """What a set of features depends on, stored with them (transfer reuses matching files)."""
     paths = tuple(config.features.checkpoints) or (workdir,)
     return dict(
-        checkpoints=[os.path.abspath(p) for p in paths],
+        checkpoints=[str(storage.at(p)) for p in paths],
         scales=list(config.features.scales),
         aggregation=config.features.aggregation,
         flip=bool(config.features.flip),
@@ -99,19 +99,18 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
 
 
 def path_of(workdir: str, split: str) -> str:
-    return os.path.join(workdir, f"features_{split}.npz")
+    return str(storage.at(workdir) / f"features_{split}.npz")
 
 
 def save(path: str, features: dict[str, np.ndarray], about: dict[str, Any]) -> None:
-    np.savez(path, **features, **{f"setting_{k}": np.asarray(v) for k, v in about.items()})
+    storage.write_npz(path, **features, **{f"setting_{k}": np.asarray(v) for k, v in about.items()})
 
 
 def load(path: str, about: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
     """The features in `path`, or None if it is missing or was made with other `about`."""
-    if not os.path.exists(path):
+    if not storage.at(path).exists():
         return None
-    with np.load(path) as f:
-        stored = {k: f[k] for k in f.files}
+    stored = storage.read_npz(path)
     if about is not None and any(
         f"setting_{k}" not in stored or stored[f"setting_{k}"].tolist() != v
         for k, v in about.items()
@@ -122,7 +121,6 @@ def load(path: str, about: dict[str, Any] | None = None) -> dict[str, np.ndarray
 
 def _write(workdir: str, split: str, data: dict[str, np.ndarray], about: dict[str, Any]) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         save(path_of(workdir, split), data, about)
         logging.info(
             "Wrote %s: %d images × %d features (%d undecodable).",

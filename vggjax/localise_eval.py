@@ -22,8 +22,6 @@ image's width and height, which IoU does not mind, and written in the original i
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -32,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vggjax import checkpoints, evaluate, inference, localise, models, pretrained, train
+from vggjax import checkpoints, evaluate, inference, localise, models, pretrained, storage, train
 from vggjax.data import boxes
 from vggjax.errors import UserError
 
@@ -371,13 +369,10 @@ def _write(
 ) -> None:
     """localisation_results.json; with top5, boxes.npz: each image's five (class, box, score)
     guesses, boxes in its original pixels (x0, y0, x1, y1)."""
-    os.makedirs(workdir, exist_ok=True)  # a fusion's workdir may hold no run
-    with open(os.path.join(workdir, "localisation_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    folder = storage.at(workdir)  # a fusion's workdir may hold no run: made here
+    storage.write_json(folder / "localisation_results.json", summary)
     if found is None:
         return
     sizes = np.asarray([source.size(i) for i in range(len(source))], np.float32)
     pixels = found * np.stack([sizes[:, 1], sizes[:, 0]] * 2, axis=1)[:, None]
-    np.savez(
-        os.path.join(workdir, "boxes.npz"), ids=ids, classes=classes, boxes=pixels, scores=scores
-    )
+    storage.write_npz(folder / "boxes.npz", ids=ids, classes=classes, boxes=pixels, scores=scores)

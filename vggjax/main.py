@@ -157,7 +157,7 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
-    from vggjax import options, pretrained  # after flag parsing: keeps --help fast
+    from vggjax import options, pretrained, storage  # after flag parsing: keeps --help fast
 
     try:
         config = pretrained.inherit_net(_CONFIG.value)
@@ -168,6 +168,7 @@ def _main(argv: list[str]) -> None:
             return _summary(config)
         if not _WORKDIR.value:
             raise UserError(f"--workdir is required for --mode={_MODE.value}")
+        storage.at(_WORKDIR.value)  # gs:// without the gcs extra: said now, not after the setup
         _use_compilation_cache()
         _init_distributed()
         _run_mode(_MODE.value, config, _WORKDIR.value)

@@ -5,11 +5,12 @@ Only process 0 writes, so a pod prints and logs each figure once.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 from absl import logging
+
+from vggjax import storage
 
 
 def _duration(seconds: float) -> str:
@@ -37,7 +38,9 @@ class Reporter:
         if jax.process_index() == 0:
             import tensorboardX  # event files without TensorFlow
 
-            self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Cloud Storage: tensorboardX's own writer (google-cloud-storage) uploads the
+            # whole event file again at each flush, so TensorBoard follows the run as it goes.
+            self.writer = tensorboardX.SummaryWriter(str(storage.at(workdir) / "tensorboard"))
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vggjax import checkpoints, models
+from vggjax import checkpoints, models, storage
 from vggjax.data import augment
 from vggjax.errors import UserError
 
@@ -28,18 +28,19 @@ CONFIG_FILE = "config.json"
 
 def workdir_of(path: str) -> str:
     """The workdir of what restore_params accepts: a workdir, its checkpoints/ or a step folder."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(path, checkpoints.STATE)):  # WORKDIR/checkpoints/STEP
-        return os.path.dirname(os.path.dirname(path))
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+    where = storage.at(path)
+    if (where / checkpoints.STATE).is_dir():  # WORKDIR/checkpoints/STEP
+        where = where.parent.parent
+    elif where.name == "checkpoints":
+        where = where.parent
+    return str(where)
 
 
 def read_config(path: str) -> dict[str, Any]:
     """The workdir's config.json: what the net is and what input it takes."""
-    file = os.path.join(workdir_of(path), CONFIG_FILE)
+    file = storage.at(workdir_of(path)) / CONFIG_FILE
     try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(
             f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
@@ -89,7 +90,7 @@ def resolve(path: str) -> str:
     """`path`, or for a published net's name (`torchvision:vgg16`, `keras:vgg19_notop`,
     `timm:vgg16.tv_in1k`) its converted workdir: fetched, verified and converted on first use."""
     source, _, name = path.partition(":")
-    if os.path.exists(path) or not name:
+    if storage.is_gcs(path) or os.path.exists(path) or not name:
         return path
     from vggjax.convert import hub  # the converters load only for a name
 
@@ -107,7 +108,8 @@ def load_pretrained(
     only: `conv_features` runs them, or add a head of your own before `model.apply`.
     """
     path = resolve(path)
-    config = read_config(path)
+    with checkpoints.quiet_reading():
+        config = read_config(path)
     model = models.model_from_config(config)
     variables = checkpoints.restore_params(path, sharding)
     include_top = config.get("pretrained", {}).get("include_top", True)

@@ -11,8 +11,6 @@ a single device would compute on the whole batch.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import signal
 from typing import Any
 
@@ -26,7 +24,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, metrics, models, objectives, options, pretrained
+from vggjax import checkpoints, metrics, models, objectives, options, pretrained, storage
 from vggjax.data import pipeline, sources
 from vggjax.errors import DivergedError, UserError
 
@@ -379,8 +377,9 @@ class _Run:
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            storage.write_text(
+                storage.at(workdir) / "config.json", config.to_json_best_effort(indent=2)
+            )
         if self.ckpt.latest_step() is not None:
             self.state = self.ckpt.restore(trainer.abstract_state(), self.data)
             logging.info("Resumed from the checkpoint at step %d.", int(self.state.step))
@@ -497,6 +496,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train_images_skipped": int(run.skipped),
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(storage.at(workdir) / "results.json", results)
     return results

@@ -11,8 +11,6 @@ the VOC-2007 devkit) and accuracy.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any
 
 import jax
@@ -21,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vggjax import features
+from vggjax import features, storage
 from vggjax.errors import UserError
 
 
@@ -243,6 +241,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
             f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})"
         )
-        with open(os.path.join(workdir, "transfer_results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        storage.write_json(storage.at(workdir) / "transfer_results.json", result)
     return result
