@@ -3,10 +3,10 @@
 # jax.distributed finds the other workers by itself.
 #
 #   bash launch/tpu_pod.sh --name=vgg16-pod --zone=us-central2-b --accelerator=v4-32 \
-#       --workdir=/mnt/runs/vgg16 -- --config=configs/vgg16.py --config.data_dir=/mnt/tfds
+#       --workdir=gs://my-bucket/runs/vgg16 -- --config=configs/vgg16.py --config.data_dir=/mnt/tfds
 #
 # Creates the slice (or reuses the one of that name), copies this checkout to every worker (or
-# clones --repo there), installs it with `pip install -e .[tpu]`, starts training on all workers
+# clones --repo there), installs it with `pip install -e .[tpu,gcs]`, starts training on all workers
 # (detached: it survives a dropped connection), then follows worker 0's log, where the progress
 # lines are; Ctrl-C stops following, not training. Ends by printing the teardown command.
 # Everything after `--` goes to vggjax.main unchanged.
@@ -14,8 +14,8 @@
 # Options:
 #   --name=NAME         TPU VM name (required)
 #   --zone=ZONE         e.g. us-central2-b (required)
-#   --workdir=DIR       checkpoints, logs, results: storage every worker sees, e.g. an NFS or
-#                       Filestore mount (required)
+#   --workdir=DIR       checkpoints, logs, results: storage every worker sees, a Cloud Storage
+#                       gs://bucket/path or an NFS or Filestore mount (required)
 #   --accelerator=TYPE  v4-32, v5litepod-16, v5p-32, v6e-16, ... (default v4-32)
 #   --version=RUNTIME   TPU software version (default: the one for TYPE's generation)
 #   --project=PROJECT   default: gcloud's configured project
@@ -113,7 +113,7 @@ else
   fetch="rm -rf ~/vggjax && mkdir ~/vggjax && tar -xzf ~/vggjax.tar.gz -C ~/vggjax"
 fi
 run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" \
-  --command="$fetch && cd ~/vggjax && python3 -m pip install -q -e \".[tpu]\""
+  --command="$fetch && cd ~/vggjax && python3 -m pip install -q -e \".[tpu,gcs]\""
 
 # 3. Training on all workers at once, detached; then worker 0's log.
 run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" \

