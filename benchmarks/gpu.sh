@@ -54,5 +54,5 @@ if [[ $parts == *,train,* ]]; then
 fi
 if [[ $parts == *,fed,* ]]; then
   # VGG16 bfloat16, batch 128, one grain worker per core: is the GPU fed (>= 0.9 of synthetic)?
-  bench $py benchmarks/train_e2e.py --model=D --dtype=bfloat16 --batch_size=128 --steps=200
+  bench $py benchmarks/train_e2e.py --model=D --dtype=bfloat16 --batch_size=128 --train_steps=200
 fi

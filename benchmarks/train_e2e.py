@@ -2,7 +2,7 @@
 
     python benchmarks/train_e2e.py --model=D --dtype=bfloat16 --batch_size=128   # a GPU host
     python benchmarks/train_e2e.py --model=A --width=0.125 --fc_width=64 --image_size=64 \
-        --batch_size=16 --steps=20 --images=256 --num_workers=2                   # CPU smoke run
+        --batch_size=16 --train_steps=40 --log_every=10 --images=256 --num_workers=2  # CPU smoke
 
 Writes --images ImageNet-like JPEGs (`jpegs.write_jpegs`) as a folder data set, then
 runs, one after the other in their own processes (so each has the accelerator to itself):
@@ -28,55 +28,48 @@ import sys
 import tempfile
 
 import jpegs  # benchmarks/jpegs.py
+import train_step  # noqa: F401  (its flags, which this script forwards)
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
-_WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
-_FC_WIDTH = flags.DEFINE_integer("fc_width", 4096, "FC layer width.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Crop size.")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
-_STEPS = flags.DEFINE_integer("steps", 200, "Training steps of the real run.")
+# The net and the step: train_step.py's flags (--model, --width, --fc_width, --batch_size,
+# --image_size, --dtype; its --steps are the synthetic run's timed steps).
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Training steps of the real run.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 20, "Steps per progress line (one rate each).")
 _IMAGES = flags.DEFINE_integer("images", 4096, "Training JPEGs to generate.")
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain workers (0: one per core).")
+FLAGS = flags.FLAGS
 
 _RATE = re.compile(r"\| (\d+) img/s \|")
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _net_flags() -> list[str]:
-    return [f"--model={_MODEL.value}", f"--width={_WIDTH.value}", f"--fc_width={_FC_WIDTH.value}"]
+_NET = ("model", "width", "fc_width", "batch_size", "image_size", "dtype")
 
 
 def synthetic_rate() -> float:
     """images/s of train_step.py's step on a batch already on the device."""
-    cmd = [sys.executable, str(_HERE / "train_step.py"), *_net_flags()]
-    cmd += [f"--batch_size={_BATCH.value}", f"--image_size={_IMAGE.value}"]
-    cmd += [f"--dtype={_DTYPE.value}", "--steps=20"]
+    cmd = [sys.executable, str(_HERE / "train_step.py")]
+    cmd += [f"--{name}={FLAGS[name].value}" for name in (*_NET, "steps")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
 def real_rates(data_dir: pathlib.Path, workdir: pathlib.Path, workers: int) -> list[float]:
     """The img/s of each progress line of `vggjax.main` training on the folder, in order."""
+    net = {name: FLAGS[name].value for name in _NET}
+    net["crop_size"] = net.pop("image_size")
+    s = 256 if net["crop_size"] == 224 else net["crop_size"]  # the paper's S, or the crop itself
     overrides = dict(
-        model=_MODEL.value,
-        width=_WIDTH.value,
-        fc_width=_FC_WIDTH.value,
-        crop_size=_IMAGE.value,
-        batch_size=_BATCH.value,
-        dtype=_DTYPE.value,
+        net,
         dataset="folder",
         data_dir=data_dir,
         num_classes=10,
         num_workers=workers,
-        num_train_steps=_STEPS.value,
+        num_train_steps=_TRAIN_STEPS.value,
         log_every_steps=_LOG_EVERY.value,
         eval_every_steps=10**9,
         checkpoint_every_steps=10**9,
     )
-    s = 256 if _IMAGE.value == 224 else _IMAGE.value  # the paper's S = 256, or the crop itself
     cmd = [sys.executable, "-m", "vggjax.main", "--config=configs/vgg16.py"]
     cmd += [f"--workdir={workdir}", f"--config.train_scale=({s},{s})"]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -91,18 +84,14 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = pathlib.Path(tmp, "data")
         jpegs.write_jpegs(data / "train", _IMAGES.value)
-        jpegs.write_jpegs(data / "val", _BATCH.value)  # for the final validation pass
+        jpegs.write_jpegs(data / "val", FLAGS.batch_size)  # for the final validation pass
         synthetic = synthetic_rate()
         rates = real_rates(data, pathlib.Path(tmp, "run"), workers)
     if len(rates) < 2:
-        raise SystemExit(f"need at least 2 progress lines, got {rates}: raise --steps")
+        raise SystemExit(f"need at least 2 progress lines, got {rates}: raise --train_steps")
     real = statistics.median(rates[1:])
     result = dict(
-        model=_MODEL.value,
-        width=_WIDTH.value,
-        batch_size=_BATCH.value,
-        image_size=_IMAGE.value,
-        dtype=_DTYPE.value,
+        {name: FLAGS[name].value for name in _NET},
         cores=cores,
         num_workers=workers,
         synthetic_images_per_sec=synthetic,
