@@ -3,24 +3,32 @@
     python benchmarks/input_pipeline.py --cpus=1 --num_workers=0      # per core
     python benchmarks/input_pipeline.py --num_workers=2 --scale=256-512
 
-Writes --images JPEGs of ImageNet-like sizes (500×375, 375×500, 640×480; quality 90, ~105 KB
-each, from smooth colour fields and grain) as a class-per-folder data set in a temporary
-folder, then times batches of --batch_size 224×224 crops from:
+Writes --images JPEGs of ImageNet-like sizes (`jpegs.write_jpegs`: each side 300-500 px, one
+image in ten 1000-2000 px; quality 90, from smooth colour fields and sensor-like grain) as a
+class-per-folder data set in a temporary folder, each under --names names, then times batches of
+--batch_size 224×224 crops from:
 
-- vggjax: `pipeline.train_dataset` (grain): decode, isotropic rescale to S, random crop, flip,
-  RGB colour shift, mean subtraction, in `--num_workers` worker processes (0: in this process,
-  which still decodes on two threads);
+- vggjax: `pipeline.train_dataset` (grain): decode (simplejpeg, reduced in the DCT domain where S
+  allows), isotropic rescale to S (OpenCV), random crop, flip, in `--num_workers` worker processes
+  (0: in this process, which still decodes on two threads). Its batches are uint8 crops and each
+  image's RGB shift (colour shift minus the mean), which the jitted train step adds on the device
+  (`augment.net_input`; its cost on this CPU is `stages_ms.vggjax_finish`);
 - PIL: what torchvision's `Resize(S)`, `RandomCrop(224)`, `RandomHorizontalFlip()`,
   `ToTensor()` and `Normalize()` do, written with PIL and numpy, in `--num_workers` processes
   (a `multiprocessing.Pool`, as a DataLoader's workers; 0: in this process).
 
-Both run the same number of batches after one warm-up batch. `--cpus=N` pins everything to N
-CPUs, so `--cpus=1` compares the two per core. Ends with one JSON line of images/s, in total and
-per worker.
+They take turns (--rounds each, a fresh pipeline every turn, stopped at its end), each timing
+--batches batches after --skip that start it. `--cpus=N` pins everything to N CPUs, so
+`--cpus=1` compares the two per core. Ends with one JSON line of images/s, in total and
+per worker, and the milliseconds per image of each stage of both, timed one stage at a time over
+the generated images in this process.
 """
 
 from __future__ import annotations
 
+import collections
+import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -28,18 +36,30 @@ import pathlib
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import jax
+import jpegs  # benchmarks/jpegs.py
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from vggjax import recipe
-from vggjax.data import pipeline
+from vggjax.data import augment, pipeline
 
 _IMAGES = flags.DEFINE_integer("images", 200, "JPEGs to generate.")
+_NAMES = flags.DEFINE_integer(
+    "names",
+    50,
+    "Names (hard links) of each JPEG in the data set: an index of --images x --names, since "
+    "grain's shuffle costs more per element on small sets (150 us at 200, 6 us at 10,000 and at "
+    "ImageNet's 1.28M).",
+)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Worker processes (0: in this process).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches (after one warm-up batch).")
+_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per turn.")
+_SKIP = flags.DEFINE_integer("skip", 3, "Untimed batches that start each turn.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Turns of each pipeline, alternating.")
 _SCALE = flags.DEFINE_string("scale", "256", "Training scale S or S_MIN-S_MAX.")
 _CPUS = flags.DEFINE_integer(
     "cpus",
@@ -48,36 +68,39 @@ _CPUS = flags.DEFINE_integer(
     "(0: all); --cpus=1 --num_workers=0 gives the per-core figures.",
 )
 
-SIZES = ((500, 375), (375, 500), (640, 480))  # (width, height)
 CROP = 224
+MEAN_RGB = recipe.paper_recipe("D").mean_rgb
 # torchvision's ImageNet normalisation.
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def write_jpegs(root: pathlib.Path, count: int, classes: int = 10) -> None:
-    """Photo-like JPEGs: smooth colour fields (an upsampled random grid) plus sensor-like noise."""
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        width, height = SIZES[i % len(SIZES)]
-        grid = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
-        smooth = np.asarray(grid.resize((width, height), Image.BICUBIC), np.float32)
-        pixels = np.clip(smooth + rng.normal(0, 14, smooth.shape), 0, 255).astype(np.uint8)
-        folder = root / "train" / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+def write_data_set(root: pathlib.Path) -> None:
+    """--images JPEGs in root/jpegs/<class>/ (`jpegs.write_jpegs`), each linked --names times into
+    root/train/<class>/, the data set both pipelines read."""
+    jpegs.write_jpegs(root / "jpegs", _IMAGES.value)
+    for path in (root / "jpegs").glob("*/*.jpg"):
+        (root / "train" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        for k in range(_NAMES.value):
+            os.link(path, root / "train" / path.parent.name / f"{path.stem}_{k:03d}.jpg")
 
 
 def torchvision_style(path: str, rng: np.random.Generator, s_min: int, s_max: int) -> np.ndarray:
     """One training crop as torchvision's transforms make it: CHW float32, normalised."""
-    image = Image.open(path).convert("RGB")
-    s = int(rng.integers(s_min, s_max + 1))
+    image = torchvision_resize(Image.open(path).convert("RGB"), int(rng.integers(s_min, s_max + 1)))
+    return torchvision_crop(image, rng)
+
+
+def torchvision_resize(image: Image.Image, s: int) -> Image.Image:
+    """Resize(S): the shorter side to S, bilinear with antialiasing."""
     width, height = image.size
-    if width < height:  # Resize(S): the shorter side to S, bilinear with antialiasing
-        size = (s, int(s * height / width))
-    else:
-        size = (int(s * width / height), s)
-    image = image.resize(size, Image.BILINEAR)
-    left, top = int(rng.integers(0, size[0] - CROP + 1)), int(rng.integers(0, size[1] - CROP + 1))
+    size = (s, int(s * height / width)) if width < height else (int(s * width / height), s)
+    return image.resize(size, Image.BILINEAR)
+
+
+def torchvision_crop(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """RandomCrop(224), RandomHorizontalFlip(), ToTensor(), Normalize()."""
+    width, height = image.size
+    left, top = int(rng.integers(0, width - CROP + 1)), int(rng.integers(0, height - CROP + 1))
     image = image.crop((left, top, left + CROP, top + CROP))
     if rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -91,35 +114,98 @@ def torchvision_batch(args: tuple[list[str], int, int, int]) -> dict[str, np.nda
     return {"image": np.stack([torchvision_style(p, rng, s_min, s_max) for p in paths])}
 
 
-def time_batches(batches: Iterator[dict[str, np.ndarray]], count: int) -> float:
-    """Images/s over `count` batches, after one warm-up batch (which starts the workers)."""
-    next(batches)
+def time_batches(batches: Iterator[dict[str, np.ndarray]], count: int) -> tuple[int, float]:
+    """(images, seconds) of `count` batches, after --skip batches that start the workers and fill
+    the prefetch buffers, which are as full at the end: what was prefetched cancels out."""
+    for _ in range(_SKIP.value):
+        next(batches)
     start = time.perf_counter()
     images = sum(len(next(batches)["image"]) for _ in range(count))
-    return images / (time.perf_counter() - start)
+    return images, time.perf_counter() - start
 
 
-def vggjax_rate(data_dir: str, scale: tuple[int, int]) -> float:
+def vggjax_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float]:
     c = recipe.paper_recipe("D")
     c.dataset, c.data_dir, c.num_classes = "folder", data_dir, 10
     c.batch_size, c.num_workers, c.train_scale = _BATCH.value, _NUM_WORKERS.value, scale
-    batches = iter(pipeline.train_dataset(c))
+    batches = iter(pipeline.train_dataset(c, seed=turn))
     try:
         return time_batches(batches, _BATCHES.value)
     finally:
-        batches.close()
+        pipeline.close(batches)  # its threads and workers stop: nothing runs in the PIL turn
 
 
-def torchvision_rate(data_dir: str, scale: tuple[int, int]) -> float:
+def torchvision_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float]:
     paths = sorted(str(p) for p in pathlib.Path(data_dir).glob("train/*/*.jpg"))
-    rng = np.random.default_rng(0)
-    jobs = (
-        (list(rng.choice(paths, _BATCH.value)), seed, *scale) for seed in range(_BATCHES.value + 1)
-    )
+    rng = np.random.default_rng(turn)
+    jobs = ((list(rng.choice(paths, _BATCH.value)), seed, *scale) for seed in itertools.count())
     if not _NUM_WORKERS.value:
         return time_batches(map(torchvision_batch, jobs), _BATCHES.value)
     with multiprocessing.get_context("spawn").Pool(_NUM_WORKERS.value) as pool:
-        return time_batches(pool.imap(torchvision_batch, jobs), _BATCHES.value)
+        return time_batches(prefetched(pool, jobs, 2 * _NUM_WORKERS.value), _BATCHES.value)
+
+
+def prefetched(pool: Any, jobs: Iterator[Any], ahead: int) -> Iterator[dict[str, np.ndarray]]:
+    """The pool's batches in order, at most `ahead` computed ahead, like a DataLoader's workers
+    (`Pool.imap` would queue every job at once)."""
+    pending = collections.deque(
+        pool.apply_async(torchvision_batch, (next(jobs),)) for _ in range(ahead)
+    )
+    while True:
+        yield pending.popleft().get()
+        pending.append(pool.apply_async(torchvision_batch, (next(jobs),)))
+
+
+def stage_times(data_dir: str, scale: tuple[int, int]) -> dict[str, float]:
+    """Milliseconds per image of each stage of both pipelines, one stage at a time over all the
+    images (each at a scale S drawn for both alike), after one untimed pass."""
+    rng = np.random.default_rng(0)
+    images = [
+        (p.read_bytes(), int(rng.integers(scale[0], scale[1] + 1)))
+        for p in sorted(pathlib.Path(data_dir).glob("jpegs/*/*.jpg"))
+    ]
+    decoded = [(augment.decode_image(data, min_side=s), s) for data, s in images]
+    rescaled = [
+        augment.resize_antialiased(image, augment.rescaled_size(image.shape, s))
+        for image, s in decoded
+    ]
+    opened = [(Image.open(io.BytesIO(data)).convert("RGB"), s) for data, s in images]
+    resized = [torchvision_resize(image, s) for image, s in opened]
+    batch = {
+        "image": np.zeros((_BATCH.value, CROP, CROP, 3), np.uint8),
+        "shift": np.zeros((_BATCH.value, 3), np.float32),
+    }
+    finish = jax.jit(augment.net_input)
+
+    def crop_flip_shift(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        (h, w), flip = image.shape[:2], bool(rng.random() < 0.5)
+        offset = (int(rng.integers(0, h - CROP + 1)), int(rng.integers(0, w - CROP + 1)))
+        crop = np.array(augment.Window((h, w), offset, CROP, flip).cut(image))  # batching copies
+        return crop, augment.subtract_mean(augment.colour_shift(rng), MEAN_RGB)
+
+    stages = {
+        "vggjax_decode": lambda: [augment.decode_image(d, min_side=s) for d, s in images],
+        "vggjax_rescale": lambda: [
+            augment.resize_antialiased(i, augment.rescaled_size(i.shape, s)) for i, s in decoded
+        ],
+        "vggjax_crop_flip_shift": lambda: [crop_flip_shift(i) for i in rescaled],
+        "vggjax_finish": lambda: [
+            jax.block_until_ready(finish(batch)) for _ in range(len(images) // _BATCH.value)
+        ],
+        "pil_decode": lambda: [Image.open(io.BytesIO(d)).convert("RGB") for d, _ in images],
+        "pil_resize": lambda: [torchvision_resize(i, s) for i, s in opened],
+        "pil_crop_flip_float": lambda: [torchvision_crop(i, rng) for i in resized],
+    }
+    times = {}
+    for name, run in stages.items():
+        run()
+        start = time.perf_counter()
+        run()
+        count = (
+            len(images) // _BATCH.value * _BATCH.value if name == "vggjax_finish" else len(images)
+        )
+        times[name] = round((time.perf_counter() - start) / count * 1e3, 3)
+    return times
 
 
 def main(argv: list[str]) -> None:
@@ -128,18 +214,27 @@ def main(argv: list[str]) -> None:
         os.sched_setaffinity(0, range(_CPUS.value))  # inherited by worker processes
     scale = recipe.parse_scale(_SCALE.value)
     with tempfile.TemporaryDirectory() as data_dir:
-        write_jpegs(pathlib.Path(data_dir), _IMAGES.value)
-        files = list(pathlib.Path(data_dir).glob("train/*/*.jpg"))
+        write_data_set(pathlib.Path(data_dir))
+        files = list(pathlib.Path(data_dir).glob("jpegs/*/*.jpg"))
         kb = sum(f.stat().st_size for f in files) / len(files) / 1024
-        rates = {"vggjax": vggjax_rate(data_dir, scale), "pil": torchvision_rate(data_dir, scale)}
+        totals = {"vggjax": [0, 0.0], "pil": [0, 0.0]}
+        for turn in range(_ROUNDS.value):  # taking turns, so both see the same machine
+            for name, run in (("vggjax", vggjax_turn), ("pil", torchvision_turn)):
+                images, seconds = run(data_dir, scale, turn)
+                totals[name][0] += images
+                totals[name][1] += seconds
+        rates = {name: images / seconds for name, (images, seconds) in totals.items()}
+        stages = stage_times(data_dir, scale)
     workers = max(_NUM_WORKERS.value, 1)
     result = dict(
         images=len(files),
+        names=_NAMES.value,
         mean_jpeg_kb=round(kb, 1),
         scale=_SCALE.value,
         crop=CROP,
         batch_size=_BATCH.value,
         batches=_BATCHES.value,
+        rounds=_ROUNDS.value,
         num_workers=_NUM_WORKERS.value,
         cpus=len(os.sched_getaffinity(0)),
     )
@@ -147,6 +242,7 @@ def main(argv: list[str]) -> None:
         result[f"{name}_images_per_sec"] = round(rate, 1)
         result[f"{name}_images_per_sec_per_worker"] = round(rate / workers, 1)
     result["vggjax_over_pil"] = round(rates["vggjax"] / rates["pil"], 3)
+    result["stages_ms"] = stages
     print(json.dumps(result))
 
 

@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from vggjax.data import demo, pipeline, sources
+from vggjax.data import augment, demo, pipeline, sources
 
 N_TRAIN, N_VAL = 24, 10  # The indexed set: image i has the colour (i, 0, 0).
 
@@ -166,14 +166,39 @@ def test_train_batches_have_documented_shapes(demo_dir):
     batches = _take(config, 2)
     for batch in batches:
         assert batch["image"].shape == (6, 64, 64, 3)
-        assert batch["image"].dtype == np.float32
+        assert batch["image"].dtype == np.uint8
+        assert batch["shift"].shape == (6, 3) and batch["shift"].dtype == np.float32
         assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
         assert batch["mask"].dtype == np.float32
         assert (batch["mask"] == 1).all()
         assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
-        assert batch["image"].min() > -160 and batch["image"].max() < 160
+        net_input = augment.net_input(batch)
+        assert net_input.dtype == np.float32
+        assert net_input.min() > -160 and net_input.max() < 160
     assert _same(batches, _take(config, 2))
     assert not _same(batches, _take(config, 2, seed=1))
+
+
+def test_train_shifts_are_colour_shifts_minus_the_mean(demo_dir):
+    """Each image's shift, drawn with its crop's rng, is a PCA colour shift minus the mean RGB:
+    in the eigenbasis, alpha * eigval * 255 with alpha ~ N(0, 0.1), a new one per image."""
+    mean = (120.0, 110.0, 100.0)
+    config = _config(
+        demo_dir,
+        dataset="demo",
+        batch_size=10,
+        crop_size=32,
+        train_scale=(32, 48),
+        mean_rgb=mean,
+        colour_shift_std=0.1,
+    )
+    shifts = np.concatenate([b["shift"] for b in _take(config, 6)])
+    alphas = (shifts + mean) @ augment.IMAGENET_EIGVEC / (augment.IMAGENET_EIGVAL * 255)
+    assert len(np.unique(alphas[:, 0])) == 60
+    assert np.abs(alphas).max() < 0.45  # 4.5 sd
+    np.testing.assert_allclose(alphas.std(0), 0.1, rtol=0.35)  # 60 draws: sd of the sd ~ 9%
+    config.colour_shift_std = 0.0
+    np.testing.assert_allclose(_take(config, 1)[0]["shift"], -np.float32([mean] * 10))
 
 
 def test_train_epochs_cover_the_set_and_reshuffle(indexed_dir):
@@ -213,7 +238,7 @@ def test_process_shards_interleave_the_single_process_batches(demo_dir):
     for t in range(2):
         assert shards[0][t]["image"].shape == (2, 32, 32, 3)
         for p in range(2):
-            for k in ("image", "label", "mask"):
+            for k in ("image", "shift", "label", "mask"):
                 np.testing.assert_array_equal(shards[p][t][k], single[t][k][p::2])
 
 
@@ -274,8 +299,10 @@ def test_eval_covers_every_image_once(indexed_dir, process_count):
     ids, masks = [], []
     for batches in per_process:
         for batch in batches:
-            assert set(batch) == {"image", "label", "mask"}
+            assert set(batch) == {"image", "shift", "label", "mask"}
             assert batch["image"].shape == (4 // process_count, 4, 4, 3)
+            assert batch["image"].dtype == np.uint8
+            np.testing.assert_array_equal(batch["shift"], 0)  # minus the mean, (0, 0, 0) here
             ids += _ids(batch)
             masks += batch["mask"].tolist()
             assert [i % 3 for i in _ids(batch)] == batch["label"][batch["mask"] == 1].tolist()

@@ -124,13 +124,7 @@ def test_boxes_follow_rescale_crop_and_flip_of_real_images():
         box = (x0, y0, x0 + rng.integers(15, 30), y0 + rng.integers(15, 30))
         fractions = np.array([box], float) / [w, h, w, h]
         crop, window = augment.train_crop(
-            _rectangle((h, w), box),
-            np.random.default_rng(seed),
-            crop=48,
-            s_min=56,
-            s_max=80,
-            mean_rgb=(0, 0, 0),
-            colour_std=0.0,
+            _rectangle((h, w), box), np.random.default_rng(seed), crop=48, s_min=56, s_max=80
         )
         expected = np.clip(window.boxes(fractions)[0], 0, 48)
         if min(expected[2] - expected[0], expected[3] - expected[1]) < 2:  # (nearly) cropped out

@@ -225,15 +225,18 @@ def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tiny_de
     left = [p.name for p in (killed / "checkpoints").iterdir()]
     assert any("tmp" in n for n in left), left  # the kill landed mid-write
     assert checkpoints.Checkpoints(str(killed)).latest_step() == last
-    result = run_main(*args, f"--workdir={killed}", f"--config.num_train_steps={last + 2}")
+    # On one device, as the killed run: float32 rounding differs between one and eight devices,
+    # and two steps of the tiny net can grow it to 1e-4 (measured).
+    one = dict(XLA_FLAGS="")
+    result = run_main(*args, f"--workdir={killed}", f"--config.num_train_steps={last + 2}", **one)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Resumed from the checkpoint at step {last}" in result.stderr
-    run_main(*args, f"--workdir={straight}", f"--config.num_train_steps={last + 2}")
+    run_main(*args, f"--workdir={straight}", f"--config.num_train_steps={last + 2}", **one)
     for step in (last, last + 2):
         for a, b in zip(
             jax.tree.leaves(checkpoints.restore_params(str(killed / "checkpoints" / str(step)))),
             jax.tree.leaves(checkpoints.restore_params(str(straight / "checkpoints" / str(step)))),
-        ):  # float32 rounding apart: 3e-6 relative at most, measured
+        ):  # the same on the same device (measured); a tolerance in case a platform's is not
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 

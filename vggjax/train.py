@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vggjax import checkpoints, metrics, models, objectives, options, pretrained, storage
-from vggjax.data import pipeline, sources
+from vggjax.data import augment, pipeline, sources
 from vggjax.errors import DivergedError, UserError
 
 
@@ -165,7 +165,7 @@ def train_step(
             }
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            augment.net_input(batch),  # uint8 crops + colour shift - mean, here on the device
             train=True,
             rngs={"dropout": rng},
             mutable=["batch_stats"],
@@ -212,7 +212,9 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Validation errors on centre crops (the pass that drives the learning-rate cut)."""
     outputs = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+        {"params": state.params, "batch_stats": state.batch_stats},
+        augment.net_input(batch),
+        train=False,
     )
     return error_counts(objective, outputs.astype(jnp.float32), batch)
 

@@ -1,19 +1,30 @@
-"""The paper's image preprocessing (Sect. 3.1) as pure numpy/PIL functions.
+"""The paper's image preprocessing (Sect. 3.1): host-side functions on numpy arrays.
 
-Training: isotropic rescale to a sampled smallest side S, random crop, random
-horizontal flip, Krizhevsky's RGB colour shift, mean RGB subtraction.
-Evaluation: rescale to Q, centre crop, mean subtraction.
+Training: isotropic rescale to a sampled smallest side S, random crop, random horizontal flip
+(`train_crop`, a uint8 crop), Krizhevsky's RGB colour shift and mean RGB subtraction (one RGB
+`shift` per image, drawn on the host with the crop's randomness and added to its pixels by
+`net_input` inside the jitted step: the host sends uint8 crops, a quarter of float32's bytes,
+and does no float work). Evaluation: rescale to Q, centre crop (`eval_crop`), minus the mean.
 Each crop comes with its `Window`, which carries boxes through the rescale, crop and flip
 exactly (localisation, Appendix A).
+
+Decoding is libjpeg-turbo's through simplejpeg for JPEGs (the same pixels as PIL's, faster),
+PIL's for everything else. Evaluation rescales with PIL's antialiased bilinear; training with
+OpenCV's SIMD bilinear after a Gaussian blur (`resize_antialiased`), a few grey levels from PIL's.
 """
 
 import dataclasses
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image
+
+cv2.setNumThreads(1)  # Parallelism comes from grain's workers; OpenCV's threads would fight them.
 
 # Krizhevsky et al. (2012) PCA of ImageNet RGB pixels on the [0, 1] scale.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
@@ -41,6 +52,27 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _draft_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """The JPEG decoding reduction (1, 2, 4 or 8; DCT-domain, so much faster for large photos that
+    are about to be downscaled) that keeps the smallest side >= min_side: PIL's draft rule."""
+    fits = min(size) // min_side if min_side else 1
+    return next(k for k in (8, 4, 2, 1) if k <= max(fits, 1))
+
+
+def _decode_jpeg(data: bytes, min_side: int | None) -> np.ndarray:
+    """A YCbCr or greyscale JPEG through simplejpeg; ValueError for anything else (CMYK, broken
+    data, more pixels than PIL's decompression-bomb limit), which PIL then decodes or rejects.
+    Only the power-of-two reductions: libjpeg-turbo's others (e.g. 6/8) have no SIMD and decode
+    slower than the whole image."""
+    height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colourspace not in ("YCbCr", "Gray"):
+        raise ValueError(f"{colourspace} JPEG")
+    if Image.MAX_IMAGE_PIXELS and height * width > 2 * Image.MAX_IMAGE_PIXELS:
+        raise ValueError("a decompression bomb")
+    k = _draft_factor((height, width), min_side)
+    return simplejpeg.decode_jpeg(data, min_height=-(-height // k), min_width=-(-width // k))
+
+
 def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.ndarray:
     """Decodes encoded image bytes (or wraps a decoded array) to uint8 HxWx3.
 
@@ -57,6 +89,11 @@ def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.nd
             ) from e
     if not data:
         raise BadImageError("empty image data (0 bytes)")
+    if data[:2] == b"\xff\xd8":  # a JPEG's start-of-image marker
+        try:
+            return _decode_jpeg(data, min_side)
+        except ValueError:
+            pass  # not for simplejpeg: PIL decides, with the same pixels where both can
     try:
         image = Image.open(io.BytesIO(data))
         if min_side is not None and image.format == "JPEG":
@@ -67,17 +104,38 @@ def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> np.nd
         raise BadImageError(f"cannot decode image: {e}") from e
 
 
+def rescaled_size(shape: tuple[int, ...], s: int) -> tuple[int, int]:
+    """(height, width) of an image of `shape` isotropically rescaled so that min(H, W) == s."""
+    h, w = shape[:2]
+    return (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
+
+
 def rescale_smallest_side(image: np.ndarray, s: int) -> np.ndarray:
-    """Isotropic resize of a uint8 image so that min(H, W) == s exactly."""
-    h, w = image.shape[:2]
-    if min(h, w) == s:
+    """Isotropic resize of a uint8 image so that min(H, W) == s exactly, with PIL's bilinear
+    filter, which widens its support when shrinking (antialiasing): evaluation's rescale."""
+    if min(image.shape[:2]) == s:
         return image
-    if h <= w:
-        size = (max(s, round(w * s / h)), s)  # PIL sizes are (width, height).
-    else:
-        size = (s, max(s, round(h * s / w)))
-    # PIL's bilinear filter widens its support when shrinking (antialiasing).
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    height, width = rescaled_size(image.shape, s)
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+# σ of the blur before a bilinear shrink by f, in source pixels per unit of f. At 0.4 f training's
+# rescale stays within 1.6 grey levels (mean absolute difference) of PIL's on photo-like images,
+# and damps one-pixel stripes more than OpenCV's INTER_AREA, if less than PIL near f = 1.5
+# (tests/test_augment.py); a σ that matched PIL more closely on photos would damp stripes less.
+_BLUR_PER_SHRINK = 0.4
+
+
+def resize_antialiased(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 image → (height, width) with OpenCV's SIMD bilinear, after a Gaussian blur along each
+    shrunk axis: antialiased like PIL's bilinear (which widens its kernel instead), and 2-3x
+    faster. Pixel centres map as in PIL, so boxes follow it as they follow PIL's rescale."""
+    (h, w), (height, width) = image.shape[:2], size
+    sigma_y, sigma_x = (_BLUR_PER_SHRINK * f if f > 1 else 0.0 for f in (h / height, w / width))
+    if sigma_y or sigma_x:
+        ksize = tuple(2 * math.ceil(3 * sigma) + 1 for sigma in (sigma_x, sigma_y))
+        image = cv2.GaussianBlur(image, ksize, sigmaX=sigma_x, sigmaY=sigma_y)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def sample_scale(rng: np.random.Generator, s_min: int, s_max: int) -> int:
@@ -109,17 +167,26 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return Window(image.shape[:2], _centre_offset(image, size), size).cut(image)
 
 
-def colour_shift(image: np.ndarray, rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
-    """Krizhevsky's PCA lighting on the 0-255 scale: one RGB shift per image."""
+def colour_shift(rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
+    """Krizhevsky's PCA lighting on the 0-255 scale: the RGB shift (3,) of one image, added to
+    each of its pixels (`net_input`)."""
     alpha = rng.normal(0.0, std, size=3).astype(np.float32)
-    shift = IMAGENET_EIGVEC @ (alpha * IMAGENET_EIGVAL) * 255.0
-    return image.astype(np.float32) + shift
+    return IMAGENET_EIGVEC @ (alpha * IMAGENET_EIGVAL) * np.float32(255.0)
 
 
 def subtract_mean(image: Any, mean_rgb: Sequence[float]) -> Any:
     """Centres pixels (0–255, RGB last) on the training set's mean RGB: the paper's only
     normalisation and every vggjax net's input. numpy in, numpy out; jax in (also traced), jax out."""
     return image.astype(np.float32) - np.asarray(mean_rgb, np.float32)
+
+
+def net_input(batch: dict[str, Any]) -> Any:
+    """A batch's images as the net takes them: the uint8 crops plus each image's RGB `shift` (its
+    colour shift minus the mean RGB), float32. A batch without `shift` holds them ready (synthetic
+    data). numpy in, numpy out; jax in (inside the jitted step), jax out."""
+    if "shift" not in batch:
+        return batch["image"]
+    return batch["image"].astype(np.float32) + batch["shift"][:, None, None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,27 +216,21 @@ class Window:
 
 
 def train_crop(
-    data: bytes | np.ndarray,
-    rng: np.random.Generator,
-    *,
-    crop: int,
-    s_min: int,
-    s_max: int,
-    mean_rgb: Sequence[float],
-    colour_std: float,
+    data: bytes | np.ndarray, rng: np.random.Generator, *, crop: int, s_min: int, s_max: int
 ) -> tuple[np.ndarray, Window]:
-    """Sect. 3.1 training augmentation: float32 crop x crop x 3, and the window it was cut from."""
+    """Sect. 3.1's rescale to S, random crop and flip: uint8 crop x crop x 3, and the window it
+    was cut from. The colour shift (`colour_shift`) is drawn next, from the same rng."""
     s = sample_scale(rng, s_min, s_max)
-    image = rescale_smallest_side(decode_image(data, min_side=s), s)
+    image = decode_image(data, min_side=s)
+    if min(image.shape[:2]) != s:
+        image = resize_antialiased(image, rescaled_size(image.shape, s))
     offset = _random_offset(image, crop, rng)
     window = Window(image.shape[:2], offset, crop, flipped=bool(rng.random() < 0.5))
-    return subtract_mean(colour_shift(window.cut(image), rng, colour_std), mean_rgb), window
+    return window.cut(image), window
 
 
-def eval_crop(
-    data: bytes | np.ndarray, *, crop: int, q: int, mean_rgb: Sequence[float]
-) -> tuple[np.ndarray, Window]:
-    """Single centre crop at test scale Q: float32 crop x crop x 3, and its window."""
+def eval_crop(data: bytes | np.ndarray, *, crop: int, q: int) -> tuple[np.ndarray, Window]:
+    """Single centre crop at test scale Q: uint8 crop x crop x 3, and its window."""
     image = rescale_smallest_side(decode_image(data, min_side=q), q)
     window = Window(image.shape[:2], _centre_offset(image, crop), crop)
-    return subtract_mean(window.cut(image), mean_rgb), window
+    return window.cut(image), window

@@ -4,16 +4,17 @@ Both pipelines read one global stream of examples and give process p the
 elements p, p + P, p + 2P, ... of it, then batch locally. Global batch t is
 therefore the contiguous block [t*B, (t+1)*B) of the stream whatever the
 number of processes or workers, and its augmentation (seeded by stream
-position) is the same too. Batches are dicts of `image` float32
-(B_local, crop, crop, 3), `label` int32 (B_local,) and `mask` float32
-(B_local,): 0 marks undecodable images and eval padding, which must not count.
+position) is the same too. Batches are dicts of `image` uint8
+(B_local, crop, crop, 3), `shift` float32 (B_local, 3), the RGB offset the step adds to each
+image's pixels (its colour shift minus the mean RGB; `augment.net_input`), `label` int32
+(B_local,) and `mask` float32 (B_local,): 0 marks undecodable images and eval padding, which
+must not count.
 For box regression (`config.objective`, Appendix A) the images are those with boxes and a batch
 also holds `box` float32 (B_local, 4), each crop's target (`data.boxes.target`); a crop that
 shows none of its image's boxes is masked too.
 """
 
 import dataclasses
-import functools
 import gc
 import math
 from collections.abc import Callable
@@ -63,7 +64,8 @@ def source(config: Any, split: str) -> sources.Source:
 def _masked(label: int, crop: int, box: bool) -> dict[str, np.ndarray]:
     """A zero image (and box) that keeps batch shapes fixed but must not count."""
     example = {
-        "image": np.zeros((crop, crop, 3), np.float32),
+        "image": np.zeros((crop, crop, 3), np.uint8),
+        "shift": np.zeros(3, np.float32),
         "label": np.int32(label),
         "mask": np.float32(0.0),
     }
@@ -72,20 +74,26 @@ def _masked(label: int, crop: int, box: bool) -> dict[str, np.ndarray]:
 
 def _example(
     element: dict[str, Any],
-    crop_fn: Callable[[Any], tuple[np.ndarray, augment.Window]],
+    crop_fn: Callable[[Any], tuple[np.ndarray, np.ndarray, augment.Window]],
     crop: int,
     box: bool,
 ) -> dict[str, np.ndarray]:
-    """Applies crop_fn; an undecodable image becomes a masked zero image. With `box`, the
-    example carries the crop's target box, and is masked when no box shows in the crop."""
+    """Applies crop_fn (the crop, its RGB shift, its window); an undecodable image becomes a masked
+    zero image. With `box`, the example carries the crop's target box, and is masked when no box
+    shows in the crop."""
     try:
-        image, window = crop_fn(element["data"])
+        image, shift, window = crop_fn(element["data"])
     except augment.BadImageError as e:
         if element["id"] not in _warned_ids:
             _warned_ids.add(element["id"])
             logging.warning("Masking out undecodable image %s: %s", element["id"], e)
         return _masked(element["label"], crop, box)
-    example = {"image": image, "label": np.int32(element["label"]), "mask": np.float32(1.0)}
+    example = {
+        "image": image,
+        "shift": shift,
+        "label": np.int32(element["label"]),
+        "mask": np.float32(1.0),
+    }
     if not box:
         return example
     target = boxes.target(window, element["boxes"])
@@ -105,15 +113,12 @@ class _TrainExample(grain.transforms.RandomMap):
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        transform = functools.partial(
-            augment.train_crop,
-            rng=rng,
-            crop=self.crop,
-            s_min=self.train_scale[0],
-            s_max=self.train_scale[1],
-            mean_rgb=self.mean_rgb,
-            colour_std=self.colour_std,
-        )
+        def transform(data: Any) -> tuple[np.ndarray, np.ndarray, augment.Window]:
+            s_min, s_max = self.train_scale
+            image, window = augment.train_crop(data, rng, crop=self.crop, s_min=s_min, s_max=s_max)
+            shift = augment.subtract_mean(augment.colour_shift(rng, self.colour_std), self.mean_rgb)
+            return image, shift, window
+
         return _example(element, transform, self.crop, self.box)
 
 
@@ -130,9 +135,11 @@ class _EvalExample(grain.transforms.Map):
     def map(self, index: int) -> dict[str, np.ndarray]:
         if index >= len(self.source):
             return _masked(0, self.crop, self.box)
-        transform = functools.partial(
-            augment.eval_crop, crop=self.crop, q=self.q, mean_rgb=self.mean_rgb
-        )
+
+        def transform(data: Any) -> tuple[np.ndarray, np.ndarray, augment.Window]:
+            image, window = augment.eval_crop(data, crop=self.crop, q=self.q)
+            return image, augment.subtract_mean(np.zeros(3), self.mean_rgb), window
+
         return _example(self.source[index], transform, self.crop, self.box)
 
 
