@@ -10,7 +10,7 @@
 #   tests  the test suite on the GPU (test_multihost.py excepted: it starts CPU processes of four
 #          fake devices each, by design); the pytest summary goes to OUTDIR/tests.txt
 #   train  train step and inference next to PyTorch, the eval_dense throughput (about 5 minutes)
-#   fed    `python -m vggjax.main` on 4,096 generated JPEGs against the synthetic step rate
+#   fed    `python -m vggjax.main` on 1,024 generated JPEGs against the synthetic step rate
 #          (train_e2e.py; issue 11 item 4); not yet run on a GPU, time unknown
 # Each benchmark's JSON line goes to OUTDIR/results.jsonl as it finishes.
 set -u

@@ -35,7 +35,7 @@ from absl import app, flags
 # --image_size, --dtype; its --steps are the synthetic run's timed steps).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Training steps of the real run.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 20, "Steps per progress line (one rate each).")
-_IMAGES = flags.DEFINE_integer("images", 4096, "Training JPEGs to generate.")
+_IMAGES = flags.DEFINE_integer("images", 1024, "Training JPEGs to generate (read for many epochs).")
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "grain workers (0: one per core).")
 FLAGS = flags.FLAGS
 
