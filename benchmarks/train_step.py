@@ -11,6 +11,7 @@ halves of the backward pass), so FLOPs = 2 × 3 × multiply-adds per image.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,7 @@ def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
         image_size=c.crop_size,
         dtype=c.dtype,
         platform=jax.devices()[0].platform,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (vggjax.backend)
     )
 
 

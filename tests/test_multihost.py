@@ -64,14 +64,15 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     # (each process's rows, then gloo's all-reduce), 5e-6 of a leaf's movement apart after 4
     # steps, measured. A wrong average (a sum over processes, one host's half of the batch) or
     # an unstable reduction (batch norm's E[x²] − mean², 10% after 4 steps) is far off. The
-    # 1e-7 floor: conv biases before a batch norm have a zero gradient in exact arithmetic
-    # (what moves them, 3e-8 after 6 steps, is rounding).
+    # 1e-6 floor: conv biases before a batch norm have a zero gradient in exact arithmetic;
+    # what moves them is rounding (3e-8 after 6 steps with JAX's CPU defaults; 1e-7, and the
+    # two runs 2e-7 apart, with vggjax's, measured), where real movement is 1e-3 and more.
     leaves = jax.tree_util.tree_leaves_with_path
     for (path, a), b, start in zip(
         leaves(two["params"]), jax.tree.leaves(one["params"]), jax.tree.leaves(init)
     ):
         moved = np.abs(b - start).max()
-        assert np.abs(a - b).max() <= 1e-4 * moved + 1e-7, jax.tree_util.keystr(path)
+        assert np.abs(a - b).max() <= 1e-4 * moved + 1e-6, jax.tree_util.keystr(path)
     assert np.abs(one["params"]["conv1_1"]["kernel"] - init["conv1_1"]["kernel"]).max() > 1e-3
     # BN running averages: statistics of the global batch, not of one host's half.
     for a, b in zip(jax.tree.leaves(two["batch_stats"]), jax.tree.leaves(one["batch_stats"])):

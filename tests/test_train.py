@@ -60,11 +60,14 @@ def test_eight_devices_compute_the_same_update_as_one(tiny_config, model):
             jax.tree.leaves((after[1].params, after[1].opt_state)),
         ):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * moved)
-        # BN running averages are statistics of the global batch, not of each device's shard.
+        # BN running averages are statistics of the global batch, not of each device's shard
+        # (off by tens of percent). Rounding is relative to each array's scale: a mean near 0
+        # differed by 6e-8 (1e-4 of itself, 4e-6 of the array's largest) with vggjax's CPU
+        # defaults, measured.
         for a, b in zip(
             jax.tree.leaves(after[8].batch_stats), jax.tree.leaves(after[1].batch_stats)
         ):
-            np.testing.assert_allclose(a, b, rtol=1e-5)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
         state = after[1]
 
 

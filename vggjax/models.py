@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vggjax import objectives
+from vggjax import objectives, winograd
 from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
@@ -105,8 +105,23 @@ def layer_table(
 FC_LAYERS = ("fc6", "fc7", "fc8")
 # `output="conv3_3:pre"`: a conv layer's activation before its ReLU (after its batch norm).
 PRE_RELU = ":pre"
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
+    """Non-overlapping max-pooling (window == strides), floor, as a reshape and a max.
+
+    The same values as `nn.max_pool`; its gradient is an elementwise equality mask (a tie
+    shares the gradient) where reduce_window's is an argmax scatter, which XLA's CPU backend
+    runs slowly (BENCHMARKS.md, "VGG16 train step and inference").
+    """
+    (wh, ww), (n, h, w, c) = window, x.shape
+    assert tuple(strides) == tuple(window), "non-overlapping windows only"
+    x = x[:, : h // wh * wh, : w // ww * ww]
+    return x.reshape(n, h // wh, wh, w // ww, ww, c).max(axis=(2, 4))
+
+
 # VGG.pooling: the paper's max-pooling, or average pooling (Gatys et al.'s choice for style).
-POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": nn.max_pool, "avg": nn.avg_pool}
+POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": max_pool, "avg": nn.avg_pool}
 
 
 def local_response_norm(
@@ -290,6 +305,7 @@ class VGG(nn.Module):
                     padding="SAME",
                     kernel_init=init,
                     dtype=self.dtype,
+                    conv_general_dilated=winograd.conv_general_dilated,
                     name=layer.name,
                 )(x)
                 if self.batch_norm:

@@ -1,0 +1,162 @@
+"""3×3 convolutions by Winograd's minimal filtering F(4×4, 3×3) (Lavin & Gray, CVPR 2016).
+
+Why: on XLA's CPU backend a direct 3×3 convolution runs in Eigen at close to the cores' peak,
+so the only way to make VGG's convolutions faster there is to do fewer multiplications. F(4×4,
+3×3) computes each 4×4 output tile from a 6×6 input tile with 36 products per channel pair
+instead of 144: the convolution becomes 36 matrix products (one per tile position, over the
+channels) between a transform of the input and one of the kernel, then a transform back. The
+transforms are sums of strided slices; the products are one batched dot. Per layer (2-core CPU,
+jax 0.10.2, VGG16 at 224, batch 8, forward and both gradients) it beat the direct convolution
+from 128 input channels on maps of 28 px or more, and lost with 64 channels in (conv1_2, conv2_1)
+or gained nothing on 14 px maps (conv5_x), hence `worth_it`. The gradients have their own
+rule (`_backward`): differentiating through the sums of slices makes XLA scatter, which was
+slower than the direct convolution. The whole VGG16 train step: 4.48 s without it, 3.80 s with
+it (BENCHMARKS.md, CPU train-step section).
+
+Accuracy: exact in real arithmetic; in float32 the transforms (coefficients up to 8 and down to
+1/24) add rounding: about 2e-6 of the largest output where the direct convolution has 1e-7.
+The gradient table in BENCHMARKS.md measures what that does to VGG16's gradients.
+
+On the CPU only (`conv_general_dilated` leaves every other platform to XLA's convolution).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# F(4×4, 3×3) with interpolation points 0, ±1, ±2, ∞: input (B^T), kernel (G), output (A^T).
+_BT = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ]
+)
+_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ]
+)
+_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
+# The kernel transform G k G^T as one (36, 9) matrix: rows (column b, row a) of the 6×6 tile,
+# as the input transform orders them; columns (i, j) of the 3×3 kernel.
+_GG = np.einsum("ai,bj->baij", _G, _G).reshape(36, 9)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+MIN_CHANNELS, MIN_SIDE = 128, 28  # see `worth_it`
+
+
+def worth_it(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether F(4×4, 3×3) beat the direct convolution on the CPU for this layer (module
+    docstring): float32, a 3×3 kernel, at least 128 input channels, maps at least 28 px."""
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and tuple(kernel_shape[:2]) == (3, 3)
+        and x_shape[-1] >= MIN_CHANNELS
+        and min(x_shape[1:3]) >= MIN_SIDE
+    )
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kw) -> jax.Array:
+    """`lax.conv_general_dilated` for `flax.linen.Conv(conv_general_dilated=...)`: F(4×4, 3×3)
+    on the CPU for the stride-1 SAME NHWC convolutions `worth_it` picks, XLA's otherwise."""
+
+    def direct(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, window_strides, padding, **kw)
+
+    plain = (
+        tuple(window_strides) == (1, 1)
+        and padding in ("SAME", ((1, 1), (1, 1)), [(1, 1), (1, 1)])
+        and all(d in (None, (1, 1)) for d in (kw.get("lhs_dilation"), kw.get("rhs_dilation")))
+        and kw.get("feature_group_count", 1) == 1
+        and kw.get("dimension_numbers")
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
+    if not (plain and worth_it(lhs.shape, rhs.shape, lhs.dtype)):
+        return direct(lhs, rhs)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=conv3x3, default=direct)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3×3 stride-1 SAME convolution of NHWC `x` with HWIO `kernel`, by F(4×4, 3×3)."""
+    return _forward(x, kernel)[0]
+
+
+def _mix(parts: list[jax.Array], matrix: np.ndarray) -> list[jax.Array]:
+    """[Σ_j matrix[r, j] · parts[j] for each row r], skipping zeros and multiplying by ±1."""
+    out = []
+    for row in matrix:
+        terms = [
+            p if c == 1 else -p if c == -1 else p * p.dtype.type(c) for p, c in zip(parts, row) if c
+        ]
+        out.append(sum(terms[1:], terms[0]))
+    return out
+
+
+def _windows(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
+    """The six strided views x[4t + j], t < tiles, along `axis`: row j of every 6-row tile."""
+    return [jax.lax.slice_in_dim(x, j, j + 4 * tiles - 3, 4, axis) for j in range(6)]
+
+
+def _overlap_add(parts: list[jax.Array], axis: int) -> jax.Array:
+    """The transpose of `_windows`: out[4t + j] = Σ parts[j][t], of length 4 · tiles + 2."""
+
+    def shift(p, before, after):
+        pads = [(before, after, 0) if d == axis else (0, 0, 0) for d in range(p.ndim)]
+        return jax.lax.pad(p, p.dtype.type(0), pads)
+
+    rows = [
+        shift(parts[0], 0, 1) + shift(parts[4], 1, 0),
+        shift(parts[1], 0, 1) + shift(parts[5], 1, 0),
+    ]
+    y = jnp.stack(rows + [shift(parts[2], 0, 1), shift(parts[3], 0, 1)], axis + 1)
+    shape = list(parts[0].shape)
+    shape[axis] = 4 * (shape[axis] + 1)
+    return jax.lax.slice_in_dim(y.reshape(shape), 0, shape[axis] - 2, axis=axis)
+
+
+def _forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
+    n, h, w, _ = x.shape
+    th, tw = -(-h // 4), -(-w // 4)
+    x = jnp.pad(x, ((0, 0), (1, 1 + 4 * th - h), (1, 1 + 4 * tw - w), (0, 0)))
+    v = jnp.stack(_mix(_windows(x, 1, th), _BT))  # rows: (6, n, th, W, c)
+    v = jnp.stack(_mix(_windows(v, 3, tw), _BT))  # columns: (6, 6, n, th, tw, c)
+    v = v.reshape(36, n * th * tw, -1)
+    u = jnp.dot(_GG.astype(kernel.dtype), kernel.reshape(9, -1)).reshape(36, *kernel.shape[2:])
+    m = jnp.einsum("epc,eco->epo", v, u).reshape(6, 6, n, th, tw, -1)
+    y = _mix([m[b] for b in range(6)], _AT)  # columns: 4 × (6, n, th, tw, o)
+    y = jnp.stack([jnp.stack(_mix([c[a] for a in range(6)], _AT)) for c in y])
+    y = jnp.transpose(y, (2, 3, 1, 4, 0, 5)).reshape(n, 4 * th, 4 * tw, -1)
+    return y[:, :h, :w], (v, u, (n, h, w))
+
+
+def _backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both gradients, as gathers: the transposed transforms, then the transposed products."""
+    v, u, (n, h, w) = residuals
+    th, tw = -(-h // 4), -(-w // 4)
+    dy = jnp.pad(dy, ((0, 0), (0, 4 * th - h), (0, 4 * tw - w), (0, 0)))
+    dy = dy.reshape(n, th, 4, tw, 4, -1)
+    cols = _mix([dy[:, :, :, :, s] for s in range(4)], _AT.T)  # 6 × (n, th, 4, tw, o)
+    dm = jnp.stack([jnp.stack(_mix([c[:, :, r] for r in range(4)], _AT.T)) for c in cols])
+    dm = dm.reshape(36, n * th * tw, -1)
+    dv = jnp.einsum("epo,eco->epc", dm, u).reshape(6, 6, n, th, tw, -1)
+    du = jnp.einsum("epc,epo->eco", v, dm)
+    rows = [_overlap_add(_mix([dv[b, a] for b in range(6)], _BT.T), 2) for a in range(6)]
+    dx = _overlap_add(_mix(rows, _BT.T), 1)[:, 1 : h + 1, 1 : w + 1]
+    dk = jnp.dot(_GG.T.astype(du.dtype), du.reshape(36, -1)).reshape(3, 3, *u.shape[1:])
+    return dx, dk
+
+
+conv3x3.defvjp(lambda x, kernel: _forward(x, kernel), _backward)
