@@ -10,7 +10,6 @@ runs load the same way.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -39,15 +38,11 @@ def workdir_of(path: str) -> str:
 def read_config(path: str) -> dict[str, Any]:
     """The workdir's config.json: what the net is and what input it takes."""
     file = storage.at(workdir_of(path)) / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
-            f"input mean (vggjax.convert and training write it)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e})") from None
+    config = storage.read_json(
+        file,
+        missing=f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
+        f"input mean (vggjax.convert and training write it)",
+    )
     missing = [k for k in ("model", "mean_rgb") if k not in config]
     if missing:
         raise UserError(f"{file} has no {' or '.join(missing)}")

@@ -77,6 +77,17 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2))
 
 
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """The JSON file at `path`: a UserError saying `missing` where there is none, or naming the
+    file and the fault where it is not valid JSON."""
+    try:
+        return json.loads(at(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez through epath, as a stream: a file on Cloud Storage cannot seek back."""
     file = at(path)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vggjax import localise
+from vggjax import localise, storage
 from vggjax.data import augment, demo, sources
 from vggjax.errors import UserError
 
@@ -51,16 +51,11 @@ class Annotation(NamedTuple):
 
 def read_boxes_json(path: str) -> dict[str, Annotation]:
     """A folder set's boxes file (the module's docstring gives its format)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except FileNotFoundError:
-        raise UserError(
-            f"no {path}: localisation on a folder set needs a boxes file mapping each image's "
-            f'path to its boxes in pixels, e.g. {{"train/cat/001.jpg": [x0, y0, x1, y1]}}'
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    entries = storage.read_json(
+        path,
+        missing=f"no {path}: localisation on a folder set needs a boxes file mapping each "
+        f'image\'s path to its boxes in pixels, e.g. {{"train/cat/001.jpg": [x0, y0, x1, y1]}}',
+    )
     out = {}
     for relpath, value in entries.items():
         boxes = np.asarray(value, np.float32).reshape(-1, 4) if value else np.zeros((0, 4))
