@@ -57,6 +57,20 @@ def test_winograd_matches_the_direct_convolution(shape):
         assert grad_accuracy.relative(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("backend, winograd_used", [("cpu", True), ("gpu", False), ("tpu", False)])
+def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend, winograd_used):
+    """Decided when tracing, so a GPU's program holds XLA's convolution and nothing of F(4×4,
+    3×3): no branch, no zero residuals of the other path."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x, kernel = jnp.zeros((1, 28, 28, 128)), jnp.zeros((3, 3, 128, 16))
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    conv = lambda x, k: winograd.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    text = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    assert ("dot_general" in text) == winograd_used
+    assert ("convolution" in text) != winograd_used
+    assert "case" not in text
+
+
 def test_the_default_picks_winograd_where_it_was_faster(monkeypatch):
     model = models.create_model("D")
     variables, inputs, worth_it = models.abstract_variables(model), [], winograd.worth_it

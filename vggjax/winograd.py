@@ -17,7 +17,11 @@ Accuracy: exact in real arithmetic; in float32 the transforms (coefficients up t
 1/24) add rounding: about 2e-6 of the largest output where the direct convolution has 1e-7.
 The gradient table in BENCHMARKS.md measures what that does to VGG16's gradients.
 
-On the CPU only (`conv_general_dilated` leaves every other platform to XLA's convolution).
+On the CPU only: `conv_general_dilated` decides when tracing, by JAX's default backend (the one
+vggjax's meshes use), and leaves every other platform to XLA's convolution. Not by
+`lax.platform_dependent`: its autodiff carries the other branch's residuals as zeros, which for
+conv2_2 at 112 px and batch 128 would be 1.8 GB of zeros per layer on a GPU, left to XLA to
+remove.
 """
 
 from __future__ import annotations
@@ -83,9 +87,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, **kw) -> jax.Array:
         and kw.get("dimension_numbers")
         == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
-    if not (plain and worth_it(lhs.shape, rhs.shape, lhs.dtype)):
-        return direct(lhs, rhs)
-    return jax.lax.platform_dependent(lhs, rhs, cpu=conv3x3, default=direct)
+    if plain and worth_it(lhs.shape, rhs.shape, lhs.dtype) and jax.default_backend() == "cpu":
+        return conv3x3(lhs, rhs)
+    return direct(lhs, rhs)
 
 
 @jax.custom_vjp
