@@ -137,7 +137,10 @@ def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
         return
     from vggjax.data import sources
 
-    config.num_classes = sources.make_source(config, "train").num_classes
+    classes = sources.class_folders(sources.folder_split(config.data_dir, "train"))
+    if not classes:
+        sources.make_source(config, "train")  # says what the folder lacks
+    config.num_classes = len(classes)
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
