@@ -7,7 +7,8 @@ the train step YNNPACK's kernel gradients ran 3× slower than XLA's own convolut
 flag YNNPACK gets the matrix products alone and XLA's Eigen kernels the convolutions. On a 2-core
 CPU (VGG16 at 224, batch 8, same run as PyTorch; BENCHMARKS.md, "VGG16 train step and inference"):
 with JAX's defaults 0.63× PyTorch in training and 0.61× in inference; with the flag and
-vggjax.winograd, ahead of compiled PyTorch in both. The gradients stay float32's (that section).
+vggjax.winograd, 1.03–1.31× the stronger PyTorch in training, 0.81–1.10× in inference. The
+gradients stay float32's (that section).
 
 XLA reads XLA_FLAGS once, when JAX creates its first backend (the first computation or
 `jax.devices()`), not at `import jax`: importing vggjax before that is what counts, and a
