@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -103,6 +104,13 @@ def main(argv: list[str]) -> None:
     model = models.create_model(
         flags.FLAGS.model, crop_size=flags.FLAGS.image_size, kernel_init="glorot"
     )
+    if model.batch_norm or any(layer.kind == "lrn" for layer in model.layers):
+        print(
+            f"grad_accuracy.py: --model={flags.FLAGS.model} has batch norm or LRN, which "
+            "held_net does not write out; choose one of A, B, C, D, E",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     params = models.init_variables(model, jax.random.key(0))["params"]
     rng = np.random.default_rng(0)
     images = rng.normal(

@@ -187,6 +187,8 @@ def torch_process(*args: Any) -> tuple[train_step.Runners, dict[str, Any]]:
 
 def _serve(conn, c, model, num_params, device, compiled, channels_last) -> None:
     """The PyTorch process: builds the runners, then runs what `conn` asks until it closes."""
+    import torch
+
     try:
         settings = torch_settings(device, c.dtype)
         runners = torch_runners(c, model, num_params, device, compiled, channels_last)
@@ -202,8 +204,6 @@ def _serve(conn, c, model, num_params, device, compiled, channels_last) -> None:
         try:
             runners[kind](n)
             if device == "cuda":  # hands its cached blocks back for the others' turns
-                import torch
-
                 torch.cuda.empty_cache()
             conn.send(("ok", None))
         except Exception as error:
