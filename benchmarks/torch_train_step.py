@@ -31,7 +31,7 @@ import ml_collections
 import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
 from absl import app, flags
 
-from vggjax import models
+from vggjax import backend, models
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per framework.")
 _CHANNELS_LAST = flags.DEFINE_bool(
@@ -43,6 +43,12 @@ _COMPILE = flags.DEFINE_enum(
     "both",
     list(_VARIANTS),
     "PyTorch eager, torch.compile (default mode), or both.",
+)
+_HUGE_PAGES = flags.DEFINE_bool(
+    "torch_huge_pages",
+    False,
+    "PyTorch's processes with glibc's huge pages too (vggjax's programs use them by default: "
+    "vggjax.backend); off: PyTorch as it runs by default.",
 )
 _WARMUP = 3  # calls before timing: torch.compile traces twice (momentum buffers appear at step 1)
 
@@ -172,7 +178,12 @@ def torch_process(*args: Any) -> tuple[train_step.Runners, dict[str, Any]]:
     that raised there raises here."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
-    context.Process(target=_serve, args=(there, *args), daemon=True).start()
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    os.environ["GLIBC_TUNABLES"] = backend.with_huge_pages(tunables, _HUGE_PAGES.value)
+    try:  # the spawned interpreter starts with this environment; glibc reads it then
+        context.Process(target=_serve, args=(there, *args), daemon=True).start()
+    finally:
+        os.environ["GLIBC_TUNABLES"] = tunables
     settings = _reply(here)
 
     def runner(kind: str):
@@ -297,6 +308,7 @@ def main(argv: list[str]) -> None:
         jax=jax.__version__,
         **settings,
         torch_processes="one per variant",
+        torch_huge_pages=_HUGE_PAGES.value,
         torch_channels_last=_CHANNELS_LAST.value,
         torch_compile=_COMPILE.value,
         steps=flags.FLAGS.steps,
@@ -310,4 +322,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    backend.use_huge_pages()  # as vggjax's own programs run; PyTorch's processes: --torch_huge_pages
     app.run(main)

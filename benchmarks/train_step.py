@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from vggjax import recipe, summary, train
+from vggjax import backend, recipe, summary, train
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
@@ -92,6 +92,7 @@ def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
         dtype=c.dtype,
         platform=jax.devices()[0].platform,
         xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (vggjax.backend)
+        huge_pages=backend.huge_pages(),  # as `python -m vggjax.main` runs (backend.use_huge_pages)
     )
 
 
@@ -116,4 +117,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    backend.use_huge_pages()  # as vggjax's own programs run
     app.run(main)

@@ -71,23 +71,87 @@ def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend
     assert "case" not in text
 
 
-def test_the_default_picks_winograd_where_it_was_faster(monkeypatch):
-    model = models.create_model("D")
-    variables, inputs, worth_it = models.abstract_variables(model), [], winograd.worth_it
+_VGG16_3X3 = [(224, 3), (224, 64), (112, 64), (112, 128), (56, 128)] + [(56, 256)] * 2
+_VGG16_3X3 += [(28, 256)] + [(28, 512)] * 2 + [(14, 512)] * 3
 
-    def recording(x_shape, *args):
-        inputs.extend([x_shape] if worth_it(x_shape, *args) else [])
-        return worth_it(x_shape, *args)
+
+@pytest.mark.parametrize(
+    "huge_pages, kind, first",
+    [(True, "train", 1), (True, "infer", 2), (False, "train", 3), (False, "infer", 3)],
+)
+def test_the_default_picks_winograd_where_it_was_faster(monkeypatch, huge_pages, kind, first):
+    """VGG16 at 224 (winograd.RULES): with huge pages every layer from conv1_2 on when
+    training, from conv2_1 on when inferring; without, conv2_2 to conv4_3."""
+    monkeypatch.setattr(backend, "huge_pages", lambda: huge_pages)
+    model = models.create_model("D")
+    variables, picked, worth_it = models.abstract_variables(model), [], winograd.worth_it
+
+    def recording(x_shape, kernel_shape, dtype, k):
+        picked.extend(
+            [x_shape[2:]] if k == kind and worth_it(x_shape, kernel_shape, dtype, k) else []
+        )
+        return worth_it(x_shape, kernel_shape, dtype, k)
 
     monkeypatch.setattr(winograd, "worth_it", recording)
     jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)))
-    # >= 128 channels in, maps >= 28 px: conv2_2, conv3_1-3 and conv4_1-3, not conv5_x at 14.
+    last = 10 if not huge_pages else 13
+    assert picked == [(side, channels) for side, channels in _VGG16_3X3[first:last]]
+
+
+def test_inference_and_training_each_get_their_own_pick(monkeypatch):
+    """With huge pages conv1_2 (224 px, 64 channels) is Winograd's when differentiated, XLA's
+    convolution when not: custom_vjp runs its plain body only where no gradient is taken."""
+    monkeypatch.setattr(backend, "huge_pages", lambda: True)
+    x, kernel = jnp.zeros((1, 224, 224, 64)), jnp.zeros((3, 3, 64, 64))
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    conv = lambda x, k: winograd.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    forward = jax.jit(conv).lower(x, kernel).as_text()
+    grads = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    assert "convolution" in forward and "dot_general" not in forward
+    assert "dot_general" in grads and "convolution" not in grads
+
+
+def test_a_vggjax_program_restarts_itself_with_huge_pages():
+    """`python -m vggjax.X` (sys.argv[0] is "-m" while vggjax loads) runs again, same process,
+    with glibc's tunable, once; a large array then sits on huge pages. The user's value wins."""
+    if not backend._can_use_huge_pages():
+        pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages")
+    code = (
+        "import os, sys; print('start', os.getpid()); sys.argv[0] = '-m'; import vggjax\n"
+        "import numpy as np; a = np.ones(64 << 20, np.uint8); at = a.ctypes.data\n"
+        "vma = open('/proc/self/smaps').read().split('\\n')\n"
+        "start = next(i for i, l in enumerate(vma) if '-' in l.split(' ')[0] and"
+        " int(l.split('-')[0], 16) <= at < int(l.split(' ')[0].split('-')[1], 16))\n"
+        "huge = next(l for l in vma[start:] if l.startswith('AnonHugePages'))\n"
+        "print(os.environ.get('GLIBC_TUNABLES'), int(huge.split()[1]) > 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    runs = {
+        tunables: subprocess.run(
+            [sys.executable, "-c", code],
+            env=dict(env, PYTHONPATH=ROOT, **({"GLIBC_TUNABLES": tunables} if tunables else {})),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout.split("\n")
+        for tunables in ("", "glibc.malloc.hugetlb=0")
+    }
+    first, again, result = runs[""][:3]
+    assert first == again and first.startswith("start")  # ran twice, as one process
+    assert result == "glibc.malloc.hugetlb=1 True"
+    assert runs["glibc.malloc.hugetlb=0"][1] == "glibc.malloc.hugetlb=0 False"
+
+
+def test_huge_pages_reads_the_tunable(monkeypatch):
+    monkeypatch.setattr(backend, "_thp_mode", lambda: "madvise")
+    assert backend.huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"})
+    assert not backend.huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not backend.huge_pages({})
+    monkeypatch.setattr(backend, "_thp_mode", lambda: "always")
+    assert backend.huge_pages({})
+    assert backend.with_huge_pages("", True) == "glibc.malloc.hugetlb=1"
     assert (
-        inputs
-        == [(1, 112, 112, 128), (1, 56, 56, 128)]
-        + [(1, 56, 56, 256)] * 2
-        + [(1, 28, 28, 256)]
-        + [(1, 28, 28, 512)] * 2
+        backend.with_huge_pages("a=1:glibc.malloc.hugetlb=1", False) == "a=1:glibc.malloc.hugetlb=0"
     )
 
 

@@ -26,11 +26,14 @@ remove.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vggjax import backend
 
 # F(4×4, 3×3) with interpolation points 0, ±1, ±2, ∞: input (B^T), kernel (G), output (A^T).
 _BT = np.array(
@@ -58,17 +61,29 @@ _AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0
 # as the input transform orders them; columns (i, j) of the 3×3 kernel.
 _GG = np.einsum("ai,bj->baij", _G, _G).reshape(36, 9)
 _NHWC = ("NHWC", "HWIO", "NHWC")
-MIN_CHANNELS, MIN_SIDE = 128, 28  # see `worth_it`
+# Where F(4×4, 3×3) beat XLA's convolution, layer by layer (2-core CPU, jax 0.10.2, VGG16 at 224,
+# batch 8; BENCHMARKS.md): (fewest input channels, smallest map, largest map) for the forward pass
+# alone ("infer") and with both gradients ("train"), by whether malloc gets huge pages
+# (`backend.huge_pages`: fresh temporaries cost a quarter as much, and the transforms are mostly
+# that). With them, conv1_2 (224 px, 64 channels) is 1.47× faster with its gradients but 0.89×
+# alone; without, layers of 64 channels, 14 px maps and conv2_2's forward pass lost.
+RULES = {
+    True: {"train": (64, 14, None), "infer": (64, 14, 112)},
+    False: {"train": (128, 28, None), "infer": (128, 28, None)},
+}
 
 
-def worth_it(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: Any) -> bool:
-    """Whether F(4×4, 3×3) beat the direct convolution on the CPU for this layer (module
-    docstring): float32, a 3×3 kernel, at least 128 input channels, maps at least 28 px."""
+def worth_it(
+    x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: Any, kind: str = "train"
+) -> bool:
+    """Whether F(4×4, 3×3) beat the direct convolution on the CPU for this float32 3×3 layer,
+    for `kind` "train" (forward and gradients) or "infer" (forward alone), per RULES."""
+    channels, smallest, largest = RULES[backend.huge_pages()][kind]
     return (
         jnp.dtype(dtype) == jnp.float32
         and tuple(kernel_shape[:2]) == (3, 3)
-        and x_shape[-1] >= MIN_CHANNELS
-        and min(x_shape[1:3]) >= MIN_SIDE
+        and x_shape[-1] >= channels
+        and smallest <= min(x_shape[1:3]) <= (largest or min(x_shape[1:3]))
     )
 
 
@@ -87,15 +102,38 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, **kw) -> jax.Array:
         and kw.get("dimension_numbers")
         == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     )
-    if plain and worth_it(lhs.shape, rhs.shape, lhs.dtype) and jax.default_backend() == "cpu":
-        return conv3x3(lhs, rhs)
+    if plain and jax.default_backend() == "cpu":
+        train, infer = (
+            worth_it(lhs.shape, rhs.shape, lhs.dtype, kind) for kind in ("train", "infer")
+        )
+        if train or infer:
+            return _conv(lhs, rhs, train, infer)
     return direct(lhs, rhs)
 
 
-@jax.custom_vjp
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The 3×3 stride-1 SAME convolution of NHWC `x` with HWIO `kernel`, by F(4×4, 3×3)."""
-    return _forward(x, kernel)[0]
+    return _conv(x, kernel, True, True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array:
+    """The convolution by F(4×4, 3×3) where `infer` (not differentiated) or `train`
+    (differentiated) says so, else by XLA: JAX runs this body only when no gradient is taken."""
+    return _forward(x, kernel)[0] if infer else _direct(x, kernel)
+
+
+def _conv_forward(x, kernel, train, infer):
+    return _forward(x, kernel) if train else (_direct(x, kernel), (x, kernel))
+
+
+def _conv_backward(train, infer, residuals, dy):
+    return _backward(residuals, dy) if train else jax.vjp(_direct, *residuals)[1](dy)
+
+
+def _direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
 
 
 def _mix(parts: list[jax.Array], matrix: np.ndarray) -> list[jax.Array]:
@@ -163,4 +201,4 @@ def _backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dx, dk
 
 
-conv3x3.defvjp(lambda x, kernel: _forward(x, kernel), _backward)
+_conv.defvjp(_conv_forward, _conv_backward)
