@@ -26,7 +26,7 @@ import numpy as np
 import torch_train_step  # the same net in torchvision's layout; train_step's flags
 from absl import app, flags
 
-from vggjax import models
+from vggjax import backend, models
 
 _TORCH = flags.DEFINE_bool("torch", False, "Also PyTorch's float32 against its float64.")
 
@@ -34,10 +34,13 @@ _TORCH = flags.DEFINE_bool("torch", False, "Also PyTorch's float32 against its f
 def decisions(model: models.VGG, params: Any, images: np.ndarray) -> dict[str, np.ndarray]:
     """float32's ReLU masks (conv and FC layers) and max-pooling choices in `model`'s forward
     pass of `images`: per window, the share of the gradient each value gets (1 for the largest;
-    1/k each for k equal largest, as the gradient of vggjax's max-pooling shares them)."""
+    1/k each for k equal largest, as the gradient of vggjax's max-pooling shares them). The
+    forward pass of a gradient (`jax.vjp`'s): where a layer computes differently when not
+    differentiated (vggjax.winograd's picks), its decisions can differ too."""
     layers = model.layers
     names = [layer.name for layer in layers if layer.name != "fc8"]
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, output=names))
+    apply = lambda p, x: model.apply({"params": p}, x, output=names)
+    forward = jax.jit(lambda p, x: jax.vjp(apply, p, x)[0])
     acts = jax.device_get(forward(params, images))
     masks = {}
     for before, layer in zip(layers, layers[1:]):
@@ -172,4 +175,5 @@ def torch_errors(model: models.VGG, params: Any, images: np.ndarray, labels) -> 
 
 
 if __name__ == "__main__":
+    backend.use_huge_pages()  # as vggjax's programs run: it decides which layers are Winograd's
     app.run(main)

@@ -155,14 +155,17 @@ def test_huge_pages_reads_the_tunable(monkeypatch):
     )
 
 
-def test_default_float32_gradients_match_float64():
-    """VGG net B, width 1 at 64×64 (conv2_2 by Winograd), glorot init, 2 images: every
+def test_default_float32_gradients_match_float64(monkeypatch):
+    """VGG net B, width 1 at 64×64 (Winograd from conv1_2 on: huge pages, as vggjax's programs
+    run; without them a subset of these layers), glorot init, 2 images: every
     layer's float32 kernel gradient against float64's, with float64 held to float32's ReLU
     and max-pooling decisions (benchmarks/grad_accuracy.py; where float32 and float64 decide
     differently the gradient moves to another pixel, max-pooling's kink, not arithmetic).
-    Measured here: at most 2e-6 of each layer's gradient norm, what float32 rounding over
-    reductions of 1e3-1e5 terms gives; the bound, 1e-5, fails for matrix products rounded to
+    Measured here: at most 4.4e-6 of each layer's gradient norm (conv1_1, below four Winograd
+    layers; 2e-6 with one), what float32 rounding over reductions of 1e3-1e5 terms and the
+    transforms give; the bound, 1e-5, fails for matrix products rounded to
     TF32 or bfloat16 (1e-3 and worse) or a transform off by one term."""
+    monkeypatch.setattr(backend, "huge_pages", lambda: True)
     model = models.create_model("B", 10, fc_width=64, crop_size=64, kernel_init="glorot")
     params = models.init_variables(model, jax.random.key(0))["params"]
     images = np.random.default_rng(0).normal(0, 50, (2, 64, 64, 3)).astype(np.float32)

@@ -5,13 +5,15 @@ so the only way to make VGG's convolutions faster there is to do fewer multiplic
 3×3) computes each 4×4 output tile from a 6×6 input tile with 36 products per channel pair
 instead of 144: the convolution becomes 36 matrix products (one per tile position, over the
 channels) between a transform of the input and one of the kernel, then a transform back. The
-transforms are sums of strided slices; the products are one batched dot. Per layer (2-core CPU,
-jax 0.10.2, VGG16 at 224, batch 8, forward and both gradients) it beat the direct convolution
-from 128 input channels on maps of 28 px or more, and lost with 64 channels in (conv1_2, conv2_1)
-or gained nothing on 14 px maps (conv5_x), hence `worth_it`. The gradients have their own
-rule (`_backward`): differentiating through the sums of slices makes XLA scatter, which was
-slower than the direct convolution. The whole VGG16 train step: 4.48 s without it, 3.80 s with
-it (BENCHMARKS.md, CPU train-step section).
+transforms are sums of strided slices; the products are one batched dot. The transforms are
+memory-bound, so where it wins depends on how cheap fresh memory is (`RULES`): with malloc on
+huge pages (vggjax's programs, `backend.use_huge_pages`) every VGG16 layer from conv1_2 on when
+training (conv1_2 1.47×, conv2_2 1.86×, conv5_x 1.41× the direct convolution, forward and both
+gradients) and from conv2_1 on for the forward pass alone (conv1_2 0.89×, conv4_2 2.0×); without,
+only conv2_2 to conv4_3 (2-core CPU, jax 0.10.2, batch 8). The gradients have their own rule
+(`_backward`): differentiating through the sums of slices makes XLA scatter, which was slower
+than the direct convolution. The whole VGG16 train step without huge pages: 4.48 s without it,
+3.80 s with it (BENCHMARKS.md, CPU train-step section).
 
 Accuracy: exact in real arithmetic; in float32 the transforms (coefficients up to 8 and down to
 1/24) add rounding: about 2e-6 of the largest output where the direct convolution has 1e-7.
