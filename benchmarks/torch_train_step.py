@@ -288,7 +288,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     c = train_step.config()
-    trainer, runners = train_step.jax_runners(c)
+    trainer, runners, _ = train_step.jax_runners(c)
     num_params = sum(
         x.size for x in jax.tree.leaves(models.abstract_variables(trainer.model)["params"])
     )

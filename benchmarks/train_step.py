@@ -10,8 +10,11 @@ halves of the backward pass), so FLOPs = 2 × 3 × multiply-adds per image.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pathlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, recipe, summary, train
+from vggjax import backend, convolution, recipe, summary, train
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
@@ -31,6 +34,12 @@ _IMAGE = flags.DEFINE_integer("image_size", 224, "Crop size (a multiple of 32)."
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for utilisation (0: skip).")
+_RGB_PAD = flags.DEFINE_integer(
+    "rgb_pad", 0, "On a GPU, conv1_1's input channels zero-padded to this many (convolution.py)."
+)
+_HLO = flags.DEFINE_string(
+    "hlo_out", "", "Write the compiled train step's optimised HLO to this file and count its ops."
+)
 
 
 def config() -> ml_collections.ConfigDict:
@@ -43,9 +52,13 @@ def config() -> ml_collections.ConfigDict:
 Runners = dict[str, Callable[[int], None]]
 
 
-def jax_runners(c: ml_collections.ConfigDict) -> tuple[train.Trainer, Runners]:
+def jax_runners(
+    c: ml_collections.ConfigDict,
+) -> tuple[train.Trainer, Runners, Callable[[], str]]:
     """vggjax's jitted train step and forward pass on one synthetic batch: `runners[kind](n)`
-    runs n of them and waits for the result (the first call compiles)."""
+    runs n of them and waits for the result (the first call compiles); the last item gives the
+    compiled train step's optimised HLO."""
+    convolution.RGB_PAD_ON_GPU = _RGB_PAD.value
     trainer = train.Trainer(c, train.make_mesh())
     state = trainer.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -73,7 +86,19 @@ def jax_runners(c: ml_collections.ConfigDict) -> tuple[train.Trainer, Runners]:
             logits = forward(state, batch["image"])
         jax.block_until_ready(logits)
 
-    return trainer, {"train": train_steps, "infer": forward_passes}
+    def step_hlo() -> str:
+        return trainer.train_step.lower(state, batch).compile().as_text()
+
+    return trainer, {"train": train_steps, "infer": forward_passes}, step_hlo
+
+
+def hlo_census(text: str) -> dict[str, Any]:
+    """What to look for in a compiled step first: layout changes (transposes, copies) and how the
+    convolutions ran (XLA's own, or which library call: on a GPU, cuDNN's forward, backward and
+    fused bias + activation forms)."""
+    ops = collections.Counter(re.findall(r"\b(transpose|copy|convolution)\(", text))
+    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+    return dict(ops, custom_calls=dict(sorted(calls.items())))
 
 
 def seconds_per_call(run: Callable[[int], None], n: int) -> float:
@@ -93,13 +118,14 @@ def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
         platform=jax.devices()[0].platform,
         xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (vggjax.backend)
         huge_pages=backend.huge_pages(),  # as `python -m vggjax.main` runs (backend.use_huge_pages)
+        rgb_pad=convolution.RGB_PAD_ON_GPU,
     )
 
 
 def main(argv: list[str]) -> None:
     del argv
     c = config()
-    trainer, runners = jax_runners(c)
+    trainer, runners, step_hlo = jax_runners(c)
     runners["train"](2)  # compiles
     seconds = seconds_per_call(runners["train"], _STEPS.value)
     macs = sum(r.macs for r in summary.layer_rows(trainer.model))
@@ -113,6 +139,10 @@ def main(argv: list[str]) -> None:
     )
     if _PEAK.value:
         result["mfu"] = round(tflops / _PEAK.value, 3)
+    if _HLO.value:
+        text = step_hlo()
+        pathlib.Path(_HLO.value).write_text(text)
+        result["hlo"] = hlo_census(text)
     print(json.dumps(result))
 
 

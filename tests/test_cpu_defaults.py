@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-from vggjax import backend, models, winograd
+from vggjax import backend, convolution, models, winograd
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import grad_accuracy  # benchmarks/grad_accuracy.py: the float64 reference
@@ -64,11 +64,32 @@ def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x, kernel = jnp.zeros((1, 28, 28, 128)), jnp.zeros((3, 3, 128, 16))
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, k: winograd.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
     text = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
     assert ("dot_general" in text) == winograd_used
     assert ("convolution" in text) != winograd_used
     assert "case" not in text
+
+
+def test_rgb_padding_on_a_gpu_is_the_same_convolution(monkeypatch):
+    """Issue 11's candidate (convolution.RGB_PAD_ON_GPU): on a GPU conv1_1 convolves 8 channels,
+    5 of them zero, with the same output and gradients as on 3, and the same parameters."""
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+    dy = jax.random.normal(jax.random.key(2), (2, 32, 32, 16))
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    loss = lambda x, k: (conv(x, k) * dy).sum()
+    want = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
+    monkeypatch.setattr(convolution, "RGB_PAD_ON_GPU", 8)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # traced as for a GPU, run here
+    assert "tensor<3x3x8x16xf32>" in jax.jit(conv).lower(x, kernel).as_text()
+    got = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-3)
+    shapes = models.abstract_variables(models.create_model("A", width=0.125, crop_size=32))
+    assert shapes["params"]["conv1_1"]["kernel"].shape == (3, 3, 3, 8)
 
 
 _VGG16_3X3 = [(224, 3), (224, 64), (112, 64), (112, 128), (56, 128)] + [(56, 256)] * 2
@@ -104,7 +125,7 @@ def test_inference_and_training_each_get_their_own_pick(monkeypatch):
     monkeypatch.setattr(backend, "huge_pages", lambda: True)
     x, kernel = jnp.zeros((1, 224, 224, 64)), jnp.zeros((3, 3, 64, 64))
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, k: winograd.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
     forward = jax.jit(conv).lower(x, kernel).as_text()
     grads = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
     assert "convolution" in forward and "dot_general" not in forward

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vggjax import objectives, winograd
+from vggjax import convolution, objectives
 from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
@@ -305,7 +305,7 @@ class VGG(nn.Module):
                     padding="SAME",
                     kernel_init=init,
                     dtype=self.dtype,
-                    conv_general_dilated=winograd.conv_general_dilated,
+                    conv_general_dilated=convolution.conv_general_dilated,
                     name=layer.name,
                 )(x)
                 if self.batch_norm:

@@ -19,11 +19,7 @@ Accuracy: exact in real arithmetic; in float32 the transforms (coefficients up t
 1/24) add rounding: about 2e-6 of the largest output where the direct convolution has 1e-7.
 The gradient table in BENCHMARKS.md measures what that does to VGG16's gradients.
 
-On the CPU only: `conv_general_dilated` decides when tracing, by JAX's default backend (the one
-vggjax's meshes use), and leaves every other platform to XLA's convolution. Not by
-`lax.platform_dependent`: its autodiff carries the other branch's residuals as zeros, which for
-conv2_2 at 112 px and batch 128 would be 1.8 GB of zeros per layer on a GPU, left to XLA to
-remove.
+On the CPU only: `vggjax.convolution` decides, per layer and platform, when this runs.
 """
 
 from __future__ import annotations
@@ -62,7 +58,7 @@ _AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0
 # The kernel transform G k G^T as one (36, 9) matrix: rows (column b, row a) of the 6×6 tile,
 # as the input transform orders them; columns (i, j) of the 3×3 kernel.
 _GG = np.einsum("ai,bj->baij", _G, _G).reshape(36, 9)
-_NHWC = ("NHWC", "HWIO", "NHWC")
+NHWC = ("NHWC", "HWIO", "NHWC")
 # Where F(4×4, 3×3) beat XLA's convolution, layer by layer (2-core CPU, jax 0.10.2, VGG16 at 224,
 # batch 8; BENCHMARKS.md): (fewest input channels, smallest map, largest map) for the forward pass
 # alone ("infer") and with both gradients ("train"), by whether malloc gets huge pages
@@ -90,37 +86,13 @@ def worth_it(
     )
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, **kw) -> jax.Array:
-    """`lax.conv_general_dilated` for `flax.linen.Conv(conv_general_dilated=...)`: F(4×4, 3×3)
-    on the CPU for the stride-1 SAME NHWC convolutions `worth_it` picks, XLA's otherwise."""
-
-    def direct(x, kernel):
-        return jax.lax.conv_general_dilated(x, kernel, window_strides, padding, **kw)
-
-    plain = (
-        tuple(window_strides) == (1, 1)
-        and padding in ("SAME", ((1, 1), (1, 1)), [(1, 1), (1, 1)])
-        and all(d in (None, (1, 1)) for d in (kw.get("lhs_dilation"), kw.get("rhs_dilation")))
-        and kw.get("feature_group_count", 1) == 1
-        and kw.get("dimension_numbers")
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    )
-    if plain and jax.default_backend() == "cpu":
-        train, infer = (
-            worth_it(lhs.shape, rhs.shape, lhs.dtype, kind) for kind in ("train", "infer")
-        )
-        if train or infer:
-            return _conv(lhs, rhs, train, infer)
-    return direct(lhs, rhs)
-
-
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The 3×3 stride-1 SAME convolution of NHWC `x` with HWIO `kernel`, by F(4×4, 3×3)."""
-    return _conv(x, kernel, True, True)
+    return conv(x, kernel, True, True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array:
     """The convolution by F(4×4, 3×3) where `infer` (not differentiated) or `train`
     (differentiated) says so, else by XLA: JAX runs this body only when no gradient is taken."""
     return _forward(x, kernel)[0] if infer else _direct(x, kernel)
@@ -135,7 +107,7 @@ def _conv_backward(train, infer, residuals, dy):
 
 
 def _direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC)
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
 
 
@@ -204,4 +176,4 @@ def _backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dx, dk
 
 
-_conv.defvjp(_conv_forward, _conv_backward)
+conv.defvjp(_conv_forward, _conv_backward)
