@@ -114,17 +114,18 @@ def torchvision_batch(args: tuple[list[str], int, int, int]) -> dict[str, np.nda
     return {"image": np.stack([torchvision_style(p, rng, s_min, s_max) for p in paths])}
 
 
-def time_batches(batches: Iterator[dict[str, np.ndarray]], count: int) -> tuple[int, float]:
-    """(images, seconds) of `count` batches, after --skip batches that start the workers and fill
-    the prefetch buffers, which are as full at the end: what was prefetched cancels out."""
+def time_batches(batches: Iterator[dict[str, np.ndarray]], count: int) -> tuple[int, float, float]:
+    """(images, seconds, this process's CPU seconds) of `count` batches, after --skip batches that
+    start the workers and fill the prefetch buffers, which are as full at the end: what was
+    prefetched cancels out. With workers, the CPU seconds are the training process's share."""
     for _ in range(_SKIP.value):
         next(batches)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     images = sum(len(next(batches)["image"]) for _ in range(count))
-    return images, time.perf_counter() - start
+    return images, time.perf_counter() - start, time.process_time() - cpu
 
 
-def vggjax_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float]:
+def vggjax_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float, float]:
     c = recipe.paper_recipe("D")
     c.dataset, c.data_dir, c.num_classes = "folder", data_dir, 10
     c.batch_size, c.num_workers, c.train_scale = _BATCH.value, _NUM_WORKERS.value, scale
@@ -135,7 +136,7 @@ def vggjax_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, 
         pipeline.close(batches)  # its threads and workers stop: nothing runs in the PIL turn
 
 
-def torchvision_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float]:
+def torchvision_turn(data_dir: str, scale: tuple[int, int], turn: int) -> tuple[int, float, float]:
     paths = sorted(str(p) for p in pathlib.Path(data_dir).glob("train/*/*.jpg"))
     rng = np.random.default_rng(turn)
     jobs = ((list(rng.choice(paths, _BATCH.value)), seed, *scale) for seed in itertools.count())
@@ -217,13 +218,11 @@ def main(argv: list[str]) -> None:
         write_data_set(pathlib.Path(data_dir))
         files = list(pathlib.Path(data_dir).glob("jpegs/*/*.jpg"))
         kb = sum(f.stat().st_size for f in files) / len(files) / 1024
-        totals = {"vggjax": [0, 0.0], "pil": [0, 0.0]}
+        totals = {"vggjax": np.zeros(3), "pil": np.zeros(3)}  # images, seconds, CPU seconds
         for turn in range(_ROUNDS.value):  # taking turns, so both see the same machine
             for name, run in (("vggjax", vggjax_turn), ("pil", torchvision_turn)):
-                images, seconds = run(data_dir, scale, turn)
-                totals[name][0] += images
-                totals[name][1] += seconds
-        rates = {name: images / seconds for name, (images, seconds) in totals.items()}
+                totals[name] += run(data_dir, scale, turn)
+        rates = {name: images / seconds for name, (images, seconds, _) in totals.items()}
         stages = stage_times(data_dir, scale)
     workers = max(_NUM_WORKERS.value, 1)
     result = dict(
@@ -241,6 +240,10 @@ def main(argv: list[str]) -> None:
     for name, rate in rates.items():
         result[f"{name}_images_per_sec"] = round(rate, 1)
         result[f"{name}_images_per_sec_per_worker"] = round(rate / workers, 1)
+        # What the training process spends per batch besides the workers (receiving batches):
+        result[f"{name}_main_cpu_ms_per_batch"] = round(
+            totals[name][2] / totals[name][0] * _BATCH.value * 1e3, 2
+        )
     result["vggjax_over_pil"] = round(rates["vggjax"] / rates["pil"], 3)
     result["stages_ms"] = stages
     print(json.dumps(result))
