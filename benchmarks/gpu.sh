@@ -11,9 +11,9 @@
 #   fed    `python -m vggjax.main` on 1,024 generated JPEGs against the synthetic step rate
 #          (train_e2e.py; issue 11 item 4); not yet run on a GPU, time unknown
 #   sweep  issue 11 item 1's candidates, one train step process each (VGG16, bfloat16, batch
-#          128): the default first, with its optimised HLO in OUTDIR/step.hlo (transposes, copies
-#          and cuDNN calls counted in its JSON line), then XLA flags, then conv1_1 on 4 and 8
-#          channels; about 45 s a variant (not yet run)
+#          128): the default (unless the train part ran it), with its optimised HLO in
+#          OUTDIR/step.hlo (transposes, copies and cuDNN calls counted in its JSON line), then
+#          four XLA flags, then conv1_1 on 4 and 8 channels; about 45 s a variant (not yet run)
 #   eval   dense evaluation from an empty compilation cache, from a warm one, and a PyTorch eager
 #          loop (eval_cold_start.py; issue 12); not yet run on a GPU, time unknown
 #   tests  the test suite on the GPU (test_multihost.py excepted: it starts CPU processes of four
@@ -28,6 +28,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/machine.txt"
 $py -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" | tee -a "$out/machine.txt"
+# VGG16's bfloat16 train step at batch 128, issue 11's setting, as the train and sweep parts run it.
+step=(benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989)
 bench() {
   echo "+ $*"
   "$@" 2>>"$out/stderr.log" | tail -n 1 | tee -a "$out/results.jsonl"
@@ -42,7 +44,7 @@ if [[ $parts == *,train,* ]]; then
     bench $py benchmarks/torch_train_step.py --model=D --batch_size=$batch --dtype=$dtype --steps=10 --rounds=2 \
       --torch_channels_last --torch_compile=both
   done
-  bench $py benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
+  bench $py "${step[@]}" --hlo_out="$out/step.hlo"
   bench $py benchmarks/eval_dense.py --model=D --num_images=256 --batch_size=32 --scales=256,384,512 --dtype=bfloat16
   bench $py benchmarks/train_step.py --model=E --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989
 fi
@@ -52,8 +54,7 @@ if [[ $parts == *,fed,* ]]; then
 fi
 if [[ $parts == *,sweep,* ]]; then
   # A flag a newer XLA no longer knows stops that process at once (its line is then missing).
-  step=(benchmarks/train_step.py --model=D --batch_size=128 --dtype=bfloat16 --steps=20 --peak_tflops=989)
-  bench $py "${step[@]}" --hlo_out="$out/step.hlo"
+  [[ $parts == *,train,* ]] || bench $py "${step[@]}" --hlo_out="$out/step.hlo"  # the default
   for flag in --xla_gpu_enable_command_buffer= --xla_gpu_enable_triton_gemm=false \
     --xla_gpu_use_runtime_fusion=true --xla_gpu_force_conv_nhwc=true; do
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$flag" bench $py "${step[@]}"
