@@ -46,7 +46,7 @@ def test_winograd_matches_the_direct_convolution(shape):
     x = rng.normal(size=shape).astype(np.float32)
     kernel = rng.normal(0, 0.05, (3, 3, shape[-1], 16)).astype(np.float32)
     dy = rng.normal(size=shape[:3] + (16,)).astype(np.float32)
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, winograd.NHWC)
     y, vjp = jax.vjp(jax.jit(winograd.conv3x3), x, kernel)
     ref, ref_vjp = jax.vjp(
         lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn),
@@ -63,9 +63,9 @@ def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend
     3×3): no branch, no zero residuals of the other path."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x, kernel = jnp.zeros((1, 28, 28, 128)), jnp.zeros((3, 3, 128, 16))
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
-    text = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    text = (
+        jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    )
     assert ("dot_general" in text) == winograd_used
     assert ("convolution" in text) != winograd_used
     assert "case" not in text
@@ -77,13 +77,11 @@ def test_rgb_padding_on_a_gpu_is_the_same_convolution(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
     dy = jax.random.normal(jax.random.key(2), (2, 32, 32, 16))
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
-    loss = lambda x, k: (conv(x, k) * dy).sum()
+    loss = lambda x, k: (_layer_conv(x, k) * dy).sum()
     want = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
     monkeypatch.setattr(convolution, "RGB_PAD_ON_GPU", 8)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # traced as for a GPU, run here
-    assert "tensor<3x3x8x16xf32>" in jax.jit(conv).lower(x, kernel).as_text()
+    assert "tensor<3x3x8x16xf32>" in jax.jit(_layer_conv).lower(x, kernel).as_text()
     got = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, kernel)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.shape == w.shape
@@ -124,10 +122,10 @@ def test_inference_and_training_each_get_their_own_pick(monkeypatch):
     convolution when not: custom_vjp runs its plain body only where no gradient is taken."""
     monkeypatch.setattr(backend, "huge_pages", lambda: True)
     x, kernel = jnp.zeros((1, 224, 224, 64)), jnp.zeros((3, 3, 64, 64))
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = lambda x, k: convolution.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
-    forward = jax.jit(conv).lower(x, kernel).as_text()
-    grads = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    forward = jax.jit(_layer_conv).lower(x, kernel).as_text()
+    grads = (
+        jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
+    )
     assert "convolution" in forward and "dot_general" not in forward
     assert "dot_general" in grads and "convolution" not in grads
 
@@ -200,6 +198,12 @@ def test_default_float32_gradients_match_float64(monkeypatch):
 
 
 # Helpers
+
+
+def _layer_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 3×3 conv layer's call of convolution.conv_general_dilated, as flax.linen.Conv makes it."""
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, winograd.NHWC)
+    return convolution.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
 
 
 def _convolution_in_subprocess(xla_flags: str) -> dict[str, str]:
