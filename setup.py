@@ -34,6 +34,8 @@ setup(
         # test_hub.py's timm downloads (from a loopback server).
         "test": [
             "pytest>=8",
+            # -n 2 (README, .ci/run): two test processes keep both cores of a CI machine busy.
+            "pytest-xdist>=3.6",
             "ruff==0.17.6",
             "keras>=3",
             "h5py>=3.8",
