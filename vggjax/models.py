@@ -9,6 +9,7 @@ FC layers act as convolutions over a whole image of any size (testing, Sect. 3.2
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vggjax import convolution, objectives
+from vggjax import backend, convolution, objectives
 from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
@@ -435,22 +436,25 @@ def model_from_config(config: Mapping[str, Any]) -> VGG:
     return create_model(config["model"], outputs, **fields)
 
 
-def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
-    """Random variables for `model` (params, and batch_stats for the BN variants)."""
+def random_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
+    """Random variables for `model` (params, and batch_stats for the BN variants), traced: for use
+    inside a jitted function. `init_variables` compiles it alone."""
     dummy = jnp.zeros((1, model.crop_size, model.crop_size, 3), jnp.float32)
-    return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
+    return dict(model.init(rng, dummy, train=False))
+
+
+def init_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:
+    """`random_variables` as one compiled program (with backend.init_compiler_options)."""
+    init = jax.jit(
+        functools.partial(random_variables, model),
+        compiler_options=backend.init_compiler_options(),
+    )
+    return init(rng)
 
 
 def abstract_variables(model: VGG) -> dict[str, Any]:
     """Shapes and dtypes of `model`'s variables without allocating them."""
-    return dict(
-        jax.eval_shape(
-            lambda r: model.init(
-                r, jnp.zeros((1, model.crop_size, model.crop_size, 3), jnp.float32), train=False
-            ),
-            jax.random.key(0),
-        )
-    )
+    return jax.eval_shape(functools.partial(random_variables, model), jax.random.key(0))
 
 
 def count_params(params: Any) -> int:

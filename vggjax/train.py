@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vggjax import checkpoints, metrics, models, objectives, options, pretrained, storage
+from vggjax import backend, checkpoints, metrics, models, objectives, options, pretrained, storage
 from vggjax.data import augment, pipeline, sources
 from vggjax.errors import DivergedError, UserError
 
@@ -95,7 +95,7 @@ def init_state(
 ) -> TrainState:
     """A fresh state: random variables, with layers copied from the variables `source` if given."""
     init_rng, state_rng = jax.random.split(rng)
-    variables = models.init_variables(model, init_rng)
+    variables = models.random_variables(model, init_rng)
     if source is not None:
         variables = initialise_from(variables, source, init_layers)
     params = variables["params"]
@@ -287,7 +287,10 @@ class Trainer:
         init = functools.partial(
             init_state, self.model, self.tx, self.plateau, init_layers=self.config.init_layers
         )
-        return jax.jit(init, out_shardings=self.replicated)(rng, source)
+        compiler_options = backend.init_compiler_options()
+        return jax.jit(init, out_shardings=self.replicated, compiler_options=compiler_options)(
+            rng, source
+        )
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto."""
