@@ -53,9 +53,14 @@ JAXLIB_RANGE = ((0, 10), (0, 12))  # [first, past the last) (major, minor) known
 
 def with_cpu_flags(xla_flags: str) -> str:
     """`xla_flags` (an XLA_FLAGS value) with each of CPU_FLAGS it does not set appended."""
-    given = {token.split("=", 1)[0] for token in xla_flags.split()}
+    given = _flag_names(xla_flags)
     added = [f"{name}={value}" for name, value in CPU_FLAGS.items() if name not in given]
     return " ".join([xla_flags.strip(), *added]).strip()
+
+
+def _flag_names(xla_flags: str) -> set[str]:
+    """The flags an XLA_FLAGS value sets, by name: {"--xla_foo", ...}."""
+    return {token.split("=", 1)[0] for token in xla_flags.split()}
 
 
 def set_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -73,7 +78,7 @@ def init_compiler_options() -> dict[str, int]:
     unless XLA_FLAGS sets one of them, nothing elsewhere."""
     import jax  # not at the top: this module runs before a vggjax program restarts itself
 
-    given = os.environ.get("XLA_FLAGS", "")
+    given = _flag_names(os.environ.get("XLA_FLAGS", ""))
     if jax.default_backend() != "cpu" or any(
         f"--{name}" in given for name in INIT_COMPILER_OPTIONS
     ):
