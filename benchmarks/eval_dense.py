@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vggjax import evaluate, inference, models, recipe, train
+from vggjax import backend, evaluate, inference, models, recipe, train
 from vggjax.data import augment
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
@@ -187,4 +187,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    backend.tune_cpu(restart=True)  # as vggjax's command lines run
     app.run(main)

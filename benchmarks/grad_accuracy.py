@@ -175,5 +175,5 @@ def torch_errors(model: models.VGG, params: Any, images: np.ndarray, labels) -> 
 
 
 if __name__ == "__main__":
-    backend.use_huge_pages()  # as vggjax's programs run: it decides which layers are Winograd's
+    backend.tune_cpu(restart=True)  # as vggjax's command lines run
     app.run(main)

@@ -28,7 +28,7 @@ import eval_dense  # benchmarks/eval_dense.py: its flags, config, images and wei
 import numpy as np
 from absl import app, flags
 
-from vggjax import models
+from vggjax import backend, models
 
 
 def torch_dense_net(model: models.VGG, variables: Any, device: str) -> Callable:
@@ -124,4 +124,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    backend.tune_cpu(restart=True)  # as vggjax's command lines run
     app.run(main)

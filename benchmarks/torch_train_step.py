@@ -322,5 +322,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.use_huge_pages()  # as vggjax's own programs run; PyTorch's processes: --torch_huge_pages
+    backend.tune_cpu(
+        restart=True
+    )  # as vggjax's command lines run; PyTorch's processes: --torch_huge_pages
     app.run(main)

@@ -116,8 +116,9 @@ def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
         image_size=c.crop_size,
         dtype=c.dtype,
         platform=jax.devices()[0].platform,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (vggjax.backend)
-        huge_pages=backend.huge_pages(),  # as `python -m vggjax.main` runs (backend.use_huge_pages)
+        xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (backend.tune_cpu)
+        huge_pages=backend.huge_pages(),
+        winograd=convolution.in_effect(),
         rgb_pad=convolution.RGB_PAD_ON_GPU,
     )
 
@@ -147,5 +148,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.use_huge_pages()  # as vggjax's own programs run
+    backend.tune_cpu(restart=True)  # as vggjax's command lines run
     app.run(main)

@@ -26,6 +26,12 @@ import sys
 import pytest
 from helpers import ROOT, load_config
 
+import vggjax
+
+# The tests run as vggjax's programs do (XLA flags, Winograd, initialisation's options), less the
+# restart with huge pages; subprocesses inherit the flags.
+vggjax.tune_cpu()
+
 
 @pytest.fixture(scope="session")
 def tiny_demo_dir(tmp_path_factory):

@@ -1,5 +1,5 @@
-"""vggjax's CPU defaults: the XLA flag set at import (the user's own wins), the Winograd
-convolutions, and the float32 gradients of the default against float64."""
+"""vggjax's CPU defaults (`vggjax.tune_cpu`): the XLA flag (the user's own wins), huge pages, the
+Winograd convolutions, and the float32 gradients of the default against float64."""
 
 import os
 import subprocess
@@ -19,17 +19,26 @@ import grad_accuracy  # benchmarks/grad_accuracy.py: the float64 reference
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def test_import_sets_the_flag_and_xla_uses_it():
+def test_tune_cpu_sets_the_flag_and_xla_uses_it():
     out = _convolution_in_subprocess("--xla_force_host_platform_device_count=2")
     assert out["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}=individual_dot"
     assert out["devices"] == "2"  # the user's other flags still reach XLA
     assert out["ynn"] == "False"  # the convolution runs in XLA's kernels, not YNNPACK
+    assert out["tuned"] == "True"
 
 
 def test_a_users_own_flag_wins():
     out = _convolution_in_subprocess(f"{FLAG}=+individual_dot")  # JAX's own default list
     assert out["XLA_FLAGS"] == f"{FLAG}=+individual_dot"
     assert out["ynn"] == "True"  # JAX's default: the convolution goes to YNNPACK
+
+
+def test_one_variable_turns_the_tuning_off():
+    """VGGJAX_CPU_TUNING=0: tune_cpu sets no flag, Winograd stays off, JAX's defaults run."""
+    out = _convolution_in_subprocess("--xla_force_host_platform_device_count=2", off=True)
+    assert out["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert out["ynn"] == "True"
+    assert out["tuned"] == "False" and out["winograd"] == "off"
 
 
 def test_with_cpu_flags_appends_only_what_is_missing():
@@ -63,9 +72,9 @@ def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend
     3×3): no branch, no zero residuals of the other path."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x, kernel = jnp.zeros((1, 28, 28, 128)), jnp.zeros((3, 3, 128, 16))
-    text = (
-        jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
-    )
+    with convolution.winograd_setting("small_pages"):
+        grad = jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1)))
+        text = grad.lower(x, kernel).as_text()
     assert ("dot_general" in text) == winograd_used
     assert ("convolution" in text) != winograd_used
     assert "case" not in text
@@ -125,48 +134,54 @@ _VGG16_3X3 += [(28, 256)] + [(28, 512)] * 2 + [(14, 512)] * 3
 
 
 @pytest.mark.parametrize(
-    "huge_pages, kind, first",
-    [(True, "train", 1), (True, "infer", 2), (False, "train", 3), (False, "infer", 3)],
+    "setting, kind, first, last",
+    [
+        ("huge_pages", "train", 1, 13),
+        ("huge_pages", "infer", 2, 13),
+        ("small_pages", "train", 3, 10),
+        ("small_pages", "infer", 3, 10),
+        ("all", "train", 0, 13),
+        ("off", "train", 0, 0),
+    ],
 )
-def test_the_default_picks_winograd_where_it_was_faster(monkeypatch, huge_pages, kind, first):
+def test_each_setting_picks_winograd_where_it_was_faster(monkeypatch, setting, kind, first, last):
     """VGG16 at 224 (winograd.RULES): with huge pages every layer from conv1_2 on when
-    training, from conv2_1 on when inferring; without, conv2_2 to conv4_3."""
-    monkeypatch.setattr(backend, "huge_pages", lambda: huge_pages)
+    training, from conv2_1 on when inferring; without, conv2_2 to conv4_3; "all": every 3×3
+    layer; "off": none."""
     model = models.create_model("D")
     variables, picked, worth_it = models.abstract_variables(model), [], winograd.worth_it
 
-    def recording(x_shape, kernel_shape, dtype, k):
-        picked.extend(
-            [x_shape[2:]] if k == kind and worth_it(x_shape, kernel_shape, dtype, k) else []
-        )
-        return worth_it(x_shape, kernel_shape, dtype, k)
+    def recording(x_shape, kernel_shape, dtype, k, rules):
+        chosen = worth_it(x_shape, kernel_shape, dtype, k, rules)
+        picked.extend([x_shape[2:]] if k == kind and chosen else [])
+        return chosen
 
     monkeypatch.setattr(winograd, "worth_it", recording)
-    jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)))
-    last = 10 if not huge_pages else 13
+    with convolution.winograd_setting(setting):
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)))
     assert picked == [(side, channels) for side, channels in _VGG16_3X3[first:last]]
 
 
-def test_inference_and_training_each_get_their_own_pick(monkeypatch):
+def test_inference_and_training_each_get_their_own_pick():
     """With huge pages conv1_2 (224 px, 64 channels) is Winograd's when differentiated, XLA's
-    convolution when not: custom_vjp runs its plain body only where no gradient is taken."""
-    monkeypatch.setattr(backend, "huge_pages", lambda: True)
+    convolution when not: the custom JVP's plain body runs only where no derivative is taken."""
     x, kernel = jnp.zeros((1, 224, 224, 64)), jnp.zeros((3, 3, 64, 64))
-    forward = jax.jit(_layer_conv).lower(x, kernel).as_text()
-    grads = (
-        jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
-    )
+    with convolution.winograd_setting("huge_pages"):
+        forward = jax.jit(_layer_conv).lower(x, kernel).as_text()
+        grad = jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1)))
+        grads = grad.lower(x, kernel).as_text()
     assert "convolution" in forward and "dot_general" not in forward
     assert "dot_general" in grads and "convolution" not in grads
 
 
 def test_a_vggjax_program_restarts_itself_with_huge_pages():
-    """`python -m vggjax.X` (sys.argv[0] is "-m" while vggjax loads) runs again, same process,
-    with glibc's tunable, once; a large array then sits on huge pages. The user's value wins."""
+    """`tune_cpu(restart=True)`, as vggjax's command lines call it, runs the program again, same
+    process, with glibc's tunable, once; a large array then sits on huge pages. The user's value
+    wins."""
     if not backend._can_use_huge_pages():
         pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages")
     code = (
-        "import os, sys; print('start', os.getpid()); sys.argv[0] = '-m'; import vggjax\n"
+        "import os, sys; print('start', os.getpid()); import vggjax; vggjax.tune_cpu(restart=True)\n"
         "import numpy as np; a = np.ones(64 << 20, np.uint8); at = a.ctypes.data\n"
         "vma = open('/proc/self/smaps').read().split('\\n')\n"
         "start = next(i for i, l in enumerate(vma) if '-' in l.split(' ')[0] and"
@@ -214,14 +229,14 @@ def test_default_float32_gradients_match_float64(monkeypatch):
     layers; 2e-6 with one), what float32 rounding over reductions of 1e3-1e5 terms and the
     transforms give; the bound, 1e-5, fails for matrix products rounded to
     TF32 or bfloat16 (1e-3 and worse) or a transform off by one term."""
-    monkeypatch.setattr(backend, "huge_pages", lambda: True)
     model = models.create_model("B", 10, fc_width=64, crop_size=64, kernel_init="glorot")
     params = models.init_variables(model, jax.random.key(0))["params"]
     images = np.random.default_rng(0).normal(0, 50, (2, 64, 64, 3)).astype(np.float32)
     labels = np.array([3, 7])
     loss = lambda p: grad_accuracy.cross_entropy(model.apply({"params": p}, images), labels)
-    grads = jax.jit(jax.grad(loss))(params)
-    masks = grad_accuracy.decisions(model, params, images)
+    with convolution.winograd_setting("huge_pages"):
+        grads = jax.jit(jax.grad(loss))(params)
+        masks = grad_accuracy.decisions(model, params, images)
     ref = grad_accuracy.float64_gradients(model, params, images, labels, masks)
     errors = {n: grad_accuracy.relative(grads[n]["kernel"], ref[n]["kernel"]) for n in grads}
     assert max(errors.values()) < 1e-5, errors
@@ -236,20 +251,26 @@ def _layer_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return convolution.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
 
 
-def _convolution_in_subprocess(xla_flags: str) -> dict[str, str]:
-    """Imports vggjax under `xla_flags`, compiles a convolution; XLA_FLAGS, device count and
-    whether the compiled program hands the convolution to YNNPACK."""
+def _convolution_in_subprocess(xla_flags: str, off: bool = False) -> dict[str, str]:
+    """Calls vggjax.tune_cpu under `xla_flags` (and VGGJAX_CPU_TUNING=0 if `off`), compiles a
+    convolution; XLA_FLAGS, device count, whether the compiled program hands the convolution to
+    YNNPACK, what tune_cpu returned and the Winograd setting."""
     code = (
         "import os, jax, jax.numpy as jnp, vggjax\n"
+        "from vggjax import convolution\n"
+        "tuned = vggjax.tune_cpu()\n"
         "x, k = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))\n"
         "conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',"
         " dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
         "text = jax.jit(conv).lower(x, k).compile().as_text()\n"
         "print(os.environ['XLA_FLAGS']); print(jax.device_count()); print('__ynn_fusion' in text)\n"
+        "print(tuned); print(convolution.in_effect())\n"
     )
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env[backend.OFF_SWITCH] = "0" if off else "1"
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    return dict(zip(("XLA_FLAGS", "devices", "ynn"), result.stdout.strip().split("\n")))
+    keys = ("XLA_FLAGS", "devices", "ynn", "tuned", "winograd")
+    return dict(zip(keys, result.stdout.strip().split("\n")))

@@ -1,14 +1,27 @@
-"""vggjax: Very Deep Convolutional Networks (Simonyan & Zisserman, 2015) in JAX/Flax."""
+"""vggjax: Very Deep Convolutional Networks (Simonyan & Zisserman, 2015) in JAX/Flax.
 
-import sys
+Importing vggjax changes nothing in your process: no environment variable, no restart, no
+listener. For the speed vggjax's own programs get on a CPU, call `vggjax.tune_cpu()` first.
+"""
 
-from vggjax import backend
+import importlib
+from typing import Any
 
-if sys.argv[:1] == ["-m"]:  # `python -m vggjax.X` is starting (sys.argv[0] is "-m" until it runs)
-    backend.use_huge_pages()  # restarts it now, before JAX loads, with huge pages if possible
-backend.set_cpu_flags()  # before JAX starts its backend: XLA reads XLA_FLAGS then
+# name → module: imported on first use, so `python -m vggjax.X` can restart itself
+# (`tune_cpu(restart=True)`) before JAX loads.
+_EXPORTS = {
+    "create_model": "vggjax.models",
+    "load_pretrained": "vggjax.pretrained",
+    "tune_cpu": "vggjax.backend",
+}
+__all__ = list(_EXPORTS)
 
-from vggjax.models import create_model  # noqa: E402
-from vggjax.pretrained import load_pretrained  # noqa: E402
 
-__all__ = ["create_model", "load_pretrained"]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vggjax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,43 +1,25 @@
-"""What vggjax sets for itself on the CPU: XLA flags at `import vggjax`, huge pages for its
-programs, and a faster compilation of random initialisation. The user's own settings win.
+"""What vggjax's programs set for speed on a CPU, and the one call that gives any program the same.
 
-`--xla_cpu_experimental_ynn_fusion_type=individual_dot`: jax 0.10 hands convolutions,
-reductions and matrix products to YNNPACK and fuses each product with what feeds it; in VGG's
-forward pass that put the whole convolution stack inside the fusion of fc8's product, and in
-the train step YNNPACK's kernel gradients ran 3× slower than XLA's own convolutions. With the
-flag YNNPACK gets the matrix products alone and XLA's Eigen kernels the convolutions. On a 2-core
-CPU (VGG16 at 224, batch 8, same run as PyTorch; BENCHMARKS.md, "VGG16 train step and inference"):
-with JAX's defaults 0.63× PyTorch in training and 0.61× in inference; with the flag and
-vggjax.winograd, 1.03–1.31× the stronger PyTorch in training, 0.81–1.10× in inference. The
-gradients stay float32's (that section).
+Importing vggjax sets nothing. `tune_cpu()` applies four settings; every vggjax command line
+calls it first (`vggjax.cli`), and a program of your own may call it at its top, before it
+computes anything with JAX:
 
-XLA reads XLA_FLAGS once, when JAX creates its first backend (the first computation or
-`jax.devices()`), not at `import jax`: importing vggjax before that is what counts, and a
-program that computed with JAX before importing vggjax keeps JAX's defaults. Flags under
-`--xla_cpu_` change nothing on GPUs or TPUs. To override, set the flag in XLA_FLAGS yourself:
-`--xla_cpu_experimental_ynn_fusion_type=+individual_dot` keeps JAX's own default list. Set only
-with the jaxlib versions in JAXLIB_RANGE, which have the flag: XLA stops at one it does not know.
+- XLA_FLAGS gains CPU_FLAGS: YNNPACK gets the matrix products alone and XLA's own kernels the
+  convolutions, which YNNPACK's fusions made slower. XLA reads XLA_FLAGS when JAX creates its
+  backend, so flags set after the first computation change nothing. A flag you set wins.
+- With `restart=True`, the process restarts itself (`os.execve`: the same command line) with
+  glibc's malloc asking for transparent huge pages (`use_huge_pages`): XLA's CPU runtime takes a
+  step's temporaries from malloc, and fresh memory faulted in 2 MB at a time is several times
+  cheaper than 4 KB at a time. glibc reads the tunable only when a process starts. To opt out,
+  set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
+- Winograd's F(4×4, 3×3) for the layers where it beat XLA's convolution, by the rules measured
+  for this process's pages (`vggjax.convolution.set_winograd`).
+- Random initialisation compiled at LLVM level 1 (`init_compiler_options`): the same bits, a few
+  times faster to compile.
 
-Huge pages (`use_huge_pages`): XLA's CPU runtime takes every temporary of a step from malloc,
-about 2 GB for a VGG16 train step at batch 8, and glibc maps each large block afresh, so the
-kernel faults it in 4 KB at a time (about 500,000 faults per step). glibc's tunable
-`glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (2 MB), but glibc reads it
-only when a process starts, so a vggjax program (`python -m vggjax.X`, the benchmarks) restarts
-itself with it before JAX loads: the same process id, arguments and environment, plus the
-tunable. On a 2-core CPU (VGG16 at 224, batch 8): writing fresh memory 3.0-3.4 → 12-13 GB/s,
-the forward pass 1.84 → 1.37-1.41 s, the train step 6.0 → 5.0 s (BENCHMARKS.md). A program of
-the user's own that imports vggjax is not restarted: run it with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for the same. To opt out, set
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=0`. Needs Linux, glibc ≥ 2.35 and transparent huge pages
-not `never`; elsewhere nothing happens.
-
-Initialisation (`init_compiler_options`): a program that draws a net's random parameters is
-threefry's integer arithmetic and a few float ops per draw, and XLA's CPU compiler spends about
-0.5 s on each draw at its default LLVM optimisation level. Level 1 gives the same bits (every
-kernel_init of vgg19_bn, and vgg16, vgg11_bn and the demo net, compared whole; level 0 does
-not) and runs as fast. On a 2-core Zen 3 the tests' narrowed demo net's initial state compiled
-in 1.8 s instead of 12.6 s, VGG16's in 2.6 s instead of 7.2 s: time every first run of a net
-configuration pays.
+`VGGJAX_CPU_TUNING=0` turns all four off: `tune_cpu` then does nothing. Flags under `--xla_cpu_`
+and the rest change nothing on GPUs or TPUs. What each setting gains, measured: BENCHMARKS.md
+("CPU defaults").
 """
 
 from __future__ import annotations
@@ -63,6 +45,33 @@ def _flag_names(xla_flags: str) -> set[str]:
     return {token.split("=", 1)[0] for token in xla_flags.split()}
 
 
+OFF_SWITCH = "VGGJAX_CPU_TUNING"  # "0": tune_cpu() does nothing
+_tuned = False  # whether tune_cpu() ran in this process (and was not switched off)
+
+
+def tune_cpu(*, restart: bool = False) -> bool:
+    """Makes this process run VGG on a CPU as vggjax's programs do (the module docstring).
+
+    Args:
+      restart: also restart the process with huge pages, before it goes on (vggjax's command
+        lines do; in a notebook or a program that has done work, leave it off).
+
+    Returns:
+      Whether the settings were applied: False where `VGGJAX_CPU_TUNING=0`.
+    """
+    global _tuned
+    if os.environ.get(OFF_SWITCH) == "0":
+        return False
+    set_cpu_flags()
+    if restart:
+        use_huge_pages()
+    from vggjax import convolution  # after the restart: it imports JAX
+
+    convolution.set_winograd("huge_pages" if huge_pages() else "small_pages")
+    _tuned = True
+    return True
+
+
 def set_cpu_flags(environ: MutableMapping[str, str] = os.environ) -> None:
     """Adds CPU_FLAGS to `environ`'s XLA_FLAGS, keeping every flag already there, if the
     installed jaxlib is in JAXLIB_RANGE."""
@@ -75,12 +84,14 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 def init_compiler_options() -> dict[str, int]:
     """`jax.jit`'s compiler_options for a random initialisation: INIT_COMPILER_OPTIONS on the CPU
-    unless XLA_FLAGS sets one of them, nothing elsewhere."""
+    after `tune_cpu`, unless XLA_FLAGS sets one of them; nothing elsewhere."""
     import jax  # not at the top: this module runs before a vggjax program restarts itself
 
     given = _flag_names(os.environ.get("XLA_FLAGS", ""))
-    if jax.default_backend() != "cpu" or any(
-        f"--{name}" in given for name in INIT_COMPILER_OPTIONS
+    if (
+        not _tuned
+        or jax.default_backend() != "cpu"
+        or any(f"--{name}" in given for name in INIT_COMPILER_OPTIONS)
     ):
         return {}
     return dict(INIT_COMPILER_OPTIONS)

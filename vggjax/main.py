@@ -144,6 +144,8 @@ def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+    from vggjax import convolution
+
     if mode == "eval" and config.objective != "classification":  # Appendix A's protocols
         from vggjax.localise_eval import run
     elif mode == "eval":
@@ -154,7 +156,8 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
         from vggjax.transfer import run
     else:
         from vggjax.train import train_and_evaluate as run
-    run(config, workdir)
+    with convolution.winograd_setting(config.winograd):
+        run(config, workdir)
 
 
 def _main(argv: list[str]) -> None:
@@ -263,6 +266,9 @@ class _OwnInfoOnly(pylogging.Filter):
 
 
 def run() -> None:
+    from vggjax import backend
+
+    backend.tune_cpu(restart=True)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     app.run(_main, flags_parser=_parse_flags)

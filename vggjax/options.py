@@ -14,13 +14,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from vggjax import models, objectives
+from vggjax import convolution, models, objectives
 from vggjax.data import sources
 from vggjax.errors import UserError, require
 
 DATASETS = tuple(sources.SOURCES)
 SPLITS = sources.SPLITS
 DTYPES = ("float32", "bfloat16")
+WINOGRAD = ("auto", *convolution.WINOGRAD)
 KERNEL_INITS = tuple(models.KERNEL_INITS)
 
 # Test protocols (Sect. 3.2, 4.2–4.4) → their "evaluation method" column in Tables 3–6.
@@ -188,6 +189,7 @@ def validate(c: Any) -> None:
     )
     for field, value, allowed in [
         ("dtype", c.dtype, DTYPES),
+        ("winograd", c.winograd, WINOGRAD),
         ("dataset", c.dataset, DATASETS),
         ("objective", c.objective, OBJECTIVES),
         ("init_layers", c.init_layers, INIT_LAYERS),

@@ -54,6 +54,10 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # "glorot" is the paper's later finding that needs no pre-training.
     c.kernel_init = "normal" if model in ("A", "A-LRN", "vgg11", "vgg11_lrn") else "glorot"
     c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
+    # The CPU's 3×3 convolutions (vggjax/convolution.py): "auto" is what vggjax.tune_cpu() picked
+    # for this process (the command lines call it; "off" under VGGJAX_CPU_TUNING=0), or one of
+    # options.WINOGRAD. config.json records the one the run used.
+    c.winograd = "auto"
     # What fc8 learns: "classification", or Appendix A's box regression, "scr" (one box for all
     # classes) or "pcr" (a box per class); options.OBJECTIVES.
     c.objective = "classification"

@@ -24,7 +24,17 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vggjax import backend, checkpoints, metrics, models, objectives, options, pretrained, storage
+from vggjax import (
+    backend,
+    checkpoints,
+    convolution,
+    metrics,
+    models,
+    objectives,
+    options,
+    pretrained,
+    storage,
+)
 from vggjax.data import augment, pipeline, sources
 from vggjax.errors import DivergedError, UserError
 
@@ -381,6 +391,7 @@ class _Run:
         self.total_steps, per_epoch = _steps(config, pipeline.source(config, "train"))
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
+        config.winograd = convolution.in_effect()  # "auto" resolved: what this run computes with
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
             storage.write_text(
                 storage.at(workdir) / "config.json", config.to_json_best_effort(indent=2)

@@ -6,18 +6,13 @@ so the only way to make VGG's convolutions faster there is to do fewer multiplic
 instead of 144: the convolution becomes 36 matrix products (one per tile position, over the
 channels) between a transform of the input and one of the kernel, then a transform back. The
 transforms are sums of strided slices; the products are one batched dot. The transforms are
-memory-bound, so where it wins depends on how cheap fresh memory is (`RULES`): with malloc on
-huge pages (vggjax's programs, `backend.use_huge_pages`) every VGG16 layer from conv1_2 on when
-training (conv1_2 1.47×, conv2_2 1.86×, conv5_x 1.41× the direct convolution, forward and both
-gradients) and from conv2_1 on for the forward pass alone (conv1_2 0.89×, conv4_2 2.0×); without,
-only conv2_2 to conv4_3 (2-core CPU, jax 0.10.2, batch 8). The gradients have their own rule
-(`_backward`): differentiating through the sums of slices makes XLA scatter, which was slower
-than the direct convolution. The whole VGG16 train step without huge pages: 4.48 s without it,
-3.80 s with it (BENCHMARKS.md, CPU train-step section).
+memory-bound, so where it wins depends on how cheap fresh memory is (`RULES`). The gradients
+have their own form (`_backward`, gathers): transposing the forward transforms made XLA scatter,
+which was slower than the direct convolution.
 
 Accuracy: exact in real arithmetic; in float32 the transforms (coefficients up to 8 and down to
 1/24) add rounding: about 2e-6 of the largest output where the direct convolution has 1e-7.
-The gradient table in BENCHMARKS.md measures what that does to VGG16's gradients.
+BENCHMARKS.md measures what that does to VGG16's gradients, and what each layer gains.
 
 On the CPU only: `vggjax.convolution` decides, per layer and platform, when this runs.
 """
@@ -30,8 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from vggjax import backend
+from jax.custom_derivatives import SymbolicZero
 
 # F(4×4, 3×3) with interpolation points 0, ±1, ±2, ∞: input (B^T), kernel (G), output (A^T).
 _BT = np.array(
@@ -59,25 +53,28 @@ _AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0
 # as the input transform orders them; columns (i, j) of the 3×3 kernel.
 _GG = np.einsum("ai,bj->baij", _G, _G).reshape(36, 9)
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Where F(4×4, 3×3) beat XLA's convolution, layer by layer (2-core CPU, jax 0.10.2, VGG16 at 224,
-# batch 8; BENCHMARKS.md): (fewest input channels, smallest map, largest map) for the forward pass
-# alone ("infer") and with both gradients ("train"), by whether malloc gets huge pages
-# (`backend.huge_pages`: fresh temporaries cost a quarter as much, and the transforms are mostly
-# that). With them, conv1_2 (224 px, 64 channels) is 1.47× faster with its gradients but 0.89×
-# alone; without, layers of 64 channels, 14 px maps and conv2_2's forward pass lost. Measured on
-# two AMD EPYC hosts: without huge pages on one with AVX-512, with them on one with AVX2 only.
+# Where F(4×4, 3×3) beat XLA's convolution, layer by layer (VGG16 at 224, batch 8, 2-core CPUs;
+# BENCHMARKS.md, "CPU defaults"): (fewest input channels, smallest map, largest map) for the
+# forward pass alone ("infer") and with both gradients ("train"), by whether malloc gets huge
+# pages ("huge_pages": fresh temporaries cost a quarter as much, and the transforms are mostly
+# that) or not ("small_pages"). "all": every float32 3×3 layer, for tests and experiments.
 RULES = {
-    True: {"train": (64, 14, None), "infer": (64, 14, 112)},
-    False: {"train": (128, 28, None), "infer": (128, 28, None)},
+    "huge_pages": {"train": (64, 14, None), "infer": (64, 14, 112)},
+    "small_pages": {"train": (128, 28, None), "infer": (128, 28, None)},
+    "all": {"train": (1, 1, None), "infer": (1, 1, None)},
 }
 
 
 def worth_it(
-    x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: Any, kind: str = "train"
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    dtype: Any,
+    kind: str = "train",
+    rules: str = "huge_pages",
 ) -> bool:
-    """Whether F(4×4, 3×3) beat the direct convolution on the CPU for this float32 3×3 layer,
-    for `kind` "train" (forward and gradients) or "infer" (forward alone), per RULES."""
-    channels, smallest, largest = RULES[backend.huge_pages()][kind]
+    """Whether RULES[rules] pick F(4×4, 3×3) for this 3×3 layer, for `kind` "train" (forward and
+    gradients) or "infer" (forward alone). Float32 only: the transforms' rounding is float32's."""
+    channels, smallest, largest = RULES[rules][kind]
     return (
         jnp.dtype(dtype) == jnp.float32
         and tuple(kernel_shape[:2]) == (3, 3)
@@ -91,19 +88,34 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return conv(x, kernel, True, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array:
     """The convolution by F(4×4, 3×3) where `infer` (not differentiated) or `train`
-    (differentiated) says so, else by XLA: JAX runs this body only when no gradient is taken."""
+    (differentiated) says so, else by XLA: JAX runs this body only when no derivative is taken.
+
+    A custom JVP, not a custom VJP, so forward mode works too: the tangent is linear in (dx, dk)
+    and JAX transposes it for reverse mode, through the same transforms (`_windows`)."""
     return _forward(x, kernel)[0] if infer else _direct(x, kernel)
 
 
-def _conv_forward(x, kernel, train, infer):
-    return _forward(x, kernel) if train else (_direct(x, kernel), (x, kernel))
+def _conv_jvp(train: bool, infer: bool, primals: tuple, tangents: tuple) -> tuple:
+    """XLA's JVP where `train` is off; else the forward transforms and, as the tangent, the
+    transpose of `_backward` (linear in the cotangent), so that JAX's transpose of the tangent,
+    the reverse mode a gradient runs, is `_backward` itself: gathers, where transposing the
+    forward transforms made XLA scatter. Zero tangents (a constant input or kernel) are skipped."""
+    given = [not isinstance(t, SymbolicZero) for t in tangents]
+    if not train:
+        tangents = [t.instantiate() if isinstance(t, SymbolicZero) else t for t in tangents]
+        return jax.jvp(_direct, primals, tuple(tangents))
+    y, residuals = _forward(*primals)
+    if not any(given):
+        return y, jnp.zeros_like(y)
+    picked = lambda dy: [g for g, keep in zip(_backward(residuals, dy), given) if keep]
+    tangent = jax.linear_transpose(picked, y)
+    return y, tangent([t for t, keep in zip(tangents, given) if keep])[0]
 
 
-def _conv_backward(train, infer, residuals, dy):
-    return _backward(residuals, dy) if train else jax.vjp(_direct, *residuals)[1](dy)
+conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
 def _direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -144,19 +156,39 @@ def _overlap_add(parts: list[jax.Array], axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(y.reshape(shape), 0, shape[axis] - 2, axis=axis)
 
 
-def _forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
+def _input_transform(x: jax.Array) -> tuple[jax.Array, tuple[int, int, int]]:
+    """B^T d B for every 6×6 tile d of the zero-padded NHWC `x`: (36, tiles, channels), and
+    (n, h, w) for the way back."""
     n, h, w, _ = x.shape
     th, tw = -(-h // 4), -(-w // 4)
     x = jnp.pad(x, ((0, 0), (1, 1 + 4 * th - h), (1, 1 + 4 * tw - w), (0, 0)))
     v = jnp.stack(_mix(_windows(x, 1, th), _BT))  # rows: (6, n, th, W, c)
     v = jnp.stack(_mix(_windows(v, 3, tw), _BT))  # columns: (6, 6, n, th, tw, c)
-    v = v.reshape(36, n * th * tw, -1)
-    u = jnp.dot(_GG.astype(kernel.dtype), kernel.reshape(9, -1)).reshape(36, *kernel.shape[2:])
-    m = jnp.einsum("epc,eco->epo", v, u).reshape(6, 6, n, th, tw, -1)
+    return v.reshape(36, n * th * tw, -1), (n, h, w)
+
+
+def _kernel_transform(kernel: jax.Array) -> jax.Array:
+    """G k G^T of the HWIO `kernel`: (36, in, out)."""
+    u = jnp.dot(_GG.astype(kernel.dtype), kernel.reshape(9, -1))
+    return u.reshape(36, *kernel.shape[2:])
+
+
+def _output_transform(m: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """A^T m A for every tile's 6×6 products `m` (36, tiles, out): the NHWC output."""
+    n, h, w = shape
+    th, tw = -(-h // 4), -(-w // 4)
+    m = m.reshape(6, 6, n, th, tw, -1)
     y = _mix([m[b] for b in range(6)], _AT)  # columns: 4 × (6, n, th, tw, o)
     y = jnp.stack([jnp.stack(_mix([c[a] for a in range(6)], _AT)) for c in y])
     y = jnp.transpose(y, (2, 3, 1, 4, 0, 5)).reshape(n, 4 * th, 4 * tw, -1)
-    return y[:, :h, :w], (v, u, (n, h, w))
+    return y[:, :h, :w]
+
+
+def _forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
+    """The output, and what the tangent needs: both transforms and the shape."""
+    v, shape = _input_transform(x)
+    u = _kernel_transform(kernel)
+    return _output_transform(jnp.einsum("epc,eco->epo", v, u), shape), (v, u, shape)
 
 
 def _backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -174,6 +206,3 @@ def _backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     dx = _overlap_add(_mix(rows, _BT.T), 1)[:, 1 : h + 1, 1 : w + 1]
     dk = jnp.dot(_GG.T.astype(du.dtype), du.reshape(36, -1)).reshape(3, 3, *u.shape[1:])
     return dx, dk
-
-
-conv.defvjp(_conv_forward, _conv_backward)

@@ -1,0 +1,172 @@
+"""vggjax as a library: importing it changes nothing in the user's process, every JAX
+transformation works through every net with Winograd's convolutions or without, and the command
+line computes the same however it is started."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import ROOT, narrow
+
+import vggjax
+from vggjax import convolution, models, pretrained
+
+# A user's package: its __init__ imports every vggjax module; `python -m userpkg.train` must
+# run the package's own code once and see its environment, XLA flags and JAX listeners as they
+# were. (`python -m` imports the parent package first, with sys.argv[0] == "-m".)
+_USER_INIT = """
+import os, pkgutil, sys, importlib
+import jax._src.monitoring as monitoring
+print("init", os.getpid(), sys.argv[0], flush=True)
+listeners = lambda: [len(v) for v in vars(monitoring).values() if isinstance(v, list)]
+BEFORE = dict(os.environ), list(sys.argv), listeners()
+import vggjax
+for m in pkgutil.walk_packages(vggjax.__path__, "vggjax."):
+    if not m.name.endswith("__main__") and m.name != "vggjax.main":
+        importlib.import_module(m.name)
+import vggjax.main  # the command line's module too: importing it runs nothing
+AFTER = dict(os.environ), list(sys.argv), listeners()
+"""
+_USER_TRAIN = """
+import userpkg
+print("same environment", userpkg.BEFORE[0] == userpkg.AFTER[0])
+print("same argv", userpkg.BEFORE[1] == userpkg.AFTER[1])
+print("same listeners", userpkg.BEFORE[2] == userpkg.AFTER[2])
+"""
+
+
+def test_importing_vggjax_changes_nothing_in_a_users_program(tmp_path):
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(_USER_INIT)
+    (package / "train.py").write_text(_USER_TRAIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    env.pop("GLIBC_TUNABLES", None)  # where a restart with huge pages would happen
+    result = subprocess.run(
+        [sys.executable, "-m", "userpkg.train"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("init")]) == 1, lines
+    assert lines[1:] == ["same environment True", "same argv True", "same listeners True"]
+
+
+def test_the_console_script_and_python_m_compute_the_same_bits(tmp_path, tiny_demo_dir):
+    """Both go through the same entry point (backend.tune_cpu(restart=True)): one training step
+    gives bit-identical parameters, and both record the same Winograd setting. At a 128 crop,
+    conv4 (64 channels, 16 px) is Winograd's with huge pages and XLA's without: a launch that
+    missed the restart would differ there."""
+    script = pathlib.Path(sys.executable).parent / "vggjax"
+    if not script.exists():
+        pytest.skip("the vggjax console script is not installed (pip install -e .)")
+    args = [
+        "--config=configs/demo.py",
+        f"--config.data_dir={tiny_demo_dir}",
+        "--config.width=0.125",
+        "--config.fc_width=32",
+        "--config.crop_size=128",
+        "--config.train_scale=(128,136)",
+        "--config.eval_scale=128",
+        "--config.batch_size=8",
+        "--config.num_workers=0",
+        "--config.num_train_steps=1",
+        "--config.eval_every_steps=1000",
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("GLIBC_TUNABLES", None)
+    runs = {}
+    for name, command in (("m", [sys.executable, "-m", "vggjax.main"]), ("script", [str(script)])):
+        workdir = str(tmp_path / name)
+        result = subprocess.run(
+            [*command, *args, f"--workdir={workdir}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = workdir
+    configs = [pretrained.read_config(workdir) for workdir in runs.values()]
+    assert configs[0]["winograd"] == configs[1]["winograd"] != "auto"
+    (_, a), (_, b) = (pretrained.load_pretrained(workdir)[:2] for workdir in runs.values())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+_NETS = ["A", "A-LRN", "B", "C", "D", "E", "B-shallow", "vgg11_bn"]
+
+
+def _transforms(model: models.VGG, variables: dict, x: jax.Array) -> dict[str, jax.Array]:
+    """Every JAX transformation of the net: forward mode (jvp, linearize, jacfwd), reverse
+    (grad), both (hessian: forward over reverse) and vmap, in one program."""
+    rng = np.random.default_rng(1)
+    v = jnp.asarray(rng.normal(0, 20, (2, *x.shape)), jnp.float32)  # two input directions
+    w = jnp.asarray(rng.normal(size=(x.shape[0], model.num_classes)), jnp.float32)
+
+    def logits(params, images):
+        return model.apply({**variables, "params": params}, images)
+
+    def along(alpha):  # a scalar of the logits along the plane x + α·v
+        return (jnp.tanh(logits(variables["params"], x + jnp.tensordot(alpha, v, 1))) * w).sum()
+
+    params = variables["params"]
+    _, tangent = jax.jvp(lambda images: logits(params, images), (x,), (v[0],))
+    _, linear = jax.linearize(lambda p: logits(p, x), params)
+    return {
+        "jvp": tangent,
+        "linearize": linear(jax.tree.map(lambda p: p / (1 + jnp.abs(p).max()), params)),
+        "jacfwd": jax.jacfwd(along)(jnp.zeros(2)),
+        "hessian": jax.hessian(along)(jnp.zeros(2)),
+        "vmap": jax.vmap(lambda image: logits(params, image[None])[0])(x),
+        "grad": jax.grad(lambda p: (logits(p, x) * w).sum())(params),
+    }
+
+
+@pytest.mark.parametrize("name", _NETS)
+def test_every_transformation_through_every_net_with_winograd_or_without(name):
+    """The same derivatives with F(4×4, 3×3) in every 3×3 layer ("all") as with XLA's
+    convolution ("off"), to float32 rounding (the transforms add about 2e-6 per layer)."""
+    model = narrow(name, crop=32)
+    variables = models.init_variables(model, jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 50, (2, 32, 32, 3)), jnp.float32)
+    results = {}
+    for setting in ("all", "off"):
+        with convolution.winograd_setting(setting):
+            program = jax.jit(_transforms, static_argnums=0).lower(model, variables, x)
+            results[setting] = program.compile()(variables, x)
+            text = program.as_text()
+        assert ("convolution" in text) == (setting == "off")  # "all": no XLA convolution left
+    for key in results["off"]:
+        for got, want in zip(
+            jax.tree.leaves(results["all"][key]), jax.tree.leaves(results["off"][key])
+        ):
+            scale = float(jnp.linalg.norm(want)) or 1.0
+            assert float(jnp.linalg.norm(got - want)) <= 1e-4 * scale, (key, got, want)
+
+
+def test_config_records_the_winograd_setting_the_run_used(tiny_config, tmp_path):
+    from vggjax import train
+
+    tiny_config.num_train_steps = 1
+    tiny_config.winograd = "all"
+    with convolution.winograd_setting(tiny_config.winograd):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    assert pretrained.read_config(str(tmp_path))["winograd"] == "all"
+
+
+def test_the_public_names_load_on_first_use():
+    assert {"create_model", "load_pretrained", "tune_cpu"} <= set(dir(vggjax))
+    assert vggjax.create_model is models.create_model
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        vggjax.nothing  # noqa: B018
