@@ -14,17 +14,33 @@ OpenCV's SIMD bilinear after a Gaussian blur (`resize_antialiased`), a few grey 
 """
 
 import dataclasses
+import functools
 import io
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
 
-cv2.setNumThreads(1)  # Parallelism comes from grain's workers; OpenCV's threads would fight them.
+
+
+@functools.cache
+def _cv2() -> Any:
+    """OpenCV, imported on first use with one thread (parallelism comes from grain's workers;
+    OpenCV's threads would fight them). Not at import: cv2's import writes LD_LIBRARY_PATH into
+    the environment, and importing vggjax changes nothing of the user's; it is put back."""
+    before = os.environ.get("LD_LIBRARY_PATH")
+    import cv2
+
+    if before is None:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+    else:
+        os.environ["LD_LIBRARY_PATH"] = before
+    cv2.setNumThreads(1)
+    return cv2
 
 # Krizhevsky et al. (2012) PCA of ImageNet RGB pixels on the [0, 1] scale.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
@@ -134,8 +150,8 @@ def resize_antialiased(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     sigma_y, sigma_x = (_BLUR_PER_SHRINK * f if f > 1 else 0.0 for f in (h / height, w / width))
     if sigma_y or sigma_x:
         ksize = tuple(2 * math.ceil(3 * sigma) + 1 for sigma in (sigma_x, sigma_y))
-        image = cv2.GaussianBlur(image, ksize, sigmaX=sigma_x, sigmaY=sigma_y)
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        image = _cv2().GaussianBlur(image, ksize, sigmaX=sigma_x, sigmaY=sigma_y)
+    return _cv2().resize(image, (width, height), interpolation=_cv2().INTER_LINEAR)
 
 
 def sample_scale(rng: np.random.Generator, s_min: int, s_max: int) -> int:
