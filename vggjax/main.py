@@ -144,17 +144,14 @@ def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-    if mode == "eval" and config.objective != "classification":  # Appendix A's protocols
-        from vggjax.localise_eval import run
-    elif mode == "eval":
-        from vggjax.evaluate import evaluate as run
-    elif mode == "features":
-        from vggjax.features import run
-    elif mode == "transfer":
-        from vggjax.transfer import run
+    if mode == "train":
+        from vggjax.train import train_and_evaluate
+
+        train_and_evaluate(config, workdir)
     else:
-        from vggjax.train import train_and_evaluate as run
-    run(config, workdir)
+        from vggjax import evaluators
+
+        evaluators.get(evaluators.for_mode(mode, config))(config, workdir)
 
 
 def _main(argv: list[str]) -> None:
