@@ -15,9 +15,10 @@ import pytest
 from helpers import run_main
 from jax._src import monitoring
 
-from vggjax import checkpoints, models, options, recipe, sharding, train
+from vggjax import checkpoints, evaluators, models, options, recipe, sharding, train
 from vggjax.data import augment
 from vggjax.engine import Engine, buckets, programs, scheduler
+from vggjax.errors import UserError
 from vggjax.evaluators import classification
 
 CROP = 64
@@ -141,6 +142,29 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
             # Rounding differs with the batch: measured 15 of 16 within 1.2e-7 relative and one
             # at 2.7e-4 (a posterior of 0.055, on an AVX2 host; 1e-4 held on an AVX-512 one).
             np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-3, atol=1e-6)
+
+
+def test_a_batch_that_does_not_split_is_named_by_the_code_that_reads_it(net_a):
+    """The engine says what does not split; `from_config`, which reads the config, names it."""
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    heads = classification.posterior_heads()
+    with pytest.raises(UserError, match=r"^the global batch \(3\) must split evenly over 1 "):
+        Engine(net_a[0], (0.0, 0.0, 0.0), mesh, {72: ("dense",)}, heads, global_batch=3)
+    c = protocols_config()
+    c.eval.batch_size = 3
+    with pytest.raises(UserError, match=r"^config.eval.batch_size: the global batch \(3\)"):
+        Engine.from_config(c, classification.plan(c), heads, mesh)
+
+
+def test_modes_pick_evaluators_by_name():
+    """`--mode=eval` tests a net as its objective asks; the other modes name their evaluator."""
+    c = protocols_config()
+    assert evaluators.for_mode("eval", c) == "classification"
+    c.objective = "pcr"
+    assert [evaluators.for_mode(m, c) for m in ("eval", "features")] == ["localisation", "features"]
+    assert evaluators.get("classification") is classification.run
+    with pytest.raises(UserError, match="no evaluator 'summary'"):
+        evaluators.get("summary")
 
 
 def test_importing_the_engine_registers_nothing_and_the_net_needs_no_box_maths():
