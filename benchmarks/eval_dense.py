@@ -6,7 +6,7 @@
 
 Random images of ImageNet-like sizes (each side uniform in 300–500) are rescaled to every test
 scale Q on the host beforehand (not timed), then run through the inference engine
-(`vggjax.inference`: size buckets, masked dense net, flip, posteriors back on the host) as
+(`vggjax.engine`: size buckets, masked dense net, flip, posteriors back on the host) as
 `--mode=eval`'s multi-scale dense protocol does. images/s counts an image once for all its
 scales.
 
@@ -34,8 +34,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, evaluate, inference, models, recipe, train
+from vggjax import backend, models, recipe, sharding
 from vggjax.data import augment
+from vggjax.engine import Engine
+from vggjax.evaluators import classification
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
@@ -92,7 +94,7 @@ def multi_scale(out: dict[str, Any], scales: tuple[int, ...]) -> np.ndarray:
     return sum(out["raw"]["dense", q] for q in scales) / len(scales)
 
 
-def fixed_shape_seconds(engine: inference.Engine, variables: Any, images: list, c: Any) -> dict:
+def fixed_shape_seconds(engine: Engine, variables: Any, images: list, c: Any) -> dict:
     """The same step on one fixed shape per scale, Q × (the images' mean width), full batches:
     seconds per pass (second pass, compiled) and the megapixels it runs."""
     step, batch = engine.steps[("dense",)], _BATCH.value
@@ -123,12 +125,12 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     c = config()
     options = {"xla_gpu_autotune_level": _AUTOTUNE.value} if _AUTOTUNE.value >= 0 else None
-    engine = inference.Engine(
+    engine = Engine(
         models.model_from_config(c),
         tuple(c.mean_rgb),
-        train.make_mesh(),
-        evaluate.plan(c),
-        evaluate.posterior_heads(c.eval.flip),
+        sharding.make_mesh(),
+        classification.plan(c),
+        classification.posterior_heads(c.eval.flip),
         c.eval.batch_size,
         buckets_per_octave=c.eval.buckets_per_octave,
         compile_threads=_COMPILE_THREADS.value or None,

@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import helpers
 import jax
@@ -11,9 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import run_main
+from jax._src import monitoring
 
-from vggjax import checkpoints, evaluate, inference, models, options, recipe, train
+from vggjax import checkpoints, evaluators, models, options, recipe, sharding, train
 from vggjax.data import augment
+from vggjax.engine import Engine, buckets, programs, scheduler
+from vggjax.errors import UserError
+from vggjax.evaluators import classification
 
 CROP = 64
 # Several aspect ratios, odd and even sides (odd ones exercise the floor of every pooling).
@@ -25,9 +31,7 @@ def test_padded_dense_evaluation_equals_each_image_alone(name):
     model, variables = narrow(name)
     images = random_images(SHAPES)
     batch, sizes = padded_batch(images)
-    scores = jax.jit(lambda v, x, s: inference.dense_average(model, v, x, s))(
-        variables, batch, sizes
-    )
+    scores = jax.jit(lambda v, x, s: buckets.dense_average(model, v, x, s))(variables, batch, sizes)
     unmasked = jax.jit(lambda v, x: model.apply(v, x, dense=True))(variables, batch)
     for i, image in enumerate(images):
         alone = model.apply(variables, image[None], dense=True)[0]
@@ -44,12 +48,12 @@ def test_mirrored_image_gets_the_same_flip_averaged_posteriors(net_a):
     model, variables = net_a
     image = random_images([(75, 110)], seed=1)[0]
     batch, sizes = padded_batch([image, image[:, ::-1]])
-    mirrored = inference.mirror(jnp.asarray(batch), sizes)
+    mirrored = buckets.mirror(jnp.asarray(batch), sizes)
     np.testing.assert_array_equal(mirrored[0, :75, :110], image[:, ::-1])
     np.testing.assert_array_equal(mirrored[1, :75, :110], image)
-    both = evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)
+    both = classification.dense_posteriors(model, variables, batch, sizes, flip=True)
     np.testing.assert_allclose(both[0], both[1], rtol=0, atol=1e-6)
-    one = evaluate.dense_posteriors(model, variables, batch, sizes, flip=False)
+    one = classification.dense_posteriors(model, variables, batch, sizes, flip=False)
     assert float(jnp.abs(one[0] - one[1]).max()) > 1e-3  # the net itself is not mirror-invariant
     np.testing.assert_allclose(both[0], (one[0] + one[1]) / 2, rtol=0, atol=1e-6)
 
@@ -60,19 +64,20 @@ def classic(model, variables, crops):
 
 def test_multi_crop_is_a_5x5_grid_times_2_flips(net_a):
     model, variables = net_a
-    assert evaluate.grid_offsets(100, CROP).tolist() == [0, 9, 18, 27, 36]  # spans 0 … H − crop
+    # The offsets span 0 … H − crop.
+    assert classification.grid_offsets(100, CROP).tolist() == [0, 9, 18, 27, 36]
     image = random_images([(100, 130)], seed=2)[0]
     batch, sizes = padded_batch([image])
-    ys, xs = (evaluate.grid_offsets(n, CROP).tolist() for n in image.shape[:2])
+    ys, xs = (classification.grid_offsets(n, CROP).tolist() for n in image.shape[:2])
     crops = [image[y : y + CROP, x : x + CROP] for y in ys for x in xs]
     assert len({(y, x) for y in ys for x in xs}) == 25
     crops = np.stack(crops + [c[:, ::-1] for c in crops])  # 50 crops
     expected = classic(model, variables, crops).mean(0)
-    got = evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0]
+    got = classification.multi_crop_posteriors(model, variables, batch, sizes)[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     # One crop alone (the 25 are different) gives something else.
     assert float(jnp.abs(classic(model, variables, crops[:1])[0] - expected).max()) > 1e-3
-    centre = evaluate.centre_crop_posteriors(model, variables, batch, sizes)[0]
+    centre = classification.centre_crop_posteriors(model, variables, batch, sizes)[0]
     expected = classic(model, variables, augment.center_crop(image, CROP)[None])[0]
     np.testing.assert_allclose(centre, expected, rtol=0, atol=1e-6)
 
@@ -84,8 +89,8 @@ def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
     batch, sizes = padded_batch([image], (96, 128))
     flip_averaged = classic(model, variables, np.stack([image, image[:, ::-1]])).mean(0)
     for got in (
-        evaluate.multi_crop_posteriors(model, variables, batch, sizes)[0],
-        evaluate.dense_posteriors(model, variables, batch, sizes, flip=True)[0],
+        classification.multi_crop_posteriors(model, variables, batch, sizes)[0],
+        classification.dense_posteriors(model, variables, batch, sizes, flip=True)[0],
     ):
         np.testing.assert_allclose(got, flip_averaged, rtol=0, atol=1e-5)
 
@@ -95,13 +100,13 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
     a full one, the others in the smallest batch holding them (on 2 devices: 2, 4 or 8)."""
     model, variables = net_a
     mean = (120.0, 110.0, 100.0)
-    engine = inference.Engine(
+    engine = Engine(
         model,
         mean,
-        train.make_mesh(jax.devices()[:2]),
+        sharding.make_mesh(jax.devices()[:2]),
         {72: ("dense",), 88: ("dense",)},
-        {"dense": evaluate.posterior_heads()["dense"]},
-        batch_size=8,
+        {"dense": classification.posterior_heads()["dense"]},
+        global_batch=8,
     )
     assert engine.batch_sizes[-3:] == (2, 4, 8)  # (1, 2, 4, 8) on a single device
     # Buckets: (96, 128) holds 5 + 5 images of both Q; (96, 96), (128, 96), (96, 160): 2 each.
@@ -117,7 +122,7 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
         )
         for k in range(8)
     ]
-    monkeypatch.setattr(inference, "_LOG_EVERY_SECONDS", 0)  # a progress line at every step
+    monkeypatch.setattr(scheduler, "_LOG_EVERY_SECONDS", 0)  # a progress line at every step
     with caplog.at_level("INFO"):
         out = engine.outputs(variables, elements, 8, "test")
     # At the end three tails need new programs, two or more unbuilt: the progress line says so.
@@ -127,14 +132,55 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
     assert out["padded_pixels"] == 96 * (16 * 128 + 2 * (96 + 128 + 160))
     cost = engine.cost()
     assert cost["compiled_shapes"] + cost["cached_shapes"] == 4 and cost["compile_seconds"] > 0
+    # The cache-hit counter listens from the first program built, once per process.
+    assert monitoring.get_event_listeners().count(programs._count_cache_hits) == 1
     for i, q in enumerate((72, 88)):
         for k, element in enumerate(elements):
             x = augment.subtract_mean(element["images"][i], mean)[None]
             sizes = jnp.asarray([x.shape[1:3]])
-            alone = evaluate.dense_posteriors(model, variables, x, sizes, flip=True)[0]
+            alone = classification.dense_posteriors(model, variables, x, sizes, flip=True)[0]
             # Rounding differs with the batch: measured 15 of 16 within 1.2e-7 relative and one
             # at 2.7e-4 (a posterior of 0.055, on an AVX2 host; 1e-4 held on an AVX-512 one).
             np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-3, atol=1e-6)
+
+
+def test_a_batch_that_does_not_split_is_named_by_the_code_that_reads_it(net_a):
+    """The engine says what does not split; `from_config`, which reads the config, names it."""
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    heads = classification.posterior_heads()
+    with pytest.raises(UserError, match=r"^the global batch \(3\) must split evenly over 1 "):
+        Engine(net_a[0], (0.0, 0.0, 0.0), mesh, {72: ("dense",)}, heads, global_batch=3)
+    c = protocols_config()
+    c.eval.batch_size = 3
+    with pytest.raises(UserError, match=r"^config.eval.batch_size: the global batch \(3\)"):
+        Engine.from_config(c, classification.plan(c), heads, mesh)
+
+
+def test_modes_pick_evaluators_by_name():
+    """`--mode=eval` tests a net as its objective asks; the other modes name their evaluator."""
+    c = protocols_config()
+    assert evaluators.for_mode("eval", c) == "classification"
+    c.objective = "pcr"
+    assert [evaluators.for_mode(m, c) for m in ("eval", "features")] == ["localisation", "features"]
+    assert evaluators.get("classification") is classification.run
+    with pytest.raises(UserError, match="no evaluator 'summary'"):
+        evaluators.get("summary")
+
+
+def test_importing_the_engine_registers_nothing_and_the_net_needs_no_box_maths():
+    """Importing vggjax's evaluators changes nothing in JAX (the engine's cache-hit listener comes
+    with its first program), and the net (models) loads no box code."""
+    code = (
+        "import sys; from jax._src import monitoring; before = monitoring.get_event_listeners()\n"
+        "import vggjax.models\n"
+        "assert not {'vggjax.localise', 'vggjax.objectives'} & set(sys.modules), 'box code'\n"
+        "from vggjax import evaluators\n"
+        "for name in evaluators.EVALUATORS: evaluators.get(name)\n"
+        "assert monitoring.get_event_listeners() == before, 'a listener'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=helpers.ROOT)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def protocols_config(protocols=tuple(options.EVAL_PROTOCOLS)[:-1], scales=(72, 88, 104)):
@@ -146,9 +192,9 @@ def protocols_config(protocols=tuple(options.EVAL_PROTOCOLS)[:-1], scales=(72, 8
 
 def test_protocols_combine_scales_and_methods():
     c = protocols_config()
-    plan = evaluate.plan(c)
-    centre = evaluate.centre_crop_scale(CROP)
-    assert centre == 73 and evaluate.centre_crop_scale(224) == 256
+    plan = classification.plan(c)
+    centre = classification.centre_crop_scale(CROP)
+    assert centre == 73 and classification.centre_crop_scale(224) == 256
     assert plan == {
         72: ("dense", "multi_crop"),
         88: ("dense", "multi_crop"),
@@ -161,7 +207,7 @@ def test_protocols_combine_scales_and_methods():
         for key in [(h, q) for q in (72, 88, 104) for h in ("dense", "multi_crop")]
         + [("centre_crop", 73)]
     }
-    out = evaluate.protocol_posteriors(raw, c)
+    out = classification.protocol_posteriors(raw, c)
     assert set(out) == {
         "dense_q72",
         "dense_q88",
@@ -178,7 +224,9 @@ def test_protocols_combine_scales_and_methods():
     np.testing.assert_allclose(out["multi_crop_dense"], (dense + crops) / 2)
     np.testing.assert_array_equal(out["dense_q88"], raw["dense", 88])
     np.testing.assert_array_equal(out["centre_crop"], raw["centre_crop", 73])
-    assert evaluate.plan(protocols_config(("dense",))) == dict.fromkeys((72, 88, 104), ("dense",))
+    assert classification.plan(protocols_config(("dense",))) == dict.fromkeys(
+        (72, 88, 104), ("dense",)
+    )
 
 
 def test_fusion_averages_models_and_saved_predictions(tmp_path):
@@ -189,13 +237,14 @@ def test_fusion_averages_models_and_saved_predictions(tmp_path):
         "dense_q72": np.array([[0.2, 0.8, 0, 0], [0.1, 0.9, 0, 0], [0, 0.7, 0.3, 0], [0.25] * 4]),
         "multi_crop": np.ones((4, 4)) / 4,
     }
-    fused = evaluate.fuse([a, b])
+    fused = classification.fuse([a, b])
     assert list(fused) == ["dense_q72"]  # only what both models have
     np.testing.assert_allclose(fused["dense_q72"][0], [0.4, 0.6, 0, 0])
     # Model a alone: right on 0 and 2; b: right on 1; fused: right on 1 and 2. Image 3 is bad.
-    assert evaluate.error_rates(a["dense_q72"], labels, bad)[0] == 0.5
-    assert evaluate.error_rates(fused["dense_q72"], labels, bad)[0] == 0.5
-    assert evaluate.error_rates(fused["dense_q72"], labels, bad)[1] == 0.25  # bad is a top-5 error
+    assert classification.error_rates(a["dense_q72"], labels, bad)[0] == 0.5
+    assert classification.error_rates(fused["dense_q72"], labels, bad)[0] == 0.5
+    # An undecodable image is a top-5 error too.
+    assert classification.error_rates(fused["dense_q72"], labels, bad)[1] == 0.25
     for name, posteriors in (("a", a), ("b", b)):
         np.savez(
             tmp_path / f"{name}.npz",
@@ -204,12 +253,12 @@ def test_fusion_averages_models_and_saved_predictions(tmp_path):
             bad=bad,
             **{f"posteriors_{k}": v for k, v in posteriors.items()},
         )
-    assert evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == {
+    assert classification.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == {
         "dense_q72": (0.5, 0.25)
     }
     np.savez(tmp_path / "c.npz", ids=np.array(["w", "x", "z", "y"]), labels=labels, bad=bad)
     with pytest.raises(ValueError, match="other images"):
-        evaluate.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")])
+        classification.fuse_predictions([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")])
 
 
 def rescaled(h, w, q):
@@ -224,7 +273,7 @@ def bucket_count(scales, per_octave=8):
         for w in range(300, 501):
             for q in scales:
                 size = rescaled(h, w, q)
-                bucket = inference.bucket_shape(*size, 32, per_octave)
+                bucket = buckets.bucket_shape(*size, 32, per_octave)
                 assert bucket[0] >= size[0] and bucket[1] >= size[1]
                 assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
                 shapes.add(bucket)
@@ -242,9 +291,9 @@ def test_bucket_shapes_stay_few_for_imagenet_like_sizes():
     shapes, waste = bucket_count((256, 384, 512), per_octave=4)
     assert shapes == 21 and waste < 0.2
     # However elongated, a few buckets per octave of aspect ratio: 8 per octave at Q = 256.
-    long_sides = {inference.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
+    long_sides = {buckets.bucket_shape(256, w)[1] for w in range(256, 256 * 8)}
     assert len(long_sides) == 3 * 8 + 1  # 256, 288, …, 512, 576, …, 1024, 1152, …, 2048
-    assert inference.bucket_shape(256, 600) == (256, 640)  # past 2Q, steps of 64
+    assert buckets.bucket_shape(256, 600) == (256, 640)  # past 2Q, steps of 64
 
 
 def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_dir, tmp_path):
@@ -341,8 +390,8 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
             with open(data / "val" / name, "rb") as f:
                 h, w = augment.decode_image(f.read()).shape[:2]
             # Q = 72, 88 and 104 run the same program (dense and multi-crop); 73 the centre crop.
-            expected |= {("Q", inference.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
-            expected.add(("centre", inference.bucket_shape(*rescaled(h, w, 73))))
+            expected |= {("Q", buckets.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
+            expected.add(("centre", buckets.bucket_shape(*rescaled(h, w, 73))))
     assert summary["compiled_shapes"] == len(expected) <= 8 and summary["cached_shapes"] == 0
     assert summary["compile_seconds"] > 0 and "programs compiled" in result.stderr
 

@@ -111,7 +111,7 @@ def test_parameters_round_trip_through_a_bucket(emulator, caplog):
     np.testing.assert_array_equal(
         loaded_model.apply(loaded, preprocess(images)), model.apply(variables, preprocess(images))
     )
-    assert pretrained.workdir_of(f"{workdir}/checkpoints/0") == workdir
+    assert checkpoints.workdir_of(f"{workdir}/checkpoints/0") == workdir
     with pytest.raises(UserError, match=f"no config.json in gs://{BUCKET}/nothing"):
         pretrained.read_config(f"gs://{BUCKET}/nothing")
 

@@ -14,8 +14,9 @@ import pytest
 from helpers import init, load_config, narrow, run_main
 from PIL import Image
 
-from vggjax import checkpoints, localise, localise_eval, models, objectives, pretrained
+from vggjax import checkpoints, localise, models, objectives, pretrained
 from vggjax.data import augment, boxes, pipeline, sources
+from vggjax.evaluators import localisation as localise_eval
 
 
 def test_iou_hand_worked():

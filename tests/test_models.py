@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import init, narrow
 
-from vggjax import models, summary
+from vggjax import models, objectives, summary
 
 # Table 2 and torchvision's counts (A-LRN has no parameters beyond A; C adds three 1×1 convs).
 PARAM_COUNTS = {
@@ -255,3 +255,10 @@ def test_batch_norm_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     y = sum(padded[:, i : i + 32, j : j + 32] @ kernel[i, j] for i in range(3) for j in range(3))
     np.testing.assert_allclose(got, y.var((0, 1, 2)), rtol=1e-3)
+
+
+def test_fc8_is_sized_for_every_objective_and_only_those():
+    """The net sizes fc8 (models) for exactly the objectives training knows (objectives)."""
+    assert set(models.FC8_OUTPUTS) == set(objectives.OBJECTIVES)
+    widths = {name: models.FC8_OUTPUTS[name](10) for name in ("classification", "scr", "pcr")}
+    assert widths == dict(classification=10, scr=4, pcr=40)

@@ -124,7 +124,8 @@ def test_two_processes_extract_the_features_one_does(trained_demo_net, tiny_demo
     outputs = run_two_processes(args, tmp_path)
     assert "features_val.npz: 40 images" in outputs[0] and "Wrote" not in outputs[1]
 
-    from vggjax import features, recipe  # one process, 8 devices
+    from vggjax import recipe  # one process, 8 devices
+    from vggjax.evaluators import features
 
     c = recipe.paper_recipe("A")
     c.dataset, c.data_dir, c.num_workers, c.eval.batch_size = "folder", tiny_demo_dir, 0, 8

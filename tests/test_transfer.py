@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import run_main
 
-from vggjax import features, pretrained, recipe, transfer
+from vggjax import pretrained, recipe
 from vggjax.data import augment
+from vggjax.evaluators import features, transfer
 
 
 def transfer_config(data_dir, checkpoints, scales=(72, 88, 104), aggregation="stack"):

@@ -22,8 +22,36 @@ from absl import logging
 from etils import epath
 
 from vggjax import storage
+from vggjax.errors import UserError
 
 STATE, DATA = "state", "data"
+# Beside checkpoints/, what the net is and what input it takes: training writes its whole config,
+# vggjax.convert the model fields and mean RGB of the weights it converted.
+CONFIG_FILE = "config.json"
+
+
+def workdir_of(path: str) -> str:
+    """The workdir of what restore_params accepts: a workdir, its checkpoints/ or a step folder."""
+    where = storage.at(path)
+    if (where / STATE).is_dir():  # WORKDIR/checkpoints/STEP
+        where = where.parent.parent
+    elif where.name == "checkpoints":
+        where = where.parent
+    return str(where)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The workdir's config.json: what the net is and what input it takes."""
+    file = storage.at(workdir_of(path)) / CONFIG_FILE
+    config = storage.read_json(
+        file,
+        missing=f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
+        f"input mean (vggjax.convert and training write it)",
+    )
+    missing = [k for k in ("model", "mean_rgb") if k not in config]
+    if missing:
+        raise UserError(f"{file} has no {' or '.join(missing)}")
+    return config
 
 
 def _checkpoint_dir(workdir: str | epath.Path) -> epath.Path:

@@ -144,20 +144,14 @@ def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
-    from vggjax import convolution
+    if mode == "train":
+        from vggjax.train import train_and_evaluate
 
-    if mode == "eval" and config.objective != "classification":  # Appendix A's protocols
-        from vggjax.localise_eval import run
-    elif mode == "eval":
-        from vggjax.evaluate import evaluate as run
-    elif mode == "features":
-        from vggjax.features import run
-    elif mode == "transfer":
-        from vggjax.transfer import run
+        train_and_evaluate(config, workdir)
     else:
-        from vggjax.train import train_and_evaluate as run
-    with convolution.winograd_setting(config.winograd):
-        run(config, workdir)
+        from vggjax import evaluators
+
+        evaluators.get(evaluators.for_mode(mode, config))(config, workdir)
 
 
 def _main(argv: list[str]) -> None:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vggjax import backend, convolution, objectives
+from vggjax import backend, convolution
 from vggjax.errors import UserError, require
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
@@ -415,6 +415,15 @@ def create_model(
     )
 
 
+# fc8's width by `config.objective`, for a data set of this many classes: class scores, or
+# Appendix A's one box (single-class regression) or box per class (per-class regression). What
+# each learns, its loss and errors, is vggjax/objectives.py's.
+FC8_OUTPUTS: dict[str, Callable[[int], int]] = {
+    "classification": lambda classes: classes,
+    "scr": lambda classes: 4,
+    "pcr": lambda classes: 4 * classes,
+}
+
 # The config fields (and config.json keys) that shape the module, with create_model's defaults.
 MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
 
@@ -426,13 +435,8 @@ def model_from_config(config: Mapping[str, Any]) -> VGG:
     """
     fields = {k: config[k] for k in MODEL_FIELDS if config.get(k) is not None}
     objective = config.get("objective") or "classification"
-    require(
-        objective in objectives.OBJECTIVES,
-        "objective",
-        f"one of {tuple(objectives.OBJECTIVES)}",
-        objective,
-    )
-    outputs = objectives.OBJECTIVES[objective].outputs(config.get("num_classes") or 1000)
+    require(objective in FC8_OUTPUTS, "objective", f"one of {tuple(FC8_OUTPUTS)}", objective)
+    outputs = FC8_OUTPUTS[objective](config.get("num_classes") or 1000)
     return create_model(config["model"], outputs, **fields)
 
 

@@ -1,8 +1,9 @@
 """What fc8 learns (`config.objective`): class scores (Sect. 3.1) or a box (Appendix A).
 
-An objective is fc8's width, the per-image loss the train step minimises and the per-image
-errors the progress line and the validation pass count; the first of them, `watch`, drives the
-learning-rate cut. The training loop is the same for all (vggjax/train.py).
+An objective is the per-image loss the train step minimises and the per-image errors the
+progress line and the validation pass count; the first of them, `watch`, drives the
+learning-rate cut. The training loop is the same for all (vggjax/train.py). fc8's width for each
+is the net's to know (`models.FC8_OUTPUTS`, under the same names): the net needs no box maths.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ Batch = dict[str, jax.Array]
 
 
 class Objective(NamedTuple):
-    outputs: Callable[[int], int]  # fc8's width for a data set of this many classes
     loss: Callable[[jax.Array, Batch], jax.Array]  # (fc8's output, batch) → (N,) losses
     errors: Callable[[jax.Array, Batch], dict[str, jax.Array]]  # name → (N,) 0 or 1
     watch: str  # the error the validation pass reports to the learning-rate schedule
@@ -61,8 +61,8 @@ def box_errors(outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
 
 
 OBJECTIVES = {
-    "classification": Objective(lambda classes: classes, softmax_loss, top_k_errors, "top1_error"),
+    "classification": Objective(softmax_loss, top_k_errors, "top1_error"),
     # Appendix A: single-class regression (one box) and per-class regression (a box per class).
-    "scr": Objective(lambda classes: 4, box_loss, box_errors, "loc_error"),
-    "pcr": Objective(lambda classes: 4 * classes, box_loss, box_errors, "loc_error"),
+    "scr": Objective(box_loss, box_errors, "loc_error"),
+    "pcr": Objective(box_loss, box_errors, "loc_error"),
 }

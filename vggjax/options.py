@@ -39,8 +39,9 @@ EVAL_PROTOCOLS = {
 # per-class (pcr) box regression.
 OBJECTIVES = tuple(objectives.OBJECTIVES)
 
-# Appendix A's test protocols (vggjax/localise_eval.py): Table 8's (the central crop's box for the
-# ground-truth class: gt_class_error) and Table 9's (dense, merged, top-5 classes: top5_error).
+# Appendix A's test protocols (vggjax/evaluators/localisation.py): Table 8's (the central crop's
+# box for the ground-truth class: gt_class_error) and Table 9's (dense, merged, top-5 classes:
+# top5_error).
 LOC_PROTOCOLS = ("gt_class", "top5")
 
 # Appendix B: descriptors at several Q stacked (the paper's Caltech) or averaged (VOC).

@@ -18,35 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vggjax import checkpoints, models, storage
+from vggjax import checkpoints, convert, models, storage
+from vggjax.checkpoints import CONFIG_FILE, read_config
 from vggjax.data import augment
 from vggjax.errors import UserError
-
-CONFIG_FILE = "config.json"
-
-
-def workdir_of(path: str) -> str:
-    """The workdir of what restore_params accepts: a workdir, its checkpoints/ or a step folder."""
-    where = storage.at(path)
-    if (where / checkpoints.STATE).is_dir():  # WORKDIR/checkpoints/STEP
-        where = where.parent.parent
-    elif where.name == "checkpoints":
-        where = where.parent
-    return str(where)
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """The workdir's config.json: what the net is and what input it takes."""
-    file = storage.at(workdir_of(path)) / CONFIG_FILE
-    config = storage.read_json(
-        file,
-        missing=f"no {CONFIG_FILE} in {workdir_of(path)}: it tells the model and its "
-        f"input mean (vggjax.convert and training write it)",
-    )
-    missing = [k for k in ("model", "mean_rgb") if k not in config]
-    if missing:
-        raise UserError(f"{file} has no {' or '.join(missing)}")
-    return config
 
 
 def with_net_of(
@@ -87,9 +62,7 @@ def resolve(path: str) -> str:
     source, _, name = path.partition(":")
     if storage.is_gcs(path) or os.path.exists(path) or not name:
         return path
-    from vggjax.convert import hub  # the converters load only for a name
-
-    return hub.converted(source, name) if source in {s for s, _ in hub.WEIGHTS} else path
+    return convert.converted(source, name) if source in {s for s, _ in convert.WEIGHTS} else path
 
 
 def load_pretrained(

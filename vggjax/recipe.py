@@ -110,7 +110,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # Testing (Sect. 3.2, 4.2–4.4).
     c.eval = ml_collections.ConfigDict()
     c.eval.scales = eval_scales_for(train_scale)  # Q
-    # Any of options.EVAL_PROTOCOLS (vggjax/evaluate.py says what each computes).
+    # Any of options.EVAL_PROTOCOLS (vggjax/evaluators/classification.py computes each).
     c.eval.protocols = ("dense", "multi_scale_dense")
     c.eval.flip = True
     c.eval.batch_size = 32

@@ -21,8 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from vggjax import (
     backend,
@@ -32,11 +30,12 @@ from vggjax import (
     models,
     objectives,
     options,
-    pretrained,
+    sharding,
     storage,
 )
 from vggjax.data import augment, pipeline, sources
 from vggjax.errors import DivergedError, UserError
+from vggjax.sharding import make_mesh
 
 
 @flax.struct.dataclass
@@ -47,14 +46,6 @@ class TrainState:
     opt_state: Any
     plateau: Any  # optax reduce_on_plateau state: `scale` multiplies the learning rate
     rng: jax.Array  # raw key data, so checkpoints hold plain arrays
-
-
-def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over all devices of all processes. Auto axes: Linen's dropout needs them."""
-    devices = devices or jax.devices()
-    return jax.sharding.Mesh(
-        np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
 
 
 def _base(name: str) -> str:
@@ -232,7 +223,7 @@ def eval_step(
 def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> None:
     """Warns when the run subtracts another mean RGB than the checkpoint's net was trained with."""
     try:
-        mean = pretrained.read_config(path)["mean_rgb"]
+        mean = checkpoints.read_config(path)["mean_rgb"]
     except UserError:  # no config.json: nothing recorded to compare with
         return
     if not np.allclose(mean, config.mean_rgb, atol=1e-3):
@@ -257,8 +248,8 @@ class Trainer:
         self.objective = objectives.OBJECTIVES[config.objective]
         self.tx = make_optimizer(config)
         self.plateau = make_plateau(config)
-        self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.replicated = sharding.replicated(mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
         self.train_step = jax.jit(
             functools.partial(
                 train_step,
@@ -394,7 +385,7 @@ class _Run:
         config.winograd = convolution.in_effect()  # "auto" resolved: what this run computes with
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
             storage.write_text(
-                storage.at(workdir) / "config.json", config.to_json_best_effort(indent=2)
+                storage.at(workdir) / checkpoints.CONFIG_FILE, config.to_json_best_effort(indent=2)
             )
         if self.ckpt.latest_step() is not None:
             self.state = self.ckpt.restore(trainer.abstract_state(), self.data)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vggjax import checkpoints, pretrained, storage
+from vggjax import checkpoints, storage
 from vggjax.convert.caffe import read_caffemodel
 from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
@@ -95,7 +95,7 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
         input="RGB on 0-255 minus mean_rgb (the source's convention folded into conv1_1)",
     )
     checkpoints.save_params(output, variables)
-    storage.write_json(folder / pretrained.CONFIG_FILE, config)
+    storage.write_json(folder / checkpoints.CONFIG_FILE, config)
     return config
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from vggjax import models, pretrained
+from vggjax import checkpoints, models
 from vggjax.convert.layout import TORCH_MEAN_RGB, TORCH_STD_RGB
 from vggjax.convert.torch import file_format
+from vggjax.data import augment
 from vggjax.errors import UserError
 
 MAX_RELATIVE_DIFFERENCE = 1e-4
@@ -115,7 +116,8 @@ def reference(source: str, path: str) -> Runner:
 def verify(output: str, run: Runner, num_images: int = 2) -> tuple[float, str]:
     """max |vggjax − reference| / max |reference| of the converted net in `output` and the
     source library's, on the same random RGB images, and what was compared."""
-    model, variables, preprocess = pretrained.load_pretrained(output)
+    config = checkpoints.read_config(output)  # not load_pretrained: pretrained imports convert
+    model, variables = models.model_from_config(config), checkpoints.restore_params(output)
     include_top = "fc8" in variables["params"]
     images = (
         np.random.default_rng(0)
@@ -123,10 +125,11 @@ def verify(output: str, run: Runner, num_images: int = 2) -> tuple[float, str]:
         .astype(np.float32)
     )
     expected = run(model, include_top, images)
-    x = preprocess(images)
-    got = np.asarray(
-        model.apply(variables, x) if include_top else pretrained.conv_features(model, variables, x)
-    )
+    x = augment.subtract_mean(images, tuple(config["mean_rgb"]))
+    if include_top:
+        got = np.asarray(model.apply(variables, x))
+    else:  # the last pooled maps, as pretrained.conv_features gives them
+        got = np.asarray(model.apply(variables, x, dense=True, output="pool5"))
     if got.shape != expected.shape:
         raise UserError(f"--verify: vggjax gives shape {got.shape}, the reference {expected.shape}")
     what = (

@@ -26,7 +26,6 @@ import simplejpeg
 from PIL import Image
 
 
-
 @functools.cache
 def _cv2() -> Any:
     """OpenCV, imported on first use with one thread (parallelism comes from grain's workers;
@@ -41,6 +40,7 @@ def _cv2() -> Any:
         os.environ["LD_LIBRARY_PATH"] = before
     cv2.setNumThreads(1)
     return cv2
+
 
 # Krizhevsky et al. (2012) PCA of ImageNet RGB pixels on the [0, 1] scale.
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)

@@ -1,9 +1,9 @@
-"""Appendix B: very deep features for other data sets.
+"""Appendix B: very deep features for other data sets (the `features` evaluator).
 
 The net without its last FC layer is applied densely to the whole image rescaled to Q; its
 4096-D penultimate activations are averaged over the map and with those of the mirror image,
 then over several Q either averaged or stacked, and L2-normalised. Two nets' descriptors are
-stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.inference`),
+stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.engine`),
 so any image size runs exactly, batched and sharded over the devices.
 """
 
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vggjax import inference, models, options, pretrained, storage, train
+from vggjax import engine, models, options, pretrained, storage
 from vggjax.data import sources
 from vggjax.errors import UserError
 
@@ -28,7 +28,7 @@ def dense_descriptor(
 ) -> jax.Array:
     """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
     positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
-    return inference.dense_averages(model, variables, images, sizes, "fc7", flip).mean(1)
+    return engine.dense_averages(model, variables, images, sizes, "fc7", flip).mean(1)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -61,24 +61,15 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
     paths = settings(config, workdir)["checkpoints"]
     nets = [pretrained.with_net_of(config, path) for path in paths]  # bad paths fail first
     source = sources.make_source(config, split)
-    mesh = train.make_mesh(jax.local_devices())
     scales = tuple(config.features.scales)
-    head = inference.Head(
-        functools.partial(dense_descriptor, flip=config.features.flip), fill=lambda width: 0.0
-    )
+    heads = {
+        "features": engine.Head(
+            functools.partial(dense_descriptor, flip=config.features.flip), fill=lambda width: 0.0
+        )
+    }
     per_net = []
     for i, (path, net) in enumerate(zip(paths, nets)):
-        runner = inference.Engine(
-            models.model_from_config(net),
-            tuple(net.mean_rgb),
-            mesh,
-            dict.fromkeys(scales, ("features",)),
-            {"features": head},
-            config.eval.batch_size,
-            bucket_multiple=config.eval.bucket_multiple,
-            num_threads=config.num_workers,
-            buckets_per_octave=config.eval.buckets_per_octave,
-        )
+        runner = engine.Engine.from_config(net, dict.fromkeys(scales, ("features",)), heads)
         _, variables, _ = pretrained.load_pretrained(path, runner.replicated)
         if "fc7" not in variables["params"]:
             raise UserError(

@@ -1,4 +1,5 @@
-"""Testing localisation nets as in Appendix A: `--mode=eval` for objective scr or pcr.
+"""Testing localisation nets as in Appendix A: the `localisation` evaluator (`--mode=eval` for
+objective scr or pcr).
 
 - **gt_class** (Table 8): the net on the central crop of the image rescaled to Q =
   `config.eval_scale`, the box it predicts for the ground-truth class; an error when its IoU
@@ -14,7 +15,7 @@
   right when one of its five (class, box) guesses has its class and IoU > 0.5 with one of its
   ground-truth boxes.
 
-Both run on the bucketed inference engine (`vggjax.inference`), the per-image labels or top-5
+Both run on the bucketed inference engine (`vggjax.engine`), the per-image labels or top-5
 classes riding along as the engine's per-image inputs. Boxes are kept as fractions of the
 image's width and height, which IoU does not mind, and written in the original image's pixels.
 """
@@ -30,9 +31,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vggjax import checkpoints, evaluate, inference, localise, models, pretrained, storage, train
+from vggjax import checkpoints, engine, localise, models, pretrained, storage
 from vggjax.data import boxes
 from vggjax.errors import UserError
+from vggjax.evaluators import classification
 
 TOP = 5  # the ILSVRC localisation task's guesses per image
 _FINE_TUNED = {"all": "all", "fc": "fc6–fc8", "fc8": "fc8"}  # Table 8's column, by config.trainable
@@ -55,7 +57,7 @@ def centre_box(
     cut to the image."""
     crop = model.crop_size
     offsets = (sizes - crop) // 2
-    outputs = model.apply(variables["loc"], evaluate.crops_at(images, offsets, crop))
+    outputs = model.apply(variables["loc"], classification.crops_at(images, offsets, crop))
     params = localise.select(outputs.astype(jnp.float32), label[:, None])[:, 0]
     return jnp.clip((localise.decode(params, crop) + _xyxy(offsets)) / _xyxy(sizes), 0, 1)
 
@@ -156,30 +158,28 @@ def classifier_config(config: ml_collections.ConfigDict) -> tuple[str, ml_collec
 
 
 def top_classes(
-    config: ml_collections.ConfigDict, source: boxes.BoxedSource, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict, source: boxes.BoxedSource
 ) -> tuple[np.ndarray, np.ndarray, Any, ml_collections.ConfigDict]:
     """Each image's top-5 classes and their posteriors by the dense multi-scale protocol, and
     the classifier's variables and config."""
     path, net = classifier_config(config)
-    runner = evaluate.engine(net, mesh)
+    runner = classification.protocols_engine(net)
     variables = checkpoints.restore_params(path, runner.replicated)
     data = runner.run_source(variables, source, f"classifier {path}")
-    posteriors = evaluate.protocol_posteriors(data["raw"], net)["multi_scale_dense"]
+    posteriors = classification.protocol_posteriors(data["raw"], net)["multi_scale_dense"]
     classes = np.argsort(-posteriors, axis=1, kind="stable")[:, :TOP].astype(np.int32)
     return classes, np.take_along_axis(posteriors, classes, 1), variables, net
 
 
-def _engine(
-    net: Net, classifier: ml_collections.ConfigDict | None, mesh: jax.sharding.Mesh
-) -> inference.Engine:
+def _engine(net: Net, classifier: ml_collections.ConfigDict | None) -> engine.Engine:
     """The engine computing a net's heads: the central crop's box at its eval_scale (gt_class),
     the boxes of every position at each of its loc.scales (top5, when given a classifier)."""
-    c, model = net.config, models.model_from_config(net.config)
+    c = net.config
     plan: dict[int, tuple[str, ...]] = {}
     heads = {}
     if "gt_class" in c.loc.protocols:
         plan[c.eval_scale] = ("centre_box",)
-        heads["centre_box"] = inference.Head(centre_box, lambda width: np.nan)
+        heads["centre_box"] = engine.Head(centre_box, lambda width: np.nan)
     if classifier is not None and classifier.crop_size != c.crop_size:
         raise UserError(
             f"the classifier's crop ({classifier.crop_size}) differs from localisation net "
@@ -191,21 +191,11 @@ def _engine(
             dense_boxes,
             classifier=models.model_from_config(classifier),
             shift=tuple(np.subtract(c.mean_rgb, classifier.mean_rgb).tolist()),
-            positions=max_positions(q, model.crop_size, c.loc.max_aspect),
+            positions=max_positions(q, c.crop_size, c.loc.max_aspect),
         )
-        heads[name] = inference.Head(compute, lambda width: np.nan)
+        heads[name] = engine.Head(compute, lambda width: np.nan)
         plan[q] = plan.get(q, ()) + (name,)
-    return inference.Engine(
-        model,
-        tuple(c.mean_rgb),
-        mesh,
-        plan,
-        heads,
-        c.eval.batch_size,
-        bucket_multiple=c.eval.bucket_multiple,
-        num_threads=c.num_workers,
-        buckets_per_octave=c.eval.buckets_per_octave,
-    )
+    return engine.Engine.from_config(c, plan, heads)
 
 
 def guesses(raws: list[np.ndarray], min_iou: float) -> np.ndarray:
@@ -254,7 +244,7 @@ def _top5_row(
     row = dict(
         protocol="top5",
         checkpoints=[net.path for net in tested],
-        train_scales=[evaluate.train_scale_label(net.config.train_scale) for net in tested],
+        train_scales=[classification.train_scale_label(net.config.train_scale) for net in tested],
         test_scales=[list(net.config.loc.scales) for net in tested],
         top5_error=error,
     )
@@ -278,7 +268,7 @@ def format_tables(results: list[dict[str, Any]]) -> str:
             )
             for r in gt
         ]
-        tables.append(evaluate.text_table((*header, "GT class localisation error (%)"), rows))
+        tables.append(classification.text_table((*header, "GT class localisation error (%)"), rows))
     top5 = [r for r in results if r["protocol"] == "top5"]
     if top5:
         header = ("localisation net", "train (S)", "test (Q)", "top-5 localisation error (%)")
@@ -291,7 +281,7 @@ def format_tables(results: list[dict[str, Any]]) -> str:
             )
             for r in top5
         ]
-        tables.append(evaluate.text_table(header, rows))
+        tables.append(classification.text_table(header, rows))
     return "\n\n".join(tables)
 
 
@@ -300,14 +290,13 @@ def _run(
     classifier: tuple[ml_collections.ConfigDict, Any] | None,
     source: boxes.BoxedSource,
     inputs: dict[str, np.ndarray],
-    mesh: jax.sharding.Mesh,
 ) -> dict[str, Any]:
     """One localisation net's heads over the images (with the classifier's, for top5)."""
-    engine = _engine(net, classifier and classifier[0], mesh)
-    variables = {"loc": checkpoints.restore_params(net.path, engine.replicated)}
+    runner = _engine(net, classifier and classifier[0])
+    variables = {"loc": checkpoints.restore_params(net.path, runner.replicated)}
     if classifier is not None:
         variables["cls"] = classifier[1]
-    return engine.run_source(variables, source, f"localisation net {net.path}", inputs)
+    return runner.run_source(variables, source, f"localisation net {net.path}", inputs)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -316,21 +305,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     in the workdir."""
     start = time.monotonic()
     source = boxes.boxed_source(config, "val")
-    if source.num_classes != config.num_classes:
-        raise UserError(
-            f"config.num_classes is {config.num_classes} but the {config.dataset} "
-            f"validation set has {source.num_classes} classes"
-        )
-    tested, mesh = nets(config, workdir), train.make_mesh(jax.local_devices())
+    classification.check_classes(config, source)
+    tested = nets(config, workdir)
     inputs = {"label": np.asarray(source.labels, np.int32)}
     classifier = scores = None
     if "top5" in config.loc.protocols:
-        inputs["classes"], scores, variables, net = top_classes(config, source, mesh)
+        inputs["classes"], scores, variables, net = top_classes(config, source)
         classifier = (net, variables)
     truth = _Truth(inputs["label"], [source.truth(i) for i in range(len(source))], None)
     results, raws, found = [], [], None
     for net in tested:
-        data = _run(net, classifier, source, inputs, mesh)
+        data = _run(net, classifier, source, inputs)
         truth = truth._replace(bad=data["bad"])
         if "gt_class" in config.loc.protocols:
             results.append(_gt_class_row(net, data["raw"], truth))

@@ -1,8 +1,10 @@
 """Testing as in Sect. 3.2 and 4.1–4.4: dense, multi-scale, multi-crop, their combination, fusion.
 
-Each protocol is a head of the bucketed inference engine (`vggjax.inference`): per-image
-posteriors at one test scale Q, computed exactly for images of any size. Posteriors are kept per image: protocols, scales and models combine on
-the host, and `predictions.npz` lets runs be fused later (`fuse_predictions`) without recomputing.
+The `classification` evaluator (`--mode=eval` of a classification net). Each protocol is a head
+of the bucketed inference engine (`vggjax.engine`): per-image posteriors at one test scale Q,
+computed exactly for images of any size. Posteriors are kept per image: protocols, scales and
+models combine on the host, and `predictions.npz` lets runs be fused later (`fuse_predictions`)
+without recomputing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vggjax import checkpoints, inference, models, options, storage, train
+from vggjax import checkpoints, engine, models, options, storage
 from vggjax.data import sources
 from vggjax.errors import UserError
 
@@ -48,7 +50,7 @@ def dense_posteriors(
 ) -> jax.Array:
     """Sect. 3.2: the softmax of the class score map averaged over the image; with `flip`,
     averaged with the mirror image's."""
-    scores = inference.dense_averages(model, variables, images, sizes, flip=flip)
+    scores = engine.dense_averages(model, variables, images, sizes, flip=flip)
     return jax.nn.softmax(scores).mean(1)
 
 
@@ -82,13 +84,13 @@ def centre_crop_posteriors(
     return _classic_posteriors(model, variables, crops)
 
 
-def posterior_heads(flip: bool = True) -> dict[str, inference.Head]:
+def posterior_heads(flip: bool = True) -> dict[str, engine.Head]:
     """The classification protocols' per-scale posteriors; undecodable images get 1/classes."""
     uniform = lambda width: 1.0 / width
     return {
-        "dense": inference.Head(functools.partial(dense_posteriors, flip=flip), uniform),
-        "multi_crop": inference.Head(multi_crop_posteriors, uniform),
-        "centre_crop": inference.Head(centre_crop_posteriors, uniform),
+        "dense": engine.Head(functools.partial(dense_posteriors, flip=flip), uniform),
+        "multi_crop": engine.Head(multi_crop_posteriors, uniform),
+        "centre_crop": engine.Head(centre_crop_posteriors, uniform),
     }
 
 
@@ -214,19 +216,18 @@ def _results(
     return results
 
 
-def engine(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> inference.Engine:
+def protocols_engine(config: ml_collections.ConfigDict) -> engine.Engine:
     """The inference engine computing what `config.eval`'s protocols need at each scale."""
-    return inference.Engine(
-        models.model_from_config(config),
-        tuple(config.mean_rgb),
-        mesh,
-        plan(config),
-        posterior_heads(config.eval.flip),
-        config.eval.batch_size,
-        bucket_multiple=config.eval.bucket_multiple,
-        num_threads=config.num_workers,
-        buckets_per_octave=config.eval.buckets_per_octave,
-    )
+    return engine.Engine.from_config(config, plan(config), posterior_heads(config.eval.flip))
+
+
+def check_classes(config: ml_collections.ConfigDict, source: sources.Source) -> None:
+    """Raises the UserError for a net whose classes are not the validation set's."""
+    if source.num_classes != config.num_classes:
+        raise UserError(
+            f"config.num_classes is {config.num_classes} but the {config.dataset} "
+            f"validation set has {source.num_classes} classes"
+        )
 
 
 def _run_checkpoints(
@@ -234,9 +235,7 @@ def _run_checkpoints(
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Each checkpoint's protocol posteriors and result rows, the last pass's labels and ids,
     and what building the programs cost (`Engine.cost`)."""
-    # Each process runs its own share on its own devices: the hosts need not agree on the order
-    # of bucket shapes, and evaluation needs no communication until the posteriors are gathered.
-    runner = engine(config, train.make_mesh(jax.local_devices()))
+    runner = protocols_engine(config)
     several = len(paths) > 1
     per_model, results = [], []
     for i, path in enumerate(paths):
@@ -249,15 +248,12 @@ def _run_checkpoints(
     return per_model, results, data, runner.cost()
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the workdir's latest checkpoint (or `config.eval.checkpoints`) on the 'val'
-    split with `config.eval.protocols`; writes eval_results.json and predictions.npz there."""
+    split with `config.eval.protocols`; writes eval_results.json and predictions.npz there and
+    returns what the JSON file holds."""
     source = sources.make_source(config, "val")
-    if source.num_classes != config.num_classes:
-        raise UserError(
-            f"config.num_classes is {config.num_classes} but the {config.dataset} "
-            f"validation set has {source.num_classes} classes"
-        )
+    check_classes(config, source)
     paths = tuple(config.eval.checkpoints) or (workdir,)
     start = time.monotonic()
     per_model, results, data, cost = _run_checkpoints(config, paths, source)

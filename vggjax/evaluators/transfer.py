@@ -1,4 +1,5 @@
-"""Appendix B's classifier: linear SVMs on very deep features, scored as the paper scores them.
+"""Appendix B's classifier: linear SVMs on very deep features, scored as the paper scores them
+(the `transfer` evaluator).
 
 One-vs-rest L2-regularised squared-hinge SVMs (the "L2-loss SVM", liblinear's default), fitted
 jointly by L-BFGS on the device: the objective is a sum of one term per class, so one run fits
@@ -19,8 +20,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from vggjax import features, storage
+from vggjax import storage
 from vggjax.errors import UserError
+from vggjax.evaluators import features
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
