@@ -147,3 +147,9 @@ def _thp_mode() -> str | None:
             return f.read().split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         return None
+
+
+def setup_program() -> None:
+    """What every vggjax program does first (cli.run): huge pages, then the CPU flags."""
+    use_huge_pages()
+    set_cpu_flags()
