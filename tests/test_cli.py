@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 from helpers import ROOT, load_config, run_main
 
-from vggjax import options
+from vggjax import backend, cli, main, options
+from vggjax.errors import UserError
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -55,6 +57,75 @@ def test_paper_recipe_defaults():
     assert (c.train_scale, c.eval_scale, c.eval.scales) == ((256, 512), 384, (256, 384, 512))
 
 
+def test_the_config_file_runs_once_and_overrides_apply(tmp_path):
+    """main's parser executes the config file once (absl's config_flags would execute it again)
+    and applies --config.FIELD overrides of each kind with ml_collections' parsers."""
+    runs = tmp_path / "runs"
+    (tmp_path / "counted.py").write_text(
+        f"open({str(runs)!r}, 'a').write('ran\\n')\n"
+        "from vggjax import recipe\n"
+        "def get_config(scale):\n"
+        "    return recipe.paper_recipe('D', scale)\n"
+    )
+    argv = [
+        "vggjax",
+        f"--config={tmp_path / 'counted.py'}:384",
+        "--config.width=0.25",
+        "--config.model",
+        "vgg19",
+        "--config.profile_steps=(2, 3)",
+        "--noconfig.eval.flip",
+        "--mode=summary",
+    ]
+    try:
+        config, overridden = main.parse_flags(argv)
+    finally:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS.mark_as_parsed()  # as test_data leaves it for grain
+    assert runs.read_text() == "ran\n"
+    assert (config.model, config.width, config.train_scale) == ("vgg19", 0.25, (384, 384))
+    assert (config.profile_steps, config.eval.flip) == ((2, 3), False)
+    assert overridden == {"model", "width", "profile_steps", "eval.flip"}
+    config.profile_steps = (3, 2)
+    with pytest.raises(UserError, match=r"config.profile_steps must be \(\) or \(FIRST, LAST\)"):
+        options.validate(config)
+
+
+def test_the_wrapper_sets_up_the_program_and_gives_user_errors_one_line(monkeypatch, capsys):
+    """cli.run: backend.tune_cpu(restart=True) first; a UserError ends in one line and status 2; a bug
+    keeps its exception (and traceback)."""
+    calls = []
+    monkeypatch.setattr(backend, "tune_cpu", lambda **kw: calls.append(f"setup {kw}"))
+
+    def program(message: str, error: type[Exception]) -> None:
+        calls.append("main")
+        raise error(message)
+
+    with pytest.raises(SystemExit) as e:
+        cli.run("prog", program, "bad value", UserError)
+    assert e.value.code == 2 and calls == ["setup {'restart': True}", "main"]
+    assert capsys.readouterr().err == "prog: error: bad value\n"
+    with pytest.raises(KeyError, match="a bug"):
+        cli.run("prog", program, "a bug", KeyError)
+
+
+def test_the_console_script_goes_through_the_wrapper():
+    """setup.py's `vggjax` entry point, vggjax.main:run, as the installed script calls it."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from vggjax.main import run; run()", "--config=nope.py"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        result.stderr
+        == "vggjax: error: config file 'nope.py' not found; the configs are in configs/\n"
+    )
+
+
 def test_summary_prints_the_layer_table():
     result = run_main("--config=configs/vgg16.py", "--mode=summary", XLA_FLAGS="")
     assert result.returncode == 0, result.stderr
@@ -90,6 +161,7 @@ def test_summary_prints_the_layer_table():
             "training scale must be S or SMIN-SMAX",
         ),
         (["--config=configs/vgg16.py", "--mode=bogus"], "--mode=bogus"),
+        (["--config=configs/vgg16.py", "--bogus=1"], "Unknown command line flag 'bogus'"),
         (
             ["--config=configs/demo.py", "--mode=features", "--workdir=/no/such/run"],
             "no config.json in /no/such/run",

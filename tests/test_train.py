@@ -176,6 +176,23 @@ def test_restore_params_on_another_device_count(tiny_config, tmp_path):
         checkpoints.restore_params(str(tmp_path / "nope"))
 
 
+def test_profile_steps_trace_those_steps_into_the_workdir(tiny_config, tmp_path):
+    """config.profile_steps = (FIRST, LAST): jax.profiler's trace (an .xplane.pb, which
+    TensorBoard's profile tab and XProf read) of train steps FIRST to LAST in WORKDIR/profile."""
+    tiny_config.num_train_steps, tiny_config.profile_steps = 3, (2, 3)
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+    (trace,) = (tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb")
+    profile = jax.profiler.ProfileData.from_file(str(trace))
+    steps = [
+        dict(event.stats)["step_num"]
+        for plane in profile.planes
+        for line in plane.lines
+        for event in line.events
+        if event.name == "train"  # _Run.train_step's StepTraceAnnotation
+    ]
+    assert steps == [2, 3]
+
+
 def test_half_written_checkpoint_is_never_loaded(tiny_config, tmp_path):
     tiny_config.num_train_steps = 4
     train.train_and_evaluate(tiny_config, str(tmp_path))

@@ -1,11 +1,8 @@
 """The one exception type for user mistakes.
 
 A bad flag, config value, path or file raises `UserError`; the command lines print its message
-in one line and exit with status 2. Anything else is a bug and keeps its traceback.
+in one line and exit with status 2 (`vggjax.cli`). Anything else is a bug and keeps its traceback.
 """
-
-import sys
-from typing import NoReturn
 
 
 class UserError(ValueError):
@@ -20,9 +17,3 @@ def require(ok: bool, field: str, allowed: str, value: object) -> None:
     """UserError `{field} must be {allowed}, got {value!r}` unless `ok`."""
     if not ok:
         raise UserError(f"{field} must be {allowed}, got {value!r}")
-
-
-def fail(program: str, message: str, status: int = 2) -> NoReturn:
-    """What a command line does with a user mistake: one line on stderr, exit status 2."""
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(status)

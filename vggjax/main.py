@@ -1,8 +1,11 @@
 """Command line: `python -m vggjax.main --config=configs/vgg19.py --workdir=DIR [--mode=MODE]`.
 
-Thin on purpose: flags in, one function of vggjax out. A user mistake (a bad flag, config
-field or value: a `vggjax.UserError`) ends with one line on stderr and exit status 2; any other
+Any field of the config can be set with `--config.FIELD=VALUE`. A user mistake (a bad flag,
+config field or value) ends with one line on stderr and exit status 2 (`vggjax.cli`); any other
 exception is a bug and keeps its traceback.
+
+Thin on purpose: flags in (`parse_flags`: the config file runs once, ml_collections' config_flags
+applies the overrides), `--mode`'s function of vggjax out (`_run_mode`).
 """
 
 from __future__ import annotations
@@ -10,21 +13,20 @@ from __future__ import annotations
 import importlib.util
 import logging as pylogging
 import os
-from typing import NoReturn
+import re
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vggjax import errors
+from vggjax import cli
 from vggjax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = flags.DEFINE_string(
     "config",
     None,
     "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
     "override fields with --config.FIELD=VALUE.",
-    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum(
@@ -57,10 +59,6 @@ flags.register_multi_flags_validator(
     lambda f: None in (f["process_id"], f["num_processes"]) or f["process_id"] < f["num_processes"],
     "--process_id must be less than --num_processes",
 )
-
-
-def _fail(message: str) -> NoReturn:
-    errors.fail("vggjax", message)
 
 
 def _init_distributed() -> None:
@@ -106,7 +104,7 @@ def _summary(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             f"--image_size must be at least the crop ({config.crop_size}), got {image_size}"
         )
-    print(f"Config ({config_flags.get_config_filename(flags.FLAGS['config'])}):")
+    print(f"Config ({_CONFIG.value}):")
     print(config)
     print(summary.format_summary(model, config.model, image_size))
 
@@ -127,13 +125,11 @@ def _use_compilation_cache() -> None:
         )
 
 
-def _classes_from_folder(config: ml_collections.ConfigDict) -> None:
+def _classes_from_folder(config: ml_collections.ConfigDict, overridden: frozenset[str]) -> None:
     """A folder data set's number of classes is its training folder's, unless the command line
     gives --config.num_classes (training then checks that they agree): a config file's value
     (configs/demo.py's 10, fine-tuning's None) is not the user's data."""
-    if config.dataset != "folder" or "num_classes" in config_flags.get_override_values(
-        flags.FLAGS["config"]
-    ):
+    if config.dataset != "folder" or "num_classes" in overridden:
         return
     from vggjax.data import sources
 
@@ -154,37 +150,34 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
         evaluators.get(evaluators.for_mode(mode, config))(config, workdir)
 
 
-def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
+def _main(parsed: tuple[ml_collections.ConfigDict, frozenset[str]]) -> None:
+    """`--mode`'s function of the config, once it is complete and checked."""
+    config, overridden = parsed
     from vggjax import options, pretrained, storage  # after flag parsing: keeps --help fast
 
-    try:
-        config = pretrained.inherit_net(_CONFIG.value)
-        if _MODE.value != "summary":
-            _classes_from_folder(config)
-        options.validate(config)
-        if _MODE.value == "summary":
-            return _summary(config)
-        if not _WORKDIR.value:
-            raise UserError(f"--workdir is required for --mode={_MODE.value}")
-        storage.at(_WORKDIR.value)  # gs:// without the gcs extra: said now, not after the setup
-        _use_compilation_cache()
-        _init_distributed()
-        _run_mode(_MODE.value, config, _WORKDIR.value)
-    except UserError as e:  # a user mistake, or a diverged run: say which; bugs keep tracebacks
-        _fail(str(e))
+    config = pretrained.inherit_net(config)
+    if _MODE.value != "summary":
+        _classes_from_folder(config, overridden)
+    options.validate(config)
+    if _MODE.value == "summary":
+        return _summary(config)
+    if not _WORKDIR.value:
+        raise UserError(f"--workdir is required for --mode={_MODE.value}")
+    storage.at(_WORKDIR.value)  # gs:// without the gcs extra: said now, not after the setup
+    _use_compilation_cache()
+    _init_distributed()
+    _run_mode(_MODE.value, config, _WORKDIR.value)
 
 
-def _config_path(argv: list[str]) -> str:
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if "--config" in argv[:-1]:
-        path = argv[argv.index("--config") + 1]
-    if path is None:
-        _fail("--config is required, e.g. --config=configs/vgg16.py")
-    if not os.path.isfile(path.split(":", 1)[0]):
-        _fail(f"config file {path.split(':', 1)[0]!r} not found; the configs are in configs/")
-    return path
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """`get_config(ARG)` of a config file, `path` being `FILE` or `FILE:ARG`."""
+    file, *arg = path.split(":", 1)
+    if not os.path.isfile(file):
+        raise UserError(f"config file {file!r} not found; the configs are in configs/")
+    spec = importlib.util.spec_from_file_location("_vggjax_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
 
 
 def _has_field(config: ml_collections.ConfigDict, field: str) -> bool:
@@ -197,50 +190,27 @@ def _has_field(config: ml_collections.ConfigDict, field: str) -> bool:
     return name in config
 
 
-def _flag_error(e: flags.Error) -> str:
-    """The one line for a bad flag: the UserError behind it (a config file's own check; the
-    innermost, as config_flags re-raises it with a traceback in the message), the unknown
-    flag's name, or absl's message. A multi-line message holds a traceback of a config file
-    that failed otherwise: a bug, so it is raised."""
-    user, cause = None, e
-    while cause is not None:
-        user = cause if isinstance(cause, UserError) else user
-        cause = cause.__cause__ or cause.__context__
-    if user is not None:
-        return str(user)
-    if isinstance(e, flags.UnrecognizedFlagError):
-        return f"unknown flag --{e.flagname}"
-    if "\n" in str(e):
-        raise e
-    return str(e)
+_OVERRIDE = re.compile(r"-{1,2}(?:no)?config\.([^=]+)")  # --config.FIELD=VALUE, --noconfig.FLAG
 
 
-def _config_fields(path: str) -> ml_collections.ConfigDict:
-    """The config file's `get_config(ARG)`, loaded apart before config_flags applies the
-    overrides: it reports an unknown `--config.FIELD` only as a KeyError deep in absl."""
-    file, *arg = path.split(":", 1)
-    spec = importlib.util.spec_from_file_location("_vggjax_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*arg)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with one line for a bad flag instead of a usage dump or a traceback."""
-    path = _config_path(argv)
-    try:
-        fields = _config_fields(path)
-        for arg in argv[1:]:
-            field = arg[len("--config.") :].split("=", 1)[0]
-            if arg.startswith("--config.") and not _has_field(fields, field):
-                _fail(
-                    f"unknown config field --config.{field}; --mode=summary lists the fields of {path}"
-                )
-        return flags.FLAGS(argv)
-    except UserError as e:
-        _fail(str(e))
-    except flags.Error as e:
-        _fail(_flag_error(e))
+def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, frozenset[str]]:
+    """main's flags; then the config file, executed once, with the `--config.FIELD` overrides
+    applied by ml_collections' config_flags (after checking each names a field: config_flags
+    raises a bare AttributeError for an unknown one). Returns the config and the fields set."""
+    rest = cli.parse_flags(argv, known_only=True)
+    if not _CONFIG.value:
+        raise UserError("--config is required, e.g. --config=configs/vgg16.py")
+    config = load_config(_CONFIG.value)
+    for field in (m[1] for m in map(_OVERRIDE.match, rest[1:]) if m):
+        if not _has_field(config, field):
+            raise UserError(
+                f"unknown config field --config.{field}; --mode=summary lists the fields of "
+                f"{_CONFIG.value}"
+            )
+    fields = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=fields, sys_argv=rest)
+    cli.parse_flags(rest, fields)
+    return config, frozenset(fields["config"].override_values)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -260,12 +230,10 @@ class _OwnInfoOnly(pylogging.Filter):
 
 
 def run() -> None:
-    from vggjax import backend
-
-    backend.tune_cpu(restart=True)
+    """`python -m vggjax.main` and the `vggjax` console script."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    app.run(_main, flags_parser=_parse_flags)
+    cli.run("vggjax", app.run, _main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

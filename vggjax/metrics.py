@@ -1,4 +1,5 @@
-"""What a user watches: a progress line on the console and TensorBoard scalars in the workdir.
+"""What a user watches: a progress line on the console and TensorBoard scalars in the workdir,
+and on request a profiler trace of some train steps.
 
 Only process 0 writes, so a pod prints and logs each figure once.
 """
@@ -6,6 +7,7 @@ Only process 0 writes, so a pod prints and logs each figure once.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 from absl import logging
@@ -94,3 +96,31 @@ class Reporter:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+class Profiler:
+    """A jax.profiler trace of train steps FIRST to LAST (`config.profile_steps`; () for none)
+    in WORKDIR/profile, which TensorBoard's profile tab and XProf read; on process 0, as the
+    Flax ImageNet example profiles. A run resumed past FIRST traces nothing."""
+
+    def __init__(self, workdir: str, steps: tuple[int, ...], start_step: int):
+        self.steps = tuple(steps) if jax.process_index() == 0 else ()
+        self.logdir = str(storage.at(workdir) / "profile")
+        self.tracing = False
+        self.after(start_step, None)
+
+    def after(self, step: int, state: Any) -> None:
+        """Called once train step `step` is dispatched (its result `state`): starts the trace
+        before step FIRST and stops it once step LAST is computed."""
+        if self.steps and step == self.steps[0] - 1:
+            jax.profiler.start_trace(self.logdir)
+            self.tracing = True
+            logging.info("Tracing steps %d to %d in %s.", *self.steps, self.logdir)
+        if self.tracing and step == self.steps[1]:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False

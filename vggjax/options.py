@@ -114,6 +114,12 @@ def _checks(c: Any) -> list[tuple[str, bool, str]]:
         ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
         ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, positive_int),
+        (
+            "profile_steps",
+            len(c.profile_steps) == 0
+            or (len(c.profile_steps) == 2 and 0 < c.profile_steps[0] <= c.profile_steps[1]),
+            "() or (FIRST, LAST): the train steps to trace, 1 <= FIRST <= LAST",
+        ),
     ]
 
 

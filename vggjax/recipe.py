@@ -106,6 +106,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.max_to_keep = 3
     c.log_every_steps = 100
     c.seed = 0
+    # (FIRST, LAST): a jax.profiler trace of train steps FIRST to LAST in WORKDIR/profile (for
+    # TensorBoard's profile tab or XProf); () for none.
+    c.profile_steps = ()
 
     # Testing (Sect. 3.2, 4.2–4.4).
     c.eval = ml_collections.ConfigDict()

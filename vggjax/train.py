@@ -405,12 +405,15 @@ class _Run:
             config.batch_size,
             per_epoch,
         )
+        self.profiler = metrics.Profiler(workdir, config.profile_steps, self.step)
 
     def train_step(self) -> None:
-        batch = self.trainer.global_batch(next(self.data))
-        self.state, step_metrics = self.trainer.train_step(self.state, batch)
+        with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):
+            batch = self.trainer.global_batch(next(self.data))
+            self.state, step_metrics = self.trainer.train_step(self.state, batch)
         self.step += 1
         self.pending.append(step_metrics)
+        self.profiler.after(self.step, self.state)
 
     def report(self) -> None:
         """The progress line of the steps since the last one; stops a diverged run."""
@@ -456,6 +459,7 @@ class _Run:
     def close(self) -> None:
         pipeline.close(self.data)
         self.reporter.close()
+        self.profiler.close()
 
 
 def _loop(run: _Run, preemption: _Preemption) -> bool:

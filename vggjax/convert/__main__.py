@@ -1,6 +1,7 @@
 """The command line: python -m vggjax.convert --from=SOURCE FILE --model=NAME --output=DIR
-[--verify], or --from=SOURCE NAME --output=DIR for a published net by name (hub.py). A UserError ends it with one line on stderr and status 2; anything else is a bug
-and keeps its traceback."""
+[--verify], or --from=SOURCE NAME --output=DIR for a published net by name (hub.py). A UserError
+(a bad argument included) ends it with one line on stderr and status 2 (vggjax.cli); anything
+else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -9,19 +10,17 @@ import logging
 from typing import NoReturn
 
 from vggjax import (
+    cli,
     convert,  # the package: its functions looked up at call time, as tests patch
-    errors,
 )
 from vggjax.errors import UserError
 
-
-def _fail(message: str, status: int = 2) -> NoReturn:
-    errors.fail("vggjax.convert", message, status)
+PROGRAM = "vggjax.convert"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not a usage dump
-        _fail(f"{message} (see --help)")
+        raise UserError(f"{message} (see --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,18 +72,18 @@ def _convert(args: argparse.Namespace) -> None:
         f"over the {what} (limit {convert.MAX_RELATIVE_DIFFERENCE:.0e})"
     )
     if not difference < convert.MAX_RELATIVE_DIFFERENCE:
-        _fail(f"the converted net differs from {args.source}'s by {difference:.2e}", 1)
+        cli.fail(PROGRAM, f"the converted net differs from {args.source}'s by {difference:.2e}", 1)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    _convert(_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parses `argv` (default sys.argv) and converts; user errors end in one line, status 2."""
-    args = _parser().parse_args(argv)
-    try:
-        _convert(args)
-    except UserError as e:
-        _fail(str(e))
+    cli.one_line_errors(PROGRAM, _main, argv)
 
 
 if __name__ == "__main__":
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax narrates every read-only restore
-    main()
+    cli.run(PROGRAM, _main)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from vggjax import errors
+from vggjax import cli
 from vggjax.data import augment, sources
 from vggjax.errors import UserError
 
@@ -63,25 +63,13 @@ def mean_rgb(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags refuses arguments that are not flags
     config = ml_collections.ConfigDict({"dataset": _DATASET.value, "data_dir": _DATA_DIR.value})
-    try:
-        source = sources.make_source(config, "train")
-        mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
-    except UserError as e:
-        errors.fail("vggjax.data.stats", str(e))
+    source = sources.make_source(config, "train")
+    mean, count = mean_rgb(source, max_images=_MAX_IMAGES.value, num_workers=_NUM_WORKERS.value)
     logging.info("mean over %d of %d training images", count, len(source))
     print("mean_rgb=({:.3f}, {:.3f}, {:.3f})".format(*mean))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with one line and exit status 2 for a bad flag instead of a usage dump."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        errors.fail("vggjax.data.stats", str(e))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run("vggjax.data.stats", app.run, main, flags_parser=cli.parse_flags)

@@ -1,0 +1,54 @@
+"""What every vggjax command line shares: `python -m vggjax.main` (and the `vggjax` console
+script), `python -m vggjax.data.stats` and `python -m vggjax.convert`.
+
+`run` applies the programs' CPU settings first (`backend.tune_cpu(restart=True)`), then ends a user mistake
+(a `UserError`, a bad flag included) with one line, `PROGRAM: error: MESSAGE`, on stderr and
+exit status 2. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from absl import flags
+
+from vggjax import backend
+from vggjax.errors import UserError
+
+
+def run(program: str, main: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """`main(*args, **kwargs)` as the program `program`: backend.tune_cpu(restart=True) first,
+    then `one_line_errors`."""
+    backend.tune_cpu(restart=True)
+    one_line_errors(program, main, *args, **kwargs)
+
+
+def one_line_errors(program: str, main: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    """`main(*args, **kwargs)`, a UserError ending it with one line and exit status 2: `run`
+    without the program settings, for a command line called in-process."""
+    try:
+        main(*args, **kwargs)
+    except UserError as e:
+        fail(program, str(e))
+
+
+def fail(program: str, message: str, status: int = 2) -> NoReturn:
+    """Ends the program with `PROGRAM: error: MESSAGE` on stderr and exit status `status`."""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_flags(
+    argv: list[str], flag_values: flags.FlagValues = flags.FLAGS, known_only: bool = False
+) -> list[str]:
+    """absl's parser (app.run's flags_parser): a bad flag, or an argument that is not one
+    (unless `known_only`: those are returned), raises a UserError instead of a usage dump."""
+    try:
+        rest = flag_values(argv, known_only=known_only)
+    except flags.Error as e:
+        raise UserError(str(e)) from e
+    if len(rest) > 1 and not known_only:
+        raise UserError(f"unexpected arguments {' '.join(rest[1:])}; all options are --flags")
+    return rest
