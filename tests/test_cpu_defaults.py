@@ -72,9 +72,8 @@ def test_winograd_only_where_the_default_backend_is_the_cpu(monkeypatch, backend
     3×3): no branch, no zero residuals of the other path."""
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     x, kernel = jnp.zeros((1, 28, 28, 128)), jnp.zeros((3, 3, 128, 16))
-    with convolution.winograd_setting("small_pages"):
-        grad = jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1)))
-        text = grad.lower(x, kernel).as_text()
+    grad = jax.jit(jax.grad(lambda x, k: _layer_conv(x, k, "small_pages").sum(), (0, 1)))
+    text = grad.lower(x, kernel).as_text()
     assert ("dot_general" in text) == winograd_used
     assert ("convolution" in text) != winograd_used
     assert "case" not in text
@@ -148,7 +147,7 @@ def test_each_setting_picks_winograd_where_it_was_faster(monkeypatch, setting, k
     """VGG16 at 224 (winograd.RULES): with huge pages every layer from conv1_2 on when
     training, from conv2_1 on when inferring; without, conv2_2 to conv4_3; "all": every 3×3
     layer; "off": none."""
-    model = models.create_model("D")
+    model = models.create_model("D", winograd=setting)
     variables, picked, worth_it = models.abstract_variables(model), [], winograd.worth_it
 
     def recording(x_shape, kernel_shape, dtype, k, rules):
@@ -157,8 +156,7 @@ def test_each_setting_picks_winograd_where_it_was_faster(monkeypatch, setting, k
         return chosen
 
     monkeypatch.setattr(winograd, "worth_it", recording)
-    with convolution.winograd_setting(setting):
-        jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)))
+    jax.eval_shape(model.apply, variables, jnp.zeros((1, 224, 224, 3)))
     assert picked == [(side, channels) for side, channels in _VGG16_3X3[first:last]]
 
 
@@ -166,10 +164,9 @@ def test_inference_and_training_each_get_their_own_pick():
     """With huge pages conv1_2 (224 px, 64 channels) is Winograd's when differentiated, XLA's
     convolution when not: the custom JVP's plain body runs only where no derivative is taken."""
     x, kernel = jnp.zeros((1, 224, 224, 64)), jnp.zeros((3, 3, 64, 64))
-    with convolution.winograd_setting("huge_pages"):
-        forward = jax.jit(_layer_conv).lower(x, kernel).as_text()
-        grad = jax.jit(jax.grad(lambda x, k: _layer_conv(x, k).sum(), (0, 1)))
-        grads = grad.lower(x, kernel).as_text()
+    conv = lambda x, k: _layer_conv(x, k, "huge_pages")
+    forward = jax.jit(conv).lower(x, kernel).as_text()
+    grads = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), (0, 1))).lower(x, kernel).as_text()
     assert "convolution" in forward and "dot_general" not in forward
     assert "dot_general" in grads and "convolution" not in grads
 
@@ -229,14 +226,15 @@ def test_default_float32_gradients_match_float64(monkeypatch):
     layers; 2e-6 with one), what float32 rounding over reductions of 1e3-1e5 terms and the
     transforms give; the bound, 1e-5, fails for matrix products rounded to
     TF32 or bfloat16 (1e-3 and worse) or a transform off by one term."""
-    model = models.create_model("B", 10, fc_width=64, crop_size=64, kernel_init="glorot")
+    model = models.create_model(
+        "B", 10, fc_width=64, crop_size=64, kernel_init="glorot", winograd="huge_pages"
+    )
     params = models.init_variables(model, jax.random.key(0))["params"]
     images = np.random.default_rng(0).normal(0, 50, (2, 64, 64, 3)).astype(np.float32)
     labels = np.array([3, 7])
     loss = lambda p: grad_accuracy.cross_entropy(model.apply({"params": p}, images), labels)
-    with convolution.winograd_setting("huge_pages"):
-        grads = jax.jit(jax.grad(loss))(params)
-        masks = grad_accuracy.decisions(model, params, images)
+    grads = jax.jit(jax.grad(loss))(params)
+    masks = grad_accuracy.decisions(model, params, images)
     ref = grad_accuracy.float64_gradients(model, params, images, labels, masks)
     errors = {n: grad_accuracy.relative(grads[n]["kernel"], ref[n]["kernel"]) for n in grads}
     assert max(errors.values()) < 1e-5, errors
@@ -245,10 +243,12 @@ def test_default_float32_gradients_match_float64(monkeypatch):
 # Helpers
 
 
-def _layer_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _layer_conv(x: jax.Array, kernel: jax.Array, setting: str = "auto") -> jax.Array:
     """A 3×3 conv layer's call of convolution.conv_general_dilated, as flax.linen.Conv makes it."""
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, winograd.NHWC)
-    return convolution.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
+    return convolution.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", winograd=setting, dimension_numbers=dn
+    )
 
 
 def _convolution_in_subprocess(xla_flags: str, off: bool = False) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """How each platform runs VGG's convolutions: the `conv_general_dilated` of every conv layer.
 
-- CPU: Winograd's F(4×4, 3×3) (`vggjax.winograd`) where the Winograd setting picks it, XLA's
-  convolution for the rest. The setting is named: "off" (XLA's alone, the library's default),
-  "small_pages" or "huge_pages" (the layers where it was faster, measured with malloc on 4 KB or
-  on huge pages; `vggjax.tune_cpu` picks by this process's pages) and "all" (every float32 3×3
-  layer). Programs set it from `config.winograd` and record it in the run's config.json.
+- CPU: Winograd's F(4×4, 3×3) (`vggjax.winograd`) where the net's Winograd setting picks it
+  (`VGG.winograd`, `config.winograd`), XLA's convolution for the rest. The settings are named:
+  "off" (XLA's alone), "small_pages" or "huge_pages" (the layers where it was faster, measured
+  with malloc on 4 KB or on huge pages) and "all" (every float32 3×3 layer); "auto" is the
+  process's: "off" unless `vggjax.tune_cpu()` picked one by this process's pages (vggjax's
+  command lines call it). A training run records the one it used in its config.json.
 - GPU: XLA's (cuDNN). With `RGB_PAD_ON_GPU`, conv1_1's three input channels and its kernel's
   are zero-padded to that many first, the same convolution in exact arithmetic: XLA pads
   float16 convolutions for the tensor cores itself (to 4 channels for 3 → 32 or 64, cuDNN's
@@ -12,72 +13,62 @@
   `benchmarks/train_step.py --rgb_pad=4`.
 - TPU and anything else: XLA's.
 
-Decided when tracing, by JAX's default backend (the one vggjax's meshes use) and the setting in
-effect then: a function jitted before the setting changes keeps the setting it was traced with.
+Decided when tracing, by JAX's default backend (the one vggjax's meshes use) and the setting;
+"auto" as the process's stood then: a function jitted earlier keeps what it was traced with.
 Not by `lax.platform_dependent`: its autodiff carries the other branch's residuals as zeros,
 which for conv2_2 at 112 px and batch 128 would be 1.8 GB of zeros per layer on a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import jax
 import jax.numpy as jnp
 
-from vggjax import winograd
+from vggjax import winograd as _winograd
 from vggjax.errors import require
 
 RGB_PAD_ON_GPU = 0  # 0: off; else the input channels conv1_1 is padded to on a GPU
-WINOGRAD = ("off", *winograd.RULES)  # the settings; config.winograd also takes "auto"
-_winograd = "off"  # the process's setting: vggjax.tune_cpu() or set_winograd() change it
+WINOGRAD = ("off", *_winograd.RULES)  # the settings; "auto" is the process's (set_winograd)
+_process_setting = "off"  # what "auto" means: vggjax.tune_cpu() picks one by the pages
 
 
 def set_winograd(setting: str) -> None:
-    """Makes `setting` (one of WINOGRAD) the process's Winograd setting for what is traced next."""
-    global _winograd
+    """Makes `setting` (one of WINOGRAD) what "auto" means for the nets traced from now on."""
+    global _process_setting
     require(setting in WINOGRAD, "winograd", f"one of {', '.join(WINOGRAD)}", setting)
-    _winograd = setting
+    _process_setting = setting
 
 
-@contextlib.contextmanager
-def winograd_setting(setting: str) -> Iterator[str]:
-    """Runs the block with `setting` (one of WINOGRAD, or "auto": the process's), then restores
-    the process's; yields the setting in effect, as `in_effect` names it."""
-    before = _winograd
-    if setting != "auto":
-        set_winograd(setting)
-    try:
-        yield in_effect()
-    finally:
-        set_winograd(before)
+def in_effect(setting: str = "auto") -> str:
+    """The Winograd setting a net of `setting` (one of WINOGRAD or "auto") computes with when
+    traced now: "auto" resolved, and "off" on a GPU or TPU."""
+    if jax.default_backend() != "cpu":
+        return "off"
+    return _process_setting if setting == "auto" else setting
 
 
-def in_effect() -> str:
-    """The Winograd setting a net traced now runs with: "off" on a GPU or TPU."""
-    return _winograd if jax.default_backend() == "cpu" else "off"
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, **kw) -> jax.Array:
+def conv_general_dilated(
+    lhs, rhs, window_strides, padding, *, winograd: str = "auto", **kw
+) -> jax.Array:
     """`lax.conv_general_dilated` for `flax.linen.Conv(conv_general_dilated=...)`, as the
-    platform's rule above says for stride-1 SAME NHWC convolutions; XLA's for any other."""
+    platform's rule above and the Winograd setting `winograd` say for stride-1 SAME NHWC
+    convolutions; XLA's for any other."""
     plain = (
         tuple(window_strides) == (1, 1)
         and padding in ("SAME", ((1, 1), (1, 1)), [(1, 1), (1, 1)])
         and all(d in (None, (1, 1)) for d in (kw.get("lhs_dilation"), kw.get("rhs_dilation")))
         and kw.get("feature_group_count", 1) == 1
         and kw.get("dimension_numbers")
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, winograd.NHWC)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _winograd.NHWC)
     )
-    platform = jax.default_backend()
-    if plain and platform == "cpu" and _winograd != "off":
+    platform, rules = jax.default_backend(), in_effect(winograd)
+    if plain and rules != "off":
         train, infer = (
-            winograd.worth_it(lhs.shape, rhs.shape, lhs.dtype, kind, _winograd)
+            _winograd.worth_it(lhs.shape, rhs.shape, lhs.dtype, kind, rules)
             for kind in ("train", "infer")
         )
         if train or infer:
-            return winograd.conv(lhs, rhs, train, infer)
+            return _winograd.conv(lhs, rhs, train, infer)
     if plain and platform == "gpu" and lhs.shape[-1] == 3 < RGB_PAD_ON_GPU:
         lhs, rhs = pad_channels(lhs, rhs, RGB_PAD_ON_GPU)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)

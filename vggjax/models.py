@@ -247,6 +247,8 @@ class VGG(nn.Module):
     # the FC layers only), so their BN layers keep their statistics, as Keras does.
     batch_norm_frozen: bool = False
     pooling: str = "max"  # a key of POOLINGS
+    # How the CPU runs the 3×3 convs: one of convolution.WINOGRAD, or "auto" (the process's).
+    winograd: str = "auto"
 
     @property
     def layers(self) -> list[Layer]:
@@ -306,7 +308,9 @@ class VGG(nn.Module):
                     padding="SAME",
                     kernel_init=init,
                     dtype=self.dtype,
-                    conv_general_dilated=convolution.conv_general_dilated,
+                    conv_general_dilated=functools.partial(
+                        convolution.conv_general_dilated, winograd=self.winograd
+                    ),
                     name=layer.name,
                 )(x)
                 if self.batch_norm:
@@ -394,6 +398,7 @@ def create_model(
     dropout_rate: float = 0.5,
     kernel_init: str = "normal",
     dtype: Any = jnp.float32,
+    winograd: str = "auto",
 ) -> VGG:
     """The VGG net `name` (a Table 1 column such as "D", or an alias such as "vgg16_bn").
 
@@ -401,6 +406,8 @@ def create_model(
     demo can run narrow nets of exactly the paper's shape.
     """
     check_model(name, num_classes, width, fc_width, crop_size, dropout_rate, kernel_init)
+    allowed = ("auto", *convolution.WINOGRAD)
+    require(winograd in allowed, "winograd", f"one of {', '.join(allowed)}", winograd)
     config, batch_norm = resolve_name(name)
     return VGG(
         config,
@@ -412,6 +419,7 @@ def create_model(
         dropout_rate,
         kernel_init,
         jnp.dtype(dtype),
+        winograd=winograd,
     )
 
 
@@ -437,7 +445,7 @@ def model_from_config(config: Mapping[str, Any]) -> VGG:
     objective = config.get("objective") or "classification"
     require(objective in FC8_OUTPUTS, "objective", f"one of {tuple(FC8_OUTPUTS)}", objective)
     outputs = FC8_OUTPUTS[objective](config.get("num_classes") or 1000)
-    return create_model(config["model"], outputs, **fields)
+    return create_model(config["model"], outputs, winograd=config.get("winograd", "auto"), **fields)
 
 
 def random_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from vggjax.errors import UserError, require
 DATASETS = tuple(sources.SOURCES)
 SPLITS = sources.SPLITS
 DTYPES = ("float32", "bfloat16")
-WINOGRAD = ("auto", *convolution.WINOGRAD)
+WINOGRAD = ("auto", *convolution.WINOGRAD)  # config.winograd: models.VGG.winograd
 KERNEL_INITS = tuple(models.KERNEL_INITS)
 
 # Test protocols (Sect. 3.2, 4.2–4.4) → their "evaluation method" column in Tables 3–6.

@@ -78,7 +78,8 @@ def load_pretrained(
     path = resolve(path)
     with checkpoints.quiet_reading():
         config = read_config(path)
-    model = models.model_from_config(config)
+    # How the run that made it computed (config.json's winograd) is not the net: this process's.
+    model = models.model_from_config({**config, "winograd": "auto"})
     variables = checkpoints.restore_params(path, sharding)
     include_top = config.get("pretrained", {}).get("include_top", True)
     expected = models.abstract_variables(model)

@@ -382,7 +382,9 @@ class _Run:
         self.total_steps, per_epoch = _steps(config, pipeline.source(config, "train"))
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
-        config.winograd = convolution.in_effect()  # "auto" resolved: what this run computes with
+        config.winograd = convolution.in_effect(
+            trainer.model.winograd
+        )  # what this run computes with
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
             storage.write_text(
                 storage.at(workdir) / checkpoints.CONFIG_FILE, config.to_json_best_effort(indent=2)
