@@ -1,6 +1,6 @@
 """The README's localisation figures on the demo set (Appendix A), measured from nothing.
 
-    python benchmarks/localise_demo.py --workdir=/tmp/loc-demo     # about half an hour, 2 cores
+    python benchmarks/localise_demo.py --workdir=/tmp/loc-demo     # 23 min on 2 shared cores
 
 Runs the README's commands, each in a process of its own (`python -m vggjax.main`), one after
 the other, in subfolders of `--workdir` (which must be new or empty):
@@ -64,7 +64,7 @@ def _json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _rows(results: dict[str, Any], protocol: str, error: str) -> list[float]:
-    return [r[error] for r in results["results"] if r["protocol"] == protocol]
+    return [round(r[error], 4) for r in results["results"] if r["protocol"] == protocol]
 
 
 def localisation_net(name: str, root: pathlib.Path, classifier: str, *fields: str) -> dict:
