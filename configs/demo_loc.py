@@ -15,8 +15,9 @@ Trained and tested at one scale, as the paper's nets, but S = Q = 64, the crop, 
 paper's 224 give 7 × 7, and the box regressor then finds the crop's edges by the zero padding
 around it, which a window inside a larger image lacks. At Q = 64 the dense window spans the
 image's short side, edges and all (trained 20 epochs at S = Q = 96 instead, the dense boxes
-missed in 68% of the images, the central crop's in 7%). As demo.py, no dropout; and demo.py's learning rate of 1e-2, not the paper's 1e-3,
-under which the narrow net learned its boxes too slowly for the budget.
+missed in 52% of the images, the central crop's in 6%: benchmarks/localise_demo.py). As
+demo.py, no dropout; and demo.py's learning rate of 1e-2, not the paper's 1e-3, under which the
+narrow net learned its boxes too slowly for the budget.
 """
 
 from vggjax import recipe

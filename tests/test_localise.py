@@ -5,6 +5,7 @@ trained and tested end to end through the command line."""
 import json
 import os
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,9 @@ import pytest
 from helpers import init, load_config, narrow, run_main
 from PIL import Image
 
-from vggjax import checkpoints, localise, models, objectives, pretrained
+from vggjax import checkpoints, localise, models, objectives, options, pretrained
 from vggjax.data import augment, boxes, pipeline, sources
+from vggjax.errors import UserError
 from vggjax.evaluators import localisation as localise_eval
 
 
@@ -363,6 +365,133 @@ def test_dense_boxes_lie_in_their_windows():
     assert localise_eval.max_positions(384, 224, 3.0) == 6 * 30  # 384 × 1152: a 6 × 30 map
 
 
+class _Given(NamedTuple):
+    """A stand-in for a net in the dense form whose map (N, h, w, channels) is given: all that
+    `dense_boxes` reads of a VGG, so protocol 2 runs on maps whose answer is known, no net."""
+
+    crop_size: int
+    out: np.ndarray
+
+    def apply(self, variables, images, dense, sizes):
+        assert dense and images.shape[1:3] == (128, 160)
+        return jnp.asarray(self.out, jnp.float32)
+
+
+IMAGE = np.array([[128, 160]])  # (h, w): a 3 × 4 map of 64-pixel windows 32 pixels apart
+WINDOWS = [(i, j) for i in range(3) for j in range(4)]  # map positions (row, column), in order
+PX = np.array([160, 128, 160, 128])  # box pixels → fractions of the image
+
+
+def _protocol2(loc_map, cls_logits, classes, positions=12):
+    """`dense_boxes` of the given maps at the image above: (positions, TOP, 5) rows."""
+    out = localise_eval.dense_boxes(
+        _Given(64, loc_map),
+        {"loc": None, "cls": None},
+        jnp.zeros((1, 128, 160, 3)),
+        jnp.asarray(IMAGE),
+        jnp.asarray([classes], jnp.int32),
+        classifier=_Given(64, cls_logits),
+        shift=(0, 0, 0),
+        positions=positions,
+    )
+    return np.asarray(out).reshape(positions, localise_eval.TOP, 5)
+
+
+@pytest.mark.parametrize("regression", [4, 24], ids=["scr", "pcr"])
+def test_each_box_is_rated_by_its_class_posterior_at_its_own_position(regression):
+    """Protocol 2's rows against a loop over hand-built maps: position (i, j)'s box for slot m's
+    class (PCR: that class's four outputs; SCR: the one box) in its window, and the classifier's
+    posterior of that class at (i, j). A permuted class or a shifted map gives other rows."""
+    rng = np.random.default_rng(0)
+    posterior = rng.dirichlet(np.full(6, 0.5), (1, 3, 4))  # 6 classes, every position its own
+    loc_map = rng.uniform(0.2, 0.8, (1, 3, 4, regression))
+    classes = [4, 2, 0, 5, 1]
+    expected = np.zeros((12, 5, 5))
+    for k, (i, j) in enumerate(WINDOWS):
+        for m, c in enumerate(classes):
+            first = 4 * c if regression > 4 else 0  # PCR: class c's four outputs
+            cx, cy, w, h = 64 * loc_map[0, i, j, first : first + 4]
+            x, y = 32 * j + cx, 32 * i + cy
+            expected[k, m, :4] = np.array([x - w / 2, y - h / 2, x + w / 2, y + h / 2]) / PX
+            expected[k, m, 4] = posterior[0, i, j, c]
+    logits = np.log(posterior)
+    np.testing.assert_allclose(_protocol2(loc_map, logits, classes), expected, atol=1e-5)
+    spread = [k * 12 // 5 for k in range(5)]  # fewer positions kept: boxes and ratings alike
+    np.testing.assert_allclose(_protocol2(loc_map, logits, classes, 5), expected[spread], atol=1e-5)
+    # The check has teeth: the rating column differs under a permuted class or a shifted map.
+    permuted = _protocol2(loc_map, logits, classes[1:] + classes[:1])
+    assert not np.allclose(permuted[..., 4], expected[..., 4], atol=1e-3)
+    shifted = _protocol2(loc_map, np.roll(logits, 1, axis=2), classes)
+    assert not np.allclose(shifted[..., 4], expected[..., 4], atol=1e-3)
+
+
+def _rows(*boxes_and_scores):
+    """One image's `dense_boxes` row for one slot's (box, score) per position, the other slots
+    empty (NaN): (1, positions · TOP · 5)."""
+    rows = np.full((len(boxes_and_scores), localise_eval.TOP, 5), np.nan, np.float32)
+    for k, (box, score) in enumerate(boxes_and_scores):
+        rows[k, 0] = [*box, score]
+    return rows.reshape(1, -1)
+
+
+def test_guesses_merge_the_union_of_scales_and_keep_the_best_rated_cluster():
+    """Slot 0 of one image: three boxes of cluster A rated 0.15, 0.15 (one scale) and 0.1 (the
+    other) against one box B rated 0.35. A's sum wins only in the union; the highest single
+    rating, or one scale alone, picks B. Each slot keeps to its own rows, boxes are cut to the
+    image, and an image without boxes (undecodable) gets NaN."""
+    a = np.array([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.1, 0.12, 0.5, 0.52]])
+    b = [0.6, 0.6, 0.9, 0.9]
+    one = _rows((a[0], 0.15), (a[1], 0.15), (b, 0.35))
+    other = _rows((a[2], 0.1), ([np.nan] * 4, np.nan))  # a position the image lacks
+    np.testing.assert_allclose(localise_eval.guesses([one], 0.5)[0, 0], b)
+    union = localise_eval.guesses([one, other], 0.5)
+    np.testing.assert_allclose(union[0, 0], a.mean(0), rtol=1e-6)
+    assert np.isnan(union[0, 1:]).all()  # the other slots had no boxes
+    rows = np.full((2, 2, localise_eval.TOP, 5), np.nan, np.float32)
+    for j in range(localise_eval.TOP):  # slot j: one box at x0 = j / 10, and one past the edge
+        rows[0, 0, j] = [j / 10, 0.2, 0.5, 0.6, 0.1]
+        rows[0, 1, j] = [0.6, -0.2, 1.3, 0.4, 0.03 + j / 40]  # 0.105 from slot 3
+    found = localise_eval.guesses([rows.reshape(2, -1)], 0.5)
+    np.testing.assert_allclose(found[0, :3, 0], [0, 0.1, 0.2])  # slots 0–2: the first box
+    np.testing.assert_allclose(found[0, 3:], [[0.6, 0, 1, 0.4]] * 2)  # 3–4: the second, cut
+    assert np.isnan(found[1]).all()
+
+
+def test_protocol_2_finds_the_box_its_classifier_sees_and_misses_under_a_wrong_class_or_position():
+    """Known answer: an SCR map whose two top-left windows see object X (both give X) and whose
+    ten others give box Y; the classifier sees class 3 (0.9) in those two windows only (0.02
+    elsewhere). X's rating, 2 × 0.9, beats Y's ten 0.02s: the guess for class 3 is X, the
+    image is right. Rating with the class's map shifted one column, with another class's
+    channel, or naming the classes in another order than their boxes: Y, or another class's
+    guess, and the image is wrong."""
+    x, y = np.array([8.0, 8, 88, 60]), np.array([100.0, 70, 150, 120])
+    seen = {(0, 0), (0, 1)}
+    loc_map = np.zeros((1, 3, 4, 4))
+    posterior = np.zeros((1, 3, 4, 6))
+    for i, j in WINDOWS:
+        box = (x if (i, j) in seen else y) - [32 * j, 32 * i] * 2
+        loc_map[0, i, j] = localise.encode(box, 64)
+        p = 0.9 if (i, j) in seen else 0.02
+        posterior[0, i, j] = (1 - p) / 5
+        posterior[0, i, j, 3] = p
+    logits, classes, truth = np.log(posterior), [3, 0, 1, 2, 4], [x[None] / PX]
+
+    def error(cls_logits, named=classes):
+        rows = _protocol2(loc_map, cls_logits, classes).reshape(1, -1)
+        found = localise_eval.guesses([rows], 0.5)
+        return localise.top5_error(np.array([named]), found, np.array([3]), truth, [False])
+
+    np.testing.assert_allclose(
+        localise_eval.guesses([_protocol2(loc_map, logits, classes).reshape(1, -1)], 0.5)[0, 0],
+        x / PX,
+        rtol=1e-5,
+    )
+    assert error(logits) == 0.0
+    assert error(np.roll(logits, 1, axis=2)) == 1.0  # a wrong position
+    assert error(logits[..., [0, 1, 2, 4, 3, 5]]) == 1.0  # class 3's posterior is another's
+    assert error(logits, named=[0, 3, 1, 2, 4]) == 1.0  # the classes in another order
+
+
 def test_mistakes_name_the_field(tmp_path):
     _, config = load_config("configs/demo_loc.py")
     (tmp_path / pretrained.CONFIG_FILE).write_text(json.dumps(dict(model="A", mean_rgb=[0, 0, 0])))
@@ -374,16 +503,18 @@ def test_mistakes_name_the_field(tmp_path):
     assert localise_eval.classifier_config(config)[1].eval.protocols == ("multi_scale_dense",)
 
 
-def _loss_at(log, step):
-    return float(re.search(rf"step {step}/\d+ .*?\| loss ([\d.]+)", log).group(1))
+KNOWN_TOP5 = [7, 2, 9, 0, 4]  # the end-to-end test's classifier's top-5 classes, in order
 
 
-def test_demo_trains_and_tests_both_protocols_through_the_command_line(tiny_demo_dir, tmp_path):
-    """configs/demo_loc.py from a (narrow, untrained) demo classifier: the loss falls, both
-    protocols run, and the fusion of a net with itself is the net (their union merges alike)."""
-    classifier = tmp_path / "C"
-    model = narrow("vgg11_bn")
-    checkpoints.save_params(str(classifier), init(model))
+def _known_classifier(path):
+    """A narrow untrained demo classifier saved at `path` whose fc8 (kernel 0) gives its bias
+    at every position of every image: the top-5 classes are KNOWN_TOP5. Returns the bias."""
+    variables = init(narrow("vgg11_bn"))
+    bias = np.zeros(10, np.float32)
+    bias[KNOWN_TOP5] = [2.5, 2.0, 1.5, 1.0, 0.5]
+    kernel = jnp.zeros_like(variables["params"]["fc8"]["kernel"])
+    variables["params"]["fc8"] = dict(kernel=kernel, bias=jnp.asarray(bias))
+    checkpoints.save_params(str(path), variables)
     net = dict(
         model="vgg11_bn",
         width=1 / 16,
@@ -393,7 +524,69 @@ def test_demo_trains_and_tests_both_protocols_through_the_command_line(tiny_demo
         kernel_init="he",
         mean_rgb=[126.653, 128.350, 128.137],
     )
-    (classifier / pretrained.CONFIG_FILE).write_text(json.dumps(net))
+    (path / pretrained.CONFIG_FILE).write_text(json.dumps(net))
+    return bias
+
+
+def _pixel_iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
+    return w * h / (area(a) + area(b) - w * h)
+
+
+def _top5_error_of(found, data_dir):
+    """The ILSVRC criterion from a run's boxes.npz, the folder names and boxes.json (one box
+    an image), computed apart from vggjax: right when a guess has the label's class and IoU
+    above 0.5 with the image's box."""
+    with open(os.path.join(data_dir, "boxes.json")) as f:
+        truth = json.load(f)
+    names = sorted(os.listdir(os.path.join(data_dir, "val")))
+    right = [
+        any(
+            c == names.index(image_id.split("/")[0])
+            and _pixel_iou(g, truth[f"val/{image_id}"]) > 0.5
+            for c, g in zip(classes, guesses)
+        )
+        for image_id, classes, guesses in zip(found["ids"], found["classes"], found["boxes"])
+    ]
+    return 1 - np.mean(right)
+
+
+def test_training_a_localisation_net_needs_a_classifier_or_random_weights_by_name(tmp_path):
+    """Sect. A.1 starts a localisation net from a classification run: without init_from,
+    training stops with one line (exit 2) unless loc.from_scratch asks for random weights;
+    testing needs neither."""
+    _, config = load_config("configs/vgg16_loc.py")
+    with pytest.raises(UserError, match="config.init_from is empty.*from_scratch=True"):
+        options.check_start(config)
+    config.loc.from_scratch = True
+    options.check_start(config)
+    config.init_from = "runs/vgg16"
+    with pytest.raises(UserError, match="give one of them"):
+        options.check_start(config)
+    config.loc.from_scratch = False
+    options.check_start(config)
+    options.check_start(load_config("configs/demo.py")[1])  # classification: no classifier
+    result = run_main("--config=configs/vgg16_loc.py", f"--workdir={tmp_path}", XLA_FLAGS="")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "config.init_from is empty, but a localisation net (objective pcr)" in lines[0]
+
+
+def _loss_at(log, step):
+    return float(re.search(rf"step {step}/\d+ .*?\| loss ([\d.]+)", log).group(1))
+
+
+def test_demo_trains_and_tests_both_protocols_through_the_command_line(tiny_demo_dir, tmp_path):
+    """configs/demo_loc.py from a (narrow, untrained) demo classifier: the loss falls, both
+    protocols run, and the fusion of a net with itself is the net (their union merges alike).
+    The classifier's answer is known: its fc8 gives its bias everywhere, so every image's top-5
+    classes are KNOWN_TOP5, the written posteriors softmax(bias)'s, and the images of the other
+    five classes (half) are errors; the top-5 error is recomputed here from the written guesses
+    and boxes.json."""
+    classifier = tmp_path / "C"
+    bias = _known_classifier(classifier)
     common = [
         "--config=configs/demo_loc.py",
         f"--workdir={tmp_path / 'L'}",
@@ -426,10 +619,15 @@ def test_demo_trains_and_tests_both_protocols_through_the_command_line(tiny_demo
     gt = [r for r in results["results"] if r["protocol"] == "gt_class"]
     top5 = [r for r in results["results"] if r["protocol"] == "top5"]
     assert len(gt) == 2 and len(top5) == 3 and 0 <= gt[0]["gt_class_error"] <= 1
+    assert gt[0]["gt_class_error"] == gt[1]["gt_class_error"]
     assert top5[0]["top5_error"] == top5[1]["top5_error"] == top5[2]["top5_error"]
     found = np.load(tmp_path / "L" / "boxes.npz")
     assert found["boxes"].shape == (40, 5, 4) and found["classes"].shape == (40, 5)
-    assert (np.diff(found["scores"], axis=1) <= 0).all()
+    np.testing.assert_array_equal(found["classes"], np.tile(KNOWN_TOP5, (40, 1)))
+    posterior = np.exp(bias) / np.exp(bias).sum()
+    np.testing.assert_allclose(found["scores"], np.tile(posterior[KNOWN_TOP5], (40, 1)), rtol=1e-5)
+    assert top5[0]["top5_error"] == pytest.approx(_top5_error_of(found, tiny_demo_dir))
+    assert top5[0]["top5_error"] >= 0.5  # the 20 images of the classes not guessed
     for image_id, guess in zip(found["ids"], found["boxes"]):
         w, h = Image.open(os.path.join(tiny_demo_dir, "val", image_id)).size
         assert (guess >= 0).all() and (guess[:, 2] <= w).all() and (guess[:, 3] <= h).all()

@@ -95,6 +95,25 @@ def check_eval_scale(config: Any) -> None:
     )
 
 
+def check_start(c: Any) -> None:
+    """Sect. A.1: a localisation net starts from a classification run, only its fc8 new; one
+    trained from random weights is asked for by name (`loc.from_scratch`), never by omission.
+    Checked when training starts: testing a localisation net needs no `init_from`."""
+    if c.objective == "classification":
+        return
+    if not c.init_from and not c.loc.from_scratch:
+        raise UserError(
+            f"config.init_from is empty, but a localisation net (objective {c.objective}) is "
+            "trained from a classification run (Appendix A.1): name one, or set "
+            "--config.loc.from_scratch=True to start from random weights"
+        )
+    if c.init_from and c.loc.from_scratch:
+        raise UserError(
+            f"config.loc.from_scratch is True but config.init_from is {c.init_from!r}: "
+            "give one of them"
+        )
+
+
 def _checks(c: Any) -> list[tuple[str, bool, str]]:
     """(field, ok, what is allowed) for every training field that is not a model field or a
     choice."""

@@ -155,6 +155,9 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.loc.checkpoints = ()  # empty: the workdir's; several: the union of their boxes (Table 9)
     c.loc.merge_iou = 0.5  # greedy merging joins boxes while the closest pair has this IoU
     c.loc.max_aspect = 3.0  # boxes kept per image and Q: the map of an image this elongated
+    # Training scr or pcr needs init_from (Sect. A.1: a classification run); True starts from
+    # random weights instead, against the paper (options.check_start).
+    c.loc.from_scratch = False
     return c
 
 

@@ -484,6 +484,7 @@ def _loop(run: _Run, preemption: _Preemption) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
+    options.check_start(config)
     run = _Run(config, workdir, Trainer(config, make_mesh()))
     preemption = _Preemption()
     try:
