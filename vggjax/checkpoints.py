@@ -41,7 +41,18 @@ def workdir_of(path: str) -> str:
 
 
 def read_config(path: str) -> dict[str, Any]:
-    """The workdir's config.json: what the net is and what input it takes."""
+    """The workdir's config.json: what the net is and what input it takes.
+
+    Args:
+      path: a workdir, its checkpoints/ folder or one step's folder (`workdir_of`).
+
+    Returns:
+      The JSON object: training's whole config, or `vggjax.convert`'s model fields, mean RGB and
+      `pretrained` record.
+
+    Raises:
+      UserError: no config.json, not valid JSON, or one without `model` or `mean_rgb`.
+    """
     file = storage.at(workdir_of(path)) / CONFIG_FILE
     config = storage.read_json(
         file,
@@ -59,7 +70,12 @@ def _checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
 
 
 class Checkpoints:
-    """Saves and restores the training state and the data iterator of one workdir."""
+    """Saves and restores the training state and the data iterator of one workdir.
+
+    Args:
+      workdir: a local folder or gs:// path; the checkpoints go to its checkpoints/.
+      max_to_keep: the newest steps kept; older ones are deleted as new ones complete.
+    """
 
     def __init__(self, workdir: str, max_to_keep: int = 3):
         self.manager = ocp.CheckpointManager(
@@ -70,6 +86,7 @@ class Checkpoints:
         )
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None: none yet, a fresh run)."""
         return self.manager.latest_step()
 
     def save(
@@ -149,11 +166,19 @@ def _state_item_dir(path: str) -> epath.Path:
 
 
 def restore_params(path: str, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
-    """The model variables (`params`, and `batch_stats` for BN nets) of a checkpoint.
+    """The model variables of a checkpoint, without the optimizer or data state.
 
-    path: a workdir (its latest checkpoint), its checkpoints/ folder, or one step's folder.
-    The arrays land on `sharding` (default: the first local device), whatever the device
-    count of the run that wrote them.
+    Args:
+      path: a workdir (its latest checkpoint), its checkpoints/ folder, or one step's folder;
+        local or gs://.
+      sharding: where the arrays land (default: the first local device), whatever the device
+        count of the run that wrote them.
+
+    Returns:
+      {"params": ...} (and "batch_stats" for BN nets), as `model.apply` takes them.
+
+    Raises:
+      ValueError: no complete checkpoint there, or one holding no model parameters.
     """
     with quiet_reading():
         return _restore_params(path, sharding)
@@ -181,9 +206,17 @@ def _restore_params(path: str, sharding: jax.sharding.Sharding | None) -> dict[s
 
 
 def save_params(workdir: str, variables: dict[str, Any]) -> None:
-    """Writes `variables` (params, and batch_stats for BN nets) as the workdir's only checkpoint,
-    step 0, with no optimizer or data state: what restore_params and `init_from` read. For
-    weights trained elsewhere (vggjax.convert)."""
+    """Writes weights trained elsewhere as a checkpoint that `restore_params` and `init_from`
+    read (`vggjax.convert` uses it; config.json is the caller's to write).
+
+    Args:
+      workdir: a new folder or gs:// path; the variables become its only checkpoint, step 0,
+        with no optimizer or data state.
+      variables: {"params": ...} (and "batch_stats" for BN nets).
+
+    Raises:
+      ValueError: the workdir already holds checkpoints.
+    """
     root = _checkpoint_dir(workdir)
     with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=True)) as manager:
         if manager.latest_step() is not None:

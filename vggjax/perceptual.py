@@ -46,15 +46,31 @@ class LossNet:
     mean_rgb: tuple[float, float, float] = flax.struct.field(pytree_node=False)
 
     def activations(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
-        """{layer: (N, h, w, C) activation} of NHWC RGB images in [0, 1] (at least 32×32), from
-        one pass that stops at the deepest layer asked for."""
+        """The named activations of images, from one pass that stops at the deepest one asked for.
+
+        Args:
+          rgb: NHWC RGB images in [0, 1], at least 32×32 (any size: the net runs densely).
+          layers: names such as `conv2_2` (after its ReLU), `conv4_2:pre` (before it), `pool3`.
+
+        Returns:
+          {layer: its (N, h, w, C) activation}.
+        """
         x = augment.subtract_mean(255.0 * rgb, self.mean_rgb)
         return self.model.apply(self.variables, x, dense=True, output=tuple(layers))
 
 
 def load(path: str, pooling: str = "max") -> LossNet:
-    """The loss network of a converted checkpoint, a training workdir or a published net's name
-    (`torchvision:vgg16`, `keras:vgg19_notop`: `pretrained.resolve`)."""
+    """A pretrained net's conv layers as a loss network (its FC layers dropped).
+
+    Args:
+      path: what `vggjax.load_pretrained` takes: a converted checkpoint, a training workdir, or
+        a published net's name (`torchvision:vgg16`, `keras:vgg19_notop`), converted on first use.
+      pooling: "max" as trained, or "avg", which Gatys et al. prefer for style transfer.
+
+    Returns:
+      A `LossNet`: pass it to jitted functions as an argument, not closed over, so its weights
+      are not compiled in as constants.
+    """
     require(pooling in models.POOLINGS, "pooling", f"one of {tuple(models.POOLINGS)}", pooling)
     path = pretrained.resolve(path)
     model, variables, _ = pretrained.load_pretrained(path)
@@ -88,7 +104,17 @@ def content_loss(
     weights: Sequence[float] | None = None,
 ) -> jax.Array:
     """Σ_l w_l · mean((φ_l(images) − φ_l(targets))²): Gatys et al.'s content term, Johnson et
-    al.'s feature reconstruction loss (their VGG16 layer: conv2_2)."""
+    al.'s feature reconstruction loss (their VGG16 layer: conv2_2).
+
+    Args:
+      net: the loss network (`load`).
+      images, targets: NHWC RGB in [0, 1], of the same shape.
+      layers: the layers φ_l compared (default Gatys et al.'s conv4_2).
+      weights: w_l, one per layer (default 1 each).
+
+    Returns:
+      The scalar loss, differentiable with respect to both image batches.
+    """
     a, b = net.activations(images, layers), net.activations(targets, layers)
     return _weighted([jnp.mean(jnp.square(a[n] - b[n])) for n in layers], weights)
 
@@ -100,7 +126,19 @@ def style_loss(
     layers: Sequence[str] = STYLE_LAYERS,
     weights: Sequence[float] | None = None,
 ) -> jax.Array:
-    """Σ_l w_l · mean((G_l(images) − G_l(styles))²) over Gram matrices; one style image serves
-    the whole batch (its Gram matrices broadcast), and the sizes may differ."""
+    """Σ_l w_l · mean((G_l(images) − G_l(styles))²) over Gram matrices (`gram`).
+
+    Args:
+      net: the loss network (`load`).
+      images: NHWC RGB in [0, 1].
+      styles: NHWC RGB in [0, 1], one image per image of `images` or a single one for the whole
+        batch (its Gram matrices broadcast); their size may differ from the images': a Gram
+        matrix is C × C whatever the map's size.
+      layers: the layers compared (default the first conv of each stage, as Gatys et al.).
+      weights: w_l, one per layer (default 1 each).
+
+    Returns:
+      The scalar loss.
+    """
     a, b = net.activations(images, layers), net.activations(styles, layers)
     return _weighted([jnp.mean(jnp.square(gram(a[n]) - gram(b[n]))) for n in layers], weights)

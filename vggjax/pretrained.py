@@ -68,12 +68,25 @@ def resolve(path: str) -> str:
 def load_pretrained(
     path: str, sharding: jax.sharding.Sharding | None = None
 ) -> tuple[models.VGG, dict[str, Any], Callable[[jax.Array], jax.Array]]:
-    """`model, variables, preprocess` of a converted checkpoint, a training workdir, or a
-    published net by name (`"torchvision:vgg16"`: see `resolve`).
+    """A trained net, ready to apply: `model.apply(variables, preprocess(rgb))` are its logits.
 
-    `model.apply(variables, preprocess(images))` gives the logits of RGB images in [0, 255].
-    A checkpoint converted from a file without the top (Keras's `_notop`) holds the conv layers
-    only: `conv_features` runs them, or add a head of your own before `model.apply`.
+    Args:
+      path: a workdir of `vggjax.convert` or of training (its latest checkpoint), one of its
+        step folders, or a published net's name (`"torchvision:vgg16"`, `"keras:vgg19_notop"`,
+        `"timm:vgg16.tv_in1k"`), fetched, verified and converted on first use (`resolve`).
+      sharding: where the arrays land (default: the first local device); `Engine.replicated`
+        or a mesh's replicated sharding to run them on several devices.
+
+    Returns:
+      `(model, variables, preprocess)`: the module its config.json describes, its `params`
+      (and `batch_stats` for BN nets), and the function taking NHWC RGB on 0–255 to the input
+      the net was trained on (minus its mean RGB; each source's own convention is already
+      folded into conv1_1). A net converted without its top (Keras's `_notop`) holds the conv
+      layers only: `conv_features` runs them, or put a head of your own on them.
+
+    Raises:
+      UserError: no config.json, or a layer the model needs is missing or of another shape
+        (weights of another net than the one config.json names).
     """
     path = resolve(path)
     with checkpoints.quiet_reading():

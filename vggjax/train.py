@@ -237,7 +237,17 @@ def _check_input_convention(config: ml_collections.ConfigDict, path: str) -> Non
 
 
 class Trainer:
-    """The jitted steps of one model on one mesh, and the sharding of their inputs."""
+    """The jitted steps of one model on one mesh, and the sharding of their inputs: what a
+    training loop of your own needs (`train_and_evaluate` is the paper's).
+
+    Args:
+      config: the net, objective, optimizer, trainable layers and `init_from`.
+      mesh: the devices; batches are split over its `data` axis, the state replicated.
+
+    Attributes:
+      train_step: (state, global batch) → (state, summed metrics); the old state is donated.
+      eval_step: (state, global batch) → summed error counts.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.config, self.mesh = config, mesh
@@ -274,7 +284,15 @@ class Trainer:
         )
 
     def init(self, rng: jax.Array) -> TrainState:
-        """A fresh state, replicated; layers from `config.init_from` when it names a checkpoint."""
+        """A fresh train state, replicated over the mesh.
+
+        Args:
+          rng: the key of the random initialisation.
+
+        Returns:
+          The state: variables initialised at random, with the layers `config.init_layers`
+          names copied from `config.init_from` when it names a checkpoint.
+        """
         source = None
         if self.config.init_from:
             source = checkpoints.restore_params(self.config.init_from, self.replicated)
@@ -303,15 +321,24 @@ class Trainer:
         )
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's slice of the batch → one global array sharded on `data`."""
+        """One global batch from each process's own slice of it (the input pipeline's), as
+        `train_step` and `eval_step` take it: sharded on `data`, nothing copied between hosts."""
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()
         }
 
     def evaluate(self, state: TrainState, dataset) -> dict[str, float]:
-        """The objective's errors (top-1, top-5) over one pass of `dataset` (padding masked,
-        nothing dropped)."""
+        """The validation pass: the objective's errors over one pass of `dataset`.
+
+        Args:
+          state: the train state to evaluate.
+          dataset: per-process batches with masks (`pipeline.eval_dataset`): padding is masked,
+            nothing is dropped. Its worker processes are stopped at the end.
+
+        Returns:
+          Each error as a rate (`top1_error`, `top5_error`, or the box's), and `count`.
+        """
         totals, batches = None, iter(dataset)
         try:
             for local in batches:
@@ -483,7 +510,26 @@ def _loop(run: _Run, preemption: _Preemption) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
+    """Trains as in Sect. 3.1 on all devices of all processes: the command line's `--mode=train`.
+
+    Rerun with the same arguments, it resumes from the workdir's latest checkpoint (after a
+    crash or a SIGTERM, which saves one first).
+
+    Args:
+      config: the whole run (recipe.py's fields).
+      workdir: local folder or gs:// path for checkpoints, config.json, TensorBoard events and
+        results.json.
+
+    Returns:
+      What results.json holds: the final validation errors at `eval_scale` and the step; or
+      `{"step": ..., "preempted": True}` when a SIGTERM stopped the run.
+
+    Raises:
+      DivergedError: the loss or gradients became NaN or Inf (the last good checkpoint is kept).
+      UserError: a training set whose classes are not `config.num_classes` or smaller than a
+        batch, an `init_from` checkpoint missing a layer to copy or of another shape, or a
+        localisation objective without `init_from` (A.1 starts from a classifier).
+    """
     options.check_start(config)
     run = _Run(config, workdir, Trainer(config, make_mesh()))
     preemption = _Preemption()

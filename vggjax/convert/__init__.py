@@ -76,7 +76,25 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
 
 
 def convert(source: str, path: str, model_name: str, output: str) -> dict[str, Any]:
-    """Converts `path` into the workdir `output` (new or empty); returns its config.json."""
+    """A published weight file as a vggjax workdir that `load_pretrained` and `init_from` read.
+
+    Args:
+      source: the library the file is from (one of SOURCES): it fixes the layout and the
+        input convention folded into conv1_1.
+      path: the weight file (a published net's name goes through `weight_file` first).
+      model_name: the Table 1 net the file holds (`D`, `vgg16`, `vgg16_bn`); its width, FC
+        size, classes and crop are read off the weights' shapes.
+      output: a new or empty folder, or a gs:// path.
+
+    Returns:
+      The config.json written beside the checkpoint: the model fields, the mean RGB the net
+      now subtracts, and a `pretrained` record (source, file, include_top).
+
+    Raises:
+      UserError: `output` is not empty, or the file is not of `source`'s format, is cut off,
+        or holds another net than `model_name` (the message names the first layer that
+        does not fit).
+    """
     folder = storage.at(output)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--output {output} exists and is not an empty directory")

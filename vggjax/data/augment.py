@@ -8,9 +8,10 @@ and does no float work). Evaluation: rescale to Q, centre crop (`eval_crop`), mi
 Each crop comes with its `Window`, which carries boxes through the rescale, crop and flip
 exactly (localisation, Appendix A).
 
-Decoding is libjpeg-turbo's through simplejpeg for JPEGs (the same pixels as PIL's, faster),
-PIL's for everything else. Evaluation rescales with PIL's antialiased bilinear; training with
-OpenCV's SIMD bilinear after a Gaussian blur (`resize_antialiased`), a few grey levels from PIL's.
+Decoding is libjpeg-turbo's through simplejpeg for JPEGs (the same pixels as PIL's, faster:
+BENCHMARKS.md, Input pipeline), PIL's for everything else. Evaluation rescales with PIL's
+antialiased bilinear; training with OpenCV's SIMD bilinear after a Gaussian blur
+(`resize_antialiased`), a few grey levels from PIL's.
 """
 
 import dataclasses
@@ -144,8 +145,9 @@ _BLUR_PER_SHRINK = 0.4
 
 def resize_antialiased(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 image → (height, width) with OpenCV's SIMD bilinear, after a Gaussian blur along each
-    shrunk axis: antialiased like PIL's bilinear (which widens its kernel instead), and 2-3x
-    faster. Pixel centres map as in PIL, so boxes follow it as they follow PIL's rescale."""
+    shrunk axis: antialiased like PIL's bilinear (which widens its kernel instead), and faster
+    (BENCHMARKS.md, Input pipeline). Pixel centres map as in PIL, so boxes follow it as they
+    follow PIL's rescale."""
     (h, w), (height, width) = image.shape[:2], size
     sigma_y, sigma_x = (_BLUR_PER_SHRINK * f if f > 1 else 0.0 for f in (h / height, w / width))
     if sigma_y or sigma_x:

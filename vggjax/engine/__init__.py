@@ -56,19 +56,27 @@ def _step(
 
 class Engine:
     """The per-scale steps of one model on one mesh, their compiled programs, and the host loop
-    that feeds them.
+    that feeds them. Usually built by `from_config`.
 
     Args:
-      model: the net; mean_rgb: the mean its inputs have subtracted; mesh: the devices of this
-        process that run the batches (`from_config` uses all local ones).
-      plan: test scale Q → the names of the heads computed there; heads: what each name computes.
-      global_batch: images per batch over all processes (each runs its share, `per_process_batch`).
-      bucket_multiple, buckets_per_octave: `bucket_shape`'s.
-      num_threads: host threads decoding images.
-      compile_threads, compiler_options: `programs.Programs`'.
+      model: the net.
+      mean_rgb: subtracted from the images (uint8 up to the device) before the net.
+      mesh: the devices of this process that run the batches (`from_config` uses all local
+        ones).
+      plan: test scale Q → the names of the heads computed there; scales with the same heads
+        share batches and programs.
+      heads: what each name computes (`Head`).
+      global_batch: images per batch over all processes; each runs its share,
+        `per_process_batch`, which must split evenly over its devices.
+      bucket_multiple: images are padded to sides that are multiples of this (`bucket_shape`).
+      num_threads: host threads decoding and rescaling images.
+      buckets_per_octave: buckets per doubling of a side past `buckets_per_octave` ×
+        `bucket_multiple`; fewer means fewer programs to compile and more padding.
+      compile_threads: programs compiled at once (default: `programs.Programs`'s).
+      compiler_options: XLA options for every program (e.g. {"xla_gpu_autotune_level": 0}).
 
-    `cost()` says how many programs XLA compiled, how many came from the persistent cache, and
-    the wall time spent building them.
+    Raises:
+      UserError: `global_batch` does not split evenly over the processes and their devices.
     """
 
     def __init__(
@@ -118,10 +126,23 @@ class Engine:
         heads: dict[str, Head],
         mesh: jax.sharding.Mesh | None = None,
     ) -> Engine:
-        """The engine of `config`'s net (its model fields and mean RGB) with its `eval` batching
-        and `num_workers` decoding threads. Each process runs its own share on its own devices
-        (the default mesh): the hosts need not agree on the order of bucket shapes, and nothing
-        is communicated until the results are gathered."""
+        """The engine of `config`'s net: how evaluation, features and localisation build theirs.
+
+        Each process runs its own share on its own devices (the default mesh): the hosts need
+        not agree on the order of bucket shapes, and nothing is communicated until the results
+        are gathered.
+
+        Args:
+          config: gives the net (its model fields and mean RGB), the batching
+            (`eval.batch_size`, `eval.bucket_multiple`, `eval.buckets_per_octave`) and the
+            decoding threads (`num_workers`).
+          plan: test scale Q → the names of the heads computed there.
+          heads: what each name computes.
+          mesh: default all of this process's devices.
+
+        Raises:
+          UserError: `config.eval.batch_size` does not split over the processes' devices.
+        """
         try:
             return cls(
                 models.model_from_config(config),
@@ -148,7 +169,9 @@ class Engine:
         return self.batching.sizes
 
     def cost(self) -> dict[str, Any]:
-        """`Programs.cost`: programs compiled, loaded from the cache, and the seconds spent."""
+        """What building the programs has cost so far: `compiled_shapes` (compiled by XLA),
+        `cached_shapes` (loaded from JAX's persistent cache instead) and `compile_seconds` (wall
+        time, lowering included, parallel builds counted once)."""
         return self.programs.cost()
 
     def outputs(
@@ -159,10 +182,21 @@ class Engine:
         what: str = "",
         inputs: dict[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """Per-scale head outputs `raw[head, Q]` (count × width), labels, ids and undecodable
-        flags of `count` elements (dicts of `load`'s form, `index` counting from 0); `inputs`:
-        name → (count, ...) rows the heads get for each element. Also the pass's `batches` and
-        `padded_pixels` (what the device ran, padding and empty slots included)."""
+        """One pass of the heads over this process's elements (`run_source` also gathers).
+
+        Args:
+          variables: the model's variables (put on the mesh, replicated, here).
+          elements: dicts of `load`'s form, their `index` counting from 0 to `count` − 1.
+          count: how many elements there are: the results are allocated before the first.
+          what: names the pass in the progress and summary log lines.
+          inputs: name → (count, ...) rows each element's heads get (e.g. localisation's
+            classes to box), in `index` order.
+
+        Returns:
+          A dict: `raw[head, Q]` (count × width) per-scale head outputs, `labels`, `ids` and
+          `bad` (undecodable: the head's `fill` row), in `index` order; and the pass's `batches`
+          and `padded_pixels` (what the device ran, padding and empty slots included).
+        """
         fills = {name: head.fill for name, head in self.heads.items()}
         variables = jax.device_put(variables, self.replicated)  # as the programs expect
         run = Pass(
@@ -188,8 +222,18 @@ class Engine:
         what: str = "",
         inputs: dict[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """`outputs` over all of `source` (with `inputs`' rows in the source's order): this
-        process reads its share, all get the whole."""
+        """`outputs` over all of `source`: each process reads and runs its share (elements p,
+        p + P, …), and every process gets the whole, in the source's order.
+
+        Args:
+          variables: the model's variables.
+          source: the images (e.g. `sources.make_source(config, "val")`).
+          what: names the pass in the log lines.
+          inputs: name → (len(source), ...) rows the heads get, in the source's order.
+
+        Returns:
+          `raw[head, Q]` (len(source) × width), `labels`, `bad` and `ids` of every element.
+        """
         pi, pc = jax.process_index(), jax.process_count()
         count = len(range(pi, len(source), pc))
         read = grain.ReadOptions(

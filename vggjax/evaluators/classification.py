@@ -249,9 +249,24 @@ def _run_checkpoints(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the workdir's latest checkpoint (or `config.eval.checkpoints`) on the 'val'
-    split with `config.eval.protocols`; writes eval_results.json and predictions.npz there and
-    returns what the JSON file holds."""
+    """The `classification` evaluator (`--mode=eval`): the paper's test protocols on 'val'.
+
+    Args:
+      config: the net and data set, and in `config.eval` the protocols, scales Q and batching;
+        `eval.checkpoints` names the nets to test (several: each, and with `fusion` their
+        averaged posteriors, Table 6).
+      workdir: the run whose latest checkpoint is tested when `eval.checkpoints` is empty;
+        eval_results.json and predictions.npz are written there (process 0).
+
+    Returns:
+      What eval_results.json holds: a `results` row per protocol (and scale, for `dense`)
+      with its top-1 and top-5 errors, and the run's images, undecodable images, seconds and
+      what building the programs cost.
+
+    Raises:
+      UserError: no such data set or folder, a net whose classes are not the validation
+        set's, or an `eval.batch_size` that does not split over the devices.
+    """
     source = sources.make_source(config, "val")
     check_classes(config, source)
     paths = tuple(config.eval.checkpoints) or (workdir,)
@@ -305,8 +320,18 @@ def _write(
 
 
 def fuse_predictions(paths: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """Table 6 from finished runs: (top-1, top-5) error of the averaged posteriors of each
-    protocol all the predictions.npz files hold (e.g. nets D and E evaluated separately)."""
+    """Table 6 from finished runs, without recomputing: nets evaluated separately, fused.
+
+    Args:
+      paths: predictions.npz files that `run` wrote, on the same images in the same order.
+
+    Returns:
+      {protocol: (top-1, top-5) error} of the averaged posteriors, for each protocol every file
+      holds; an image undecodable in any run counts as an error.
+
+    Raises:
+      UserError: the files hold other images, or the same in another order.
+    """
     files = [storage.read_npz(path) for path in paths]
     for path, f in zip(paths[1:], files[1:]):
         if not np.array_equal(f["ids"], files[0]["ids"]):

@@ -26,8 +26,18 @@ from vggjax.errors import UserError
 def dense_descriptor(
     model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
 ) -> jax.Array:
-    """One scale's descriptor (N, fc_width): fc7's activations averaged over each image's map
-    positions, and with the mirror image's. images: padded, mean-subtracted, as in evaluation."""
+    """One scale's descriptor: fc7's activations averaged over each image's own map positions,
+    and with the mirror image's (an engine `Head`'s compute).
+
+    Args:
+      model, variables: the net.
+      images: a padded batch, mean-subtracted, each image top-left in its bucket.
+      sizes: each image's valid (height, width), so the padding does not count.
+      flip: average with the mirror image's descriptor too.
+
+    Returns:
+      (N, fc_width) descriptors, not yet normalised (`aggregate` does).
+    """
     return engine.dense_averages(model, variables, images, sizes, "fc7", flip).mean(1)
 
 
@@ -37,7 +47,15 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def aggregate(per_scale: list[np.ndarray], how: str) -> np.ndarray:
-    """Descriptors at several Q, (N, D) each → (N, D) averaged or (N, len·D) stacked, unit norm."""
+    """One descriptor per image from its descriptors at several Q.
+
+    Args:
+      per_scale: (N, D) descriptors, one array per Q.
+      how: "average" (VOC in the paper) or "stack" (Caltech), options.AGGREGATIONS.
+
+    Returns:
+      (N, D) averaged or (N, len(per_scale)·D) stacked, rows of unit L2 norm.
+    """
     options.one_of("aggregation", how, options.AGGREGATIONS)
     return l2_normalise(np.mean(per_scale, 0) if how == "average" else np.concatenate(per_scale, 1))
 
@@ -56,8 +74,21 @@ def settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict[str, np.ndarray]:
-    """Descriptors of every image of `split`: ids, labels, num_classes, bad (undecodable: zero
-    descriptor), features (N, D), from `config.features.checkpoints` (default: the workdir's)."""
+    """Appendix B's descriptors of every image of a split, computed (not read from a file).
+
+    Args:
+      config: the data set and `config.features` (checkpoints, scales, aggregation, flip).
+      workdir: the net whose latest checkpoint is used when `features.checkpoints` is empty.
+      split: 'train' or 'val'.
+
+    Returns:
+      `features` (N, D), unit rows (two nets: their descriptors stacked), `ids`, `labels`,
+      `num_classes`, and `bad`: undecodable images, whose descriptor is zero.
+
+    Raises:
+      UserError: a checkpoint without config.json or without FC layers (converted without the
+        top: the descriptors are fc7's), or a data set that cannot be read.
+    """
     paths = settings(config, workdir)["checkpoints"]
     nets = [pretrained.with_net_of(config, path) for path in paths]  # bad paths fail first
     source = sources.make_source(config, split)
@@ -90,15 +121,25 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
 
 
 def path_of(workdir: str, split: str) -> str:
+    """Where `run` writes `split`'s features: WORKDIR/features_<split>.npz."""
     return str(storage.at(workdir) / f"features_{split}.npz")
 
 
 def save(path: str, features: dict[str, np.ndarray], about: dict[str, Any]) -> None:
+    """Writes `extract`'s arrays with the `settings` they were made with, which `load` checks."""
     storage.write_npz(path, **features, **{f"setting_{k}": np.asarray(v) for k, v in about.items()})
 
 
 def load(path: str, about: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
-    """The features in `path`, or None if it is missing or was made with other `about`."""
+    """Features `save` wrote, for reuse.
+
+    Args:
+      path: an .npz file, local or gs://.
+      about: the `settings` they must have been made with (None: any).
+
+    Returns:
+      `extract`'s arrays, or None where the file is missing or was made with other settings.
+    """
     if not storage.at(path).exists():
         return None
     stored = storage.read_npz(path)
@@ -122,7 +163,15 @@ def _write(workdir: str, split: str, data: dict[str, np.ndarray], about: dict[st
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, np.ndarray]]:
-    """`--mode=features`: writes features_<split>.npz in the workdir for each configured split."""
+    """The `features` evaluator (`--mode=features`).
+
+    Args:
+      config: as `extract` reads it; `features.splits` names the splits.
+      workdir: where features_<split>.npz is written (process 0), and the default net.
+
+    Returns:
+      {split: `extract`'s arrays}.
+    """
     about, out = settings(config, workdir), {}
     for split in config.features.splits:
         out[split] = extract(config, workdir, split)
@@ -131,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
 
 
 def cached(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict[str, np.ndarray]:
-    """The workdir's features of `split` if made with these settings, else extracted (and saved)."""
+    """The workdir's features of `split` if made with `config`'s settings, else extracted and
+    saved: `transfer` extracts once for any number of SVM runs."""
     about = settings(config, workdir)
     found = load(path_of(workdir, split), about)
     if found is not None:

@@ -53,8 +53,16 @@ def centre_box(
     label: jax.Array,
     **_: Any,
 ) -> jax.Array:
-    """Table 8's box: the central crop's box for class `label` (N,), as fractions of the image,
-    cut to the image."""
+    """Table 8's box: the one the net predicts from the image's central crop (an engine `Head`).
+
+    Args:
+      model: the localisation net; variables: its under "loc".
+      images, sizes: a padded, mean-subtracted batch and each image's valid (height, width).
+      label: (N,) the class to box: the ground truth's (PCR has a box per class).
+
+    Returns:
+      (N, 4) boxes (x0, y0, x1, y1) as fractions of the image, cut to it.
+    """
     crop = model.crop_size
     offsets = (sizes - crop) // 2
     outputs = model.apply(variables["loc"], classification.crops_at(images, offsets, crop))
@@ -83,10 +91,23 @@ def dense_boxes(
     positions: int,
     **_: Any,
 ) -> jax.Array:
-    """Table 9's boxes at one Q: for up to `positions` map positions and each of `classes`
-    (N, K), the box (fractions of the image) and the classifier's posterior of the class there:
-    (N, positions · K · 5), NaN where an image has fewer positions. `shift` moves the
-    mean-subtracted images to the classifier's mean RGB."""
+    """Table 9's boxes at one Q, each rated by the classifier at the same map position (an
+    engine `Head`).
+
+    Args:
+      model: the localisation net; variables: its under "loc", the classifier's under "cls".
+      images, sizes: a padded, mean-subtracted batch and each image's valid (height, width).
+      classes: (N, K) the classes to box: each image's top-K by the classifier.
+      classifier: the classification net; its dense map must align with `model`'s (same crop).
+      shift: the localisation net's mean RGB minus the classifier's, added to the images.
+      positions: map positions kept per image, evenly spaced when it has more (a fixed width
+        for the program, `max_positions`).
+
+    Returns:
+      (N, positions · K · 5): per position and class, the box (x0, y0, x1, y1, fractions of the
+      image) and the classifier's posterior of the class there; NaN rows where an image has
+      fewer positions.
+    """
     crop = model.crop_size
     maps = model.apply(variables["loc"], images, dense=True, sizes=sizes).astype(jnp.float32)
     n, h, w = maps.shape[:3]
@@ -119,9 +140,14 @@ class Net(NamedTuple):
 
 
 def nets(config: ml_collections.ConfigDict, workdir: str) -> list[Net]:
-    """`config.loc.checkpoints` (or the workdir): each with its net, scales and test scale Q.
+    """The localisation nets to test: `config.loc.checkpoints`, or the workdir's.
+
     One net is tested at the config's `loc.scales` and `eval_scale`; in a union (Table 9's
-    fusion) each at those its own run recorded."""
+    fusion) each at those its own run recorded.
+
+    Raises:
+      UserError: a checkpoint without config.json, or of a classification net.
+    """
     paths = tuple(config.loc.checkpoints) or (workdir,)
     out = []
     for path in paths:
@@ -160,8 +186,12 @@ def classifier_config(config: ml_collections.ConfigDict) -> tuple[str, ml_collec
 def top_classes(
     config: ml_collections.ConfigDict, source: boxes.BoxedSource
 ) -> tuple[np.ndarray, np.ndarray, Any, ml_collections.ConfigDict]:
-    """Each image's top-5 classes and their posteriors by the dense multi-scale protocol, and
-    the classifier's variables and config."""
+    """Each image's top-5 classes by the classification run `classifier_config` names, with the
+    dense multi-scale protocol (Sect. 3.2) at `config.eval.scales`.
+
+    Returns:
+      (classes (N, 5), their posteriors (N, 5), the classifier's variables, its config).
+    """
     path, net = classifier_config(config)
     runner = classification.protocols_engine(net)
     variables = checkpoints.restore_params(path, runner.replicated)
@@ -199,10 +229,17 @@ def _engine(net: Net, classifier: ml_collections.ConfigDict | None) -> engine.En
 
 
 def guesses(raws: list[np.ndarray], min_iou: float) -> np.ndarray:
-    """Each image's box for each of its TOP classes (N, TOP, 4): the boxes of all of `raws`
-    (`dense_boxes` outputs, N × positions·TOP·5, of any scales and nets: their union) merged per
-    class, the best-rated kept and cut to the image; NaN where there were none (an undecodable
-    image)."""
+    """Table 9's guesses: per image and class, the boxes of every scale and net merged greedily,
+    and the merged box of the highest summed rating kept.
+
+    Args:
+      raws: `dense_boxes` outputs (N × positions·TOP·5) of any scales and nets: their union.
+      min_iou: merging joins the closest pair of boxes while their IoU is at least this.
+
+    Returns:
+      (N, TOP, 4) boxes, fractions of the image cut to it; NaN where there was none (an
+      undecodable image).
+    """
     out = np.full((len(raws[0]), TOP, 4), np.nan, np.float32)
     for i in range(len(out)):
         rows = np.concatenate([r[i].reshape(-1, TOP, 5) for r in raws])
@@ -300,9 +337,23 @@ def _run(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--mode=eval` of a localisation net: `config.loc.protocols` on the 'val' images that have
-    boxes; prints Tables 8 and 9 and writes localisation_results.json (and, for top5, boxes.npz)
-    in the workdir."""
+    """The `localisation` evaluator (`--mode=eval` of an scr or pcr net): Appendix A's protocols.
+
+    Args:
+      config: `config.loc` (protocols, scales, classifier, checkpoints, merging) and the data
+        set; only the 'val' images that have ground-truth boxes are tested.
+      workdir: the net tested when `loc.checkpoints` is empty; localisation_results.json (and,
+        for top5, boxes.npz: each image's five guesses in its own pixels) are written there.
+
+    Returns:
+      What localisation_results.json holds: a row per net and protocol (`gt_class_error`,
+      Table 8; `top5_error`, Table 9, with a row for the union of several nets), and the
+      images, undecodable images and seconds.
+
+    Raises:
+      UserError: no classifier for top5 (`loc.classifier` and `init_from` both empty), a
+        classification net to test, or crops that differ between the two nets.
+    """
     start = time.monotonic()
     source = boxes.boxed_source(config, "val")
     classification.check_classes(config, source)

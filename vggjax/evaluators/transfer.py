@@ -29,12 +29,20 @@ from vggjax.evaluators import features
 def fit_linear_svm(
     x: jax.Array, positives: jax.Array, c: float, max_iter: int = 500, tol: float = 1e-5
 ) -> tuple[jax.Array, jax.Array]:
-    """Weights (D, K) and biases (K,) minimising, for each class k,
+    """One-vs-rest linear SVMs minimising, for each class k,
     ½‖w_k‖² + C Σ_i max(0, 1 − y_ik (w_k·x_i + b_k))², y_ik = +1 if positives[i, k] else −1.
+    The bias is not regularised.
 
-    x: (N, D) features; positives: (N, K) booleans (one-hot for single-label data; several per
-    row for multi-label data such as VOC). Stops when the gradient norm falls below `tol` times
-    its initial value, or after `max_iter` L-BFGS steps. The bias is not regularised.
+    Args:
+      x: (N, D) features.
+      positives: (N, K) booleans: one-hot for single-label data, several per row for
+        multi-label data such as VOC.
+      c: the SVM's C (larger: less regularisation).
+      max_iter: L-BFGS steps at most.
+      tol: stops once the gradient norm falls below `tol` times its initial value.
+
+    Returns:
+      Weights (D, K) and biases (K,).
     """
     y = jnp.where(positives, 1.0, -1.0)
 
@@ -66,6 +74,7 @@ def fit_linear_svm(
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,) labels → (N, num_classes) booleans, as `fit_linear_svm` takes them."""
     return labels[:, None] == np.arange(num_classes)
 
 
@@ -118,6 +127,7 @@ def held_out(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
 
 
 def scores_of(params: tuple[jax.Array, jax.Array], x: np.ndarray) -> np.ndarray:
+    """The SVMs' scores (N, K) of features x (N, D): `fit_linear_svm`'s (weights, biases)."""
     w, b = params
     return np.asarray(x @ np.asarray(w) + np.asarray(b))
 
@@ -131,9 +141,24 @@ def evaluate_svm(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Chooses C on held-out training images (by mean class recall; no choice for one C),
-    refits on all training images, and scores the test images. Undecodable training images are
-    left out; undecodable test images keep their zero descriptor (scored by the biases alone)
-    and count."""
+    refits on all training images, and scores the test images.
+
+    Args:
+      train, test: `features.extract`'s arrays (or a subset: `features`, `labels`, `bad`).
+        Undecodable training images are left out; undecodable test images keep their zero
+        descriptor (scored by the biases alone) and count.
+      num_classes: the SVMs to fit.
+      c_values: the candidate Cs.
+      validation_fraction: of each class's training images held out to choose C.
+      seed: which images are held out.
+
+    Returns:
+      The chosen `c`, each C's held-out recall, and on the test images `mean_class_recall`,
+      `accuracy`, `mean_ap` and `mean_ap_11pt`, with chance recall and the image counts.
+
+    Raises:
+      UserError: several Cs, but every class has a single training image: none to hold out.
+    """
     keep = ~train["bad"]
     x, labels = train["features"][keep], train["labels"][keep]
     recall_at = {}
@@ -170,9 +195,21 @@ def evaluate_svm(
 def random_splits(
     labels: np.ndarray, train_per_class: int, test_per_class: int, count: int, seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The Caltech protocol's splits of one labelled set: `count` times, per class,
-    `train_per_class` random images to train on and up to `test_per_class` of the rest to test
-    on (index arrays). Every class needs more than `train_per_class` images."""
+    """The Caltech protocol's random splits of one labelled set.
+
+    Args:
+      labels: (N,) the set's labels.
+      train_per_class: images of each class to train on.
+      test_per_class: at most this many of each class's other images to test on.
+      count: how many splits.
+      seed: the draw.
+
+    Returns:
+      `count` pairs of sorted index arrays (train, test).
+
+    Raises:
+      UserError: a class has no more than `train_per_class` images: none left to test on.
+    """
     classes, sizes = np.unique(labels, return_counts=True)
     if sizes.min() <= train_per_class:
         raise UserError(
@@ -197,10 +234,22 @@ def _subset(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndar
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--mode=transfer`: SVMs fitted on the 'train' split's features and scored on 'val's; or,
-    with `transfer.random_splits`, on random splits of 'train' alone (Caltech's protocol:
-    mean and standard deviation over the splits). Features are reused from the workdir's
-    features_<split>.npz when made with the same settings. Writes transfer_results.json."""
+    """The `transfer` evaluator (`--mode=transfer`): Appendix B's SVMs on very deep features.
+
+    SVMs are fitted on the 'train' split's features and scored on 'val's; or, with
+    `transfer.random_splits`, on random splits of 'train' alone (Caltech's protocol). Features
+    are reused from the workdir's features_<split>.npz when made with the same settings.
+
+    Args:
+      config: `config.features` (what the descriptors are) and `config.transfer` (the Cs,
+        held-out fraction, random splits).
+      workdir: the default net, where the features are cached, and where
+        transfer_results.json is written (process 0).
+
+    Returns:
+      What transfer_results.json holds: `evaluate_svm`'s figures (over random splits: their
+      mean, a `<figure>_std` beside each, and each split's), with the features' settings.
+    """
     t = config.transfer
     fit = functools.partial(
         evaluate_svm,
