@@ -80,6 +80,7 @@ def test_the_config_file_runs_once_and_overrides_apply(tmp_path):
     try:
         config, overridden = main.parse_flags(argv)
     finally:
+        main.FLAGS.unparse_flags()
         flags.FLAGS.unparse_flags()
         flags.FLAGS.mark_as_parsed()  # as test_data leaves it for grain
     assert runs.read_text() == "ran\n"

@@ -41,12 +41,18 @@ def fail(program: str, message: str, status: int = 2) -> NoReturn:
 
 
 def parse_flags(
-    argv: list[str], flag_values: flags.FlagValues = flags.FLAGS, known_only: bool = False
+    argv: list[str], flag_values: flags.FlagValues, known_only: bool = False
 ) -> list[str]:
-    """absl's parser (app.run's flags_parser): a bad flag, or an argument that is not one
-    (unless `known_only`: those are returned), raises a UserError instead of a usage dump."""
+    """absl's parser for a program's own `flag_values`, then for absl's own flags (--verbosity,
+    --help) in its global registry: a bad flag, or an argument that is not one (unless
+    `known_only`: those are returned), raises a UserError instead of a usage dump.
+
+    A program keeps its flags out of absl's global registry so that importing it defines nothing
+    in the user's process (their own `--config` or `--workdir` would clash)."""
     try:
-        rest = flag_values(argv, known_only=known_only)
+        rest = flags.FLAGS(flag_values(argv, known_only=True), known_only=True)
+        if not known_only:
+            flag_values(rest)  # what is left: absl's one-line error for an unknown flag
     except flags.Error as e:
         raise UserError(str(e)) from e
     if len(rest) > 1 and not known_only:

@@ -22,13 +22,17 @@ from ml_collections import config_flags
 from vggjax import cli
 from vggjax.errors import UserError
 
+FLAGS = flags.FlagValues()  # main's own, not absl's global registry (cli.parse_flags)
 _CONFIG = flags.DEFINE_string(
     "config",
     None,
     "Configuration file, e.g. configs/vgg16.py or configs/vgg16.py:256-512; "
     "override fields with --config.FIELD=VALUE.",
+    flag_values=FLAGS,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs and results.", flag_values=FLAGS
+)
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
@@ -36,28 +40,42 @@ _MODE = flags.DEFINE_enum(
     "train: train (resuming from the workdir); eval: the paper's test "
     "protocols (Appendix A's for a localisation net); summary: print the layer table; features: Appendix B's "
     "descriptors of the data set; transfer: linear SVMs on them, scored.",
+    flag_values=FLAGS,
 )
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size",
     None,
     "--mode=summary: count for this image size (dense form) instead of the crop.",
+    flag_values=FLAGS,
 )
 
 # Multi-host runs: the same command on every host. On a TPU pod and under SLURM or Open MPI, JAX
 # finds all three values itself; elsewhere (or to override) give them on every process.
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every process."
+    "coordinator_address",
+    None,
+    "Multi-host: HOST:PORT of process 0, the same on every process.",
+    flag_values=FLAGS,
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Multi-host: how many processes run this command.", lower_bound=1
+    "num_processes",
+    None,
+    "Multi-host: how many processes run this command.",
+    lower_bound=1,
+    flag_values=FLAGS,
 )
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Multi-host: this process's index, 0 to num_processes - 1.", lower_bound=0
+    "process_id",
+    None,
+    "Multi-host: this process's index, 0 to num_processes - 1.",
+    lower_bound=0,
+    flag_values=FLAGS,
 )
 flags.register_multi_flags_validator(
     ["process_id", "num_processes"],
     lambda f: None in (f["process_id"], f["num_processes"]) or f["process_id"] < f["num_processes"],
     "--process_id must be less than --num_processes",
+    flag_values=FLAGS,
 )
 
 
@@ -197,7 +215,7 @@ def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, frozenset[s
     """main's flags; then the config file, executed once, with the `--config.FIELD` overrides
     applied by ml_collections' config_flags (after checking each names a field: config_flags
     raises a bare AttributeError for an unknown one). Returns the config and the fields set."""
-    rest = cli.parse_flags(argv, known_only=True)
+    rest = cli.parse_flags(argv, FLAGS, known_only=True)
     if not _CONFIG.value:
         raise UserError("--config is required, e.g. --config=configs/vgg16.py")
     config = load_config(_CONFIG.value)

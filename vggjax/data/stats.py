@@ -17,12 +17,17 @@ from vggjax import cli
 from vggjax.data import augment, sources
 from vggjax.errors import UserError
 
-_DATASET = flags.DEFINE_string("dataset", "folder", "folder, demo or imagenet2012.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set lives.")
-_MAX_IMAGES = flags.DEFINE_integer(
-    "max_images", 0, "Average over this many random images (0: all)."
+FLAGS = flags.FlagValues()  # stats' own, not absl's global registry (cli.parse_flags)
+_DATASET = flags.DEFINE_string(
+    "dataset", "folder", "folder, demo or imagenet2012.", flag_values=FLAGS
 )
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decoding processes (0: in-process).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set lives.", flag_values=FLAGS)
+_MAX_IMAGES = flags.DEFINE_integer(
+    "max_images", 0, "Average over this many random images (0: all).", flag_values=FLAGS
+)
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", 0, "Decoding processes (0: in-process).", flag_values=FLAGS
+)
 
 # JPEGs are decoded at up to 1/8 size: the DCT keeps the mean colour.
 _DECODE_MIN_SIDE = 32
@@ -72,4 +77,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run("vggjax.data.stats", app.run, main, flags_parser=cli.parse_flags)
+    cli.run(
+        "vggjax.data.stats", app.run, main, flags_parser=lambda argv: cli.parse_flags(argv, FLAGS)
+    )
