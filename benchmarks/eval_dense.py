@@ -125,14 +125,11 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     c = config()
     options = {"xla_gpu_autotune_level": _AUTOTUNE.value} if _AUTOTUNE.value >= 0 else None
-    engine = Engine(
-        models.model_from_config(c),
-        tuple(c.mean_rgb),
-        sharding.make_mesh(),
+    engine = Engine.from_config(
+        c,
         classification.plan(c),
         classification.posterior_heads(c.eval.flip),
-        c.eval.batch_size,
-        buckets_per_octave=c.eval.buckets_per_octave,
+        sharding.make_mesh(),
         compile_threads=_COMPILE_THREADS.value or None,
         compiler_options=options,
     )
@@ -153,8 +150,27 @@ def main(argv: list[str]) -> None:
     second, _ = timed_pass()
     if _SAVE.value:
         np.save(_SAVE.value, multi_scale(out, scales))
+    result = describe(c, elements, out, cost, first, second)
+    if _COMPARE_FIXED.value:
+        fixed = fixed_shape_seconds(engine, variables, [e["images"] for e in elements], c)
+        result.update(
+            fixed_batches=fixed["batches"],
+            fixed_megapixels=round(fixed["megapixels"], 2),
+            fixed_shape_images_per_sec=round(n / fixed["seconds"], 2),
+            # Pixels the device ran (padding included): what masking costs, apart from batch fill.
+            bucketed_megapixels_per_sec=round(out["padded_pixels"] / 1e6 / second, 2),
+            fixed_megapixels_per_sec=round(fixed["megapixels"] / fixed["seconds"], 2),
+        )
+    print(json.dumps(result))
+
+
+def describe(
+    c: Any, elements: list[dict], out: dict[str, Any], cost: dict, first: float, second: float
+) -> dict[str, Any]:
+    """The JSON line's figures of the bucketed passes: the settings, then the times."""
+    n, scales = len(elements), tuple(c.eval.scales)
     valid = sum(image.size // 3 for e in elements for image in e["images"]) / 1e6
-    result = dict(
+    return dict(
         model=c.model,
         width=c.width,
         dtype=c.dtype,
@@ -175,17 +191,6 @@ def main(argv: list[str]) -> None:
         bucketed_megapixels=round(out["padded_pixels"] / 1e6, 2),
         padding_ratio=round(out["padded_pixels"] / 1e6 / valid, 3),
     )
-    if _COMPARE_FIXED.value:
-        fixed = fixed_shape_seconds(engine, variables, [e["images"] for e in elements], c)
-        result.update(
-            fixed_batches=fixed["batches"],
-            fixed_megapixels=round(fixed["megapixels"], 2),
-            fixed_shape_images_per_sec=round(n / fixed["seconds"], 2),
-            # Pixels the device ran (padding included): what masking costs, apart from batch fill.
-            bucketed_megapixels_per_sec=round(out["padded_pixels"] / 1e6 / second, 2),
-            fixed_megapixels_per_sec=round(fixed["megapixels"] / fixed["seconds"], 2),
-        )
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ class Engine:
         plan: dict[int, tuple[str, ...]],
         heads: dict[str, Head],
         mesh: jax.sharding.Mesh | None = None,
+        **options: Any,
     ) -> Engine:
         """The engine of `config`'s net: how evaluation, features and localisation build theirs.
 
@@ -139,6 +140,8 @@ class Engine:
           plan: test scale Q → the names of the heads computed there.
           heads: what each name computes.
           mesh: default all of this process's devices.
+          **options: the engine's other settings, for benchmarks (`compile_threads`,
+            `compiler_options`).
 
         Raises:
           UserError: `config.eval.batch_size` does not split over the processes' devices.
@@ -154,6 +157,7 @@ class Engine:
                 bucket_multiple=config.eval.bucket_multiple,
                 num_threads=config.num_workers,
                 buckets_per_octave=config.eval.buckets_per_octave,
+                **options,
             )
         except UserError as e:
             raise UserError(f"config.eval.batch_size: {e}") from e

@@ -12,6 +12,7 @@ the VOC-2007 devkit) and accuracy.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -260,19 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train = features.cached(config, workdir, "train")
     num_classes = int(train["num_classes"])
     if t.random_splits:
-        splits = random_splits(
-            train["labels"], t.train_per_class, t.test_per_class, t.random_splits, config.seed
-        )
-        runs = [fit(_subset(train, a), _subset(train, b), num_classes) for a, b in splits]
-        result = {k: runs[0][k] for k in ("chance_recall", "feature_dim")}
-        for k in ("mean_class_recall", "accuracy", "mean_ap", "mean_ap_11pt"):
-            values = [r[k] for r in runs]
-            result.update({k: float(np.mean(values)), f"{k}_std": float(np.std(values))})
-        result["splits"] = runs
-        what = (
-            f"{t.random_splits} random splits of {t.train_per_class} training and up to "
-            f"{t.test_per_class} test images per class"
-        )
+        result, what = _over_random_splits(fit, train, num_classes, t, config.seed)
     else:
         result = fit(train, features.cached(config, workdir, "val"), num_classes)
         what = (
@@ -281,16 +270,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     result = dict(features.settings(config, workdir), **result)
     if jax.process_index() == 0:
-
-        def figure(k: str) -> str:
-            std = f" ± {100 * result[k + '_std']:.1f}" if k + "_std" in result else ""
-            return f"{100 * result[k]:.1f}{std}%"
-
-        print(f"Linear SVM on {result['feature_dim']}-D features, {what}:")
-        print(
-            f"  mean class recall {figure('mean_class_recall')} (chance "
-            f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
-            f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})"
-        )
+        _report(result, what)
         storage.write_json(storage.at(workdir) / "transfer_results.json", result)
     return result
+
+
+def _over_random_splits(
+    fit: Callable[..., dict[str, Any]], train: dict[str, Any], num_classes: int, t: Any, seed: int
+) -> tuple[dict[str, Any], str]:
+    """Caltech's protocol: `fit` on each random split of `train`; each figure's mean, a
+    `<figure>_std` beside it and each split's; and what the splits were, in words."""
+    splits = random_splits(
+        train["labels"], t.train_per_class, t.test_per_class, t.random_splits, seed
+    )
+    runs = [fit(_subset(train, a), _subset(train, b), num_classes) for a, b in splits]
+    result = {k: runs[0][k] for k in ("chance_recall", "feature_dim")}
+    for k in ("mean_class_recall", "accuracy", "mean_ap", "mean_ap_11pt"):
+        values = [r[k] for r in runs]
+        result.update({k: float(np.mean(values)), f"{k}_std": float(np.std(values))})
+    result["splits"] = runs
+    what = (
+        f"{t.random_splits} random splits of {t.train_per_class} training and up to "
+        f"{t.test_per_class} test images per class"
+    )
+    return result, what
+
+
+def _report(result: dict[str, Any], what: str) -> None:
+    """The figures on stdout, each as a percentage (± its standard deviation over splits)."""
+
+    def figure(k: str) -> str:
+        std = f" ± {100 * result[k + '_std']:.1f}" if k + "_std" in result else ""
+        return f"{100 * result[k]:.1f}{std}%"
+
+    print(f"Linear SVM on {result['feature_dim']}-D features, {what}:")
+    print(
+        f"  mean class recall {figure('mean_class_recall')} (chance "
+        f"{100 * result['chance_recall']:.1f}%), accuracy {figure('accuracy')}, "
+        f"mAP {figure('mean_ap')} (11-point {figure('mean_ap_11pt')})"
+    )
