@@ -29,6 +29,8 @@ import eval_dense  # noqa: F401  (its flags, which this script forwards)
 import numpy as np
 from absl import app, flags
 
+from vggjax import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -67,4 +69,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("eval_cold_start", app.run, main)  # as every vggjax command line runs: tune_cpu first

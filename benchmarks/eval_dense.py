@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, models, recipe, sharding
+from vggjax import cli, models, recipe, sharding
 from vggjax.data import augment
 from vggjax.engine import Engine
 from vggjax.evaluators import classification
@@ -194,5 +194,4 @@ def describe(
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(restart=True)  # as vggjax's command lines run
-    app.run(main)
+    cli.run("eval_dense", app.run, main)  # as every vggjax command line runs: tune_cpu first

@@ -26,7 +26,7 @@ import numpy as np
 import torch_train_step  # the same net in torchvision's layout; train_step's flags
 from absl import app, flags
 
-from vggjax import backend, models
+from vggjax import cli, models
 
 _TORCH = flags.DEFINE_bool("torch", False, "Also PyTorch's float32 against its float64.")
 
@@ -175,5 +175,4 @@ def torch_errors(model: models.VGG, params: Any, images: np.ndarray, labels) -> 
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(restart=True)  # as vggjax's command lines run
-    app.run(main)
+    cli.run("grad_accuracy", app.run, main)  # as every vggjax command line runs: tune_cpu first

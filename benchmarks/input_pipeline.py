@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from vggjax import backend, recipe
+from vggjax import cli, recipe
 from vggjax.data import augment, pipeline
 
 _IMAGES = flags.DEFINE_integer("images", 200, "JPEGs to generate.")
@@ -250,5 +250,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(restart=True)  # as vggjax's command lines run
-    app.run(main)
+    cli.run("input_pipeline", app.run, main)  # as every vggjax command line runs: tune_cpu first

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from vggjax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty folder for the runs.")
 _CLASSIFIER = flags.DEFINE_string("classifier", "", "A trained configs/demo.py run to use as C.")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE given to every command as --config.")
@@ -176,4 +178,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("localise_demo", app.run, main)  # as every vggjax command line runs: tune_cpu first

@@ -28,7 +28,7 @@ import eval_dense  # benchmarks/eval_dense.py: its flags, config, images and wei
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, models
+from vggjax import cli, models
 
 
 def torch_dense_net(model: models.VGG, variables: Any, device: str) -> Callable:
@@ -124,5 +124,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(restart=True)  # as vggjax's command lines run
-    app.run(main)
+    cli.run("torch_dense_loop", app.run, main)  # as every vggjax command line runs: tune_cpu first

@@ -31,7 +31,7 @@ import ml_collections
 import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
 from absl import app, flags
 
-from vggjax import backend, models
+from vggjax import backend, cli, models
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per framework.")
 _CHANNELS_LAST = flags.DEFINE_bool(
@@ -322,7 +322,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(
-        restart=True
-    )  # as vggjax's command lines run; PyTorch's processes: --torch_huge_pages
-    app.run(main)
+    # As every vggjax command line runs (tune_cpu first); PyTorch's processes: --torch_huge_pages.
+    cli.run("torch_train_step", app.run, main)

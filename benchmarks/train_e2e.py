@@ -31,6 +31,8 @@ import jpegs  # benchmarks/jpegs.py
 import train_step  # noqa: F401  (its flags, which this script forwards)
 from absl import app, flags
 
+from vggjax import cli
+
 # The net and the step: train_step.py's flags (--model, --width, --fc_width, --batch_size,
 # --image_size, --dtype; its --steps are the synthetic run's timed steps).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Training steps of the real run.")
@@ -103,4 +105,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("train_e2e", app.run, main)  # as every vggjax command line runs: tune_cpu first

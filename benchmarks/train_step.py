@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, convolution, recipe, summary, train
+from vggjax import backend, cli, convolution, recipe, summary, train
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
@@ -148,5 +148,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    backend.tune_cpu(restart=True)  # as vggjax's command lines run
-    app.run(main)
+    cli.run("train_step", app.run, main)  # as every vggjax command line runs: tune_cpu first

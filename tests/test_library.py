@@ -80,6 +80,7 @@ def test_the_console_script_and_python_m_compute_the_same_bits(tmp_path, tiny_de
         "--config.train_scale=(128,136)",
         "--config.eval_scale=128",
         "--config.eval.scales=(128,)",
+        "--config.loc.scales=(128,)",
         "--config.batch_size=8",
         "--config.num_workers=0",
         "--config.num_train_steps=1",
