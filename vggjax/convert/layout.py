@@ -151,7 +151,9 @@ def _check_layers(
             f"{path}: --model={model_name} has a batch norm after every conv, but "
             f"{next(layer.name for layer in convs if layer.norm is None)} has none"
         )
-    names = [layer.name for layer in models.layer_table(config) if layer.kind == "conv"]
+    names = [
+        layer.name for layer in models.layer_table(models.ModelSpec(config)) if layer.kind == "conv"
+    ]
     if len(convs) != len(names):
         found = f" ({convs[0].name} … {convs[-1].name})" if convs else ""
         raise UserError(
