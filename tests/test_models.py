@@ -297,7 +297,7 @@ def test_the_model_fields_are_defined_once_and_read_everywhere(tmp_path):
     net = dict(model="B", num_classes=7, objective="scr", width=0.5, fc_width=32, crop_size=64)
     how = dict(dropout_rate=0.1, kernel_init="he", dtype="bfloat16", winograd="all")
     (tmp_path / "config.json").write_text(json.dumps(net | how | dict(mean_rgb=[1, 2, 3])))
-    assert models.fields_fixing("net", "fc8") == tuple(net)
+    assert models.fields_fixing("conv", "fc", "fc8") == tuple(net)
     inherited = pretrained.with_net_of(c, str(tmp_path))
     assert {k: inherited[k] for k in fields} == {k: c[k] for k in fields} | net
     kept = pretrained.with_net_of(c, str(tmp_path), keep_classes=True)

@@ -111,9 +111,10 @@ def _hyper(
     shapes: str = "",
 ) -> Any:
     """A ModelSpec field: its default, what it allows (`ok` tests a value, `allowed` says it in
-    the error; a collection alone: one of its values) and which parameters' shapes it fixes:
-    "net" (so a net started from a checkpoint takes it from the checkpoint's config.json),
-    "fc8" (taken too, unless fine-tuning for new classes) or "" (the run's own choice)."""
+    the error; a collection alone: one of its values) and the first layers whose shapes it fixes,
+    "conv", "fc" (fc6, fc7) or "fc8": `vggjax.convert` reads it off them and writes it to
+    config.json, and a net started from a checkpoint takes it from there (fc8's, unless
+    fine-tuning for new classes). "": how the run trains and computes, its own choice."""
     if ok is None and allowed is not None:
         ok, allowed = allowed.__contains__, f"one of {tuple(allowed)}"
     return dataclasses.field(default=default, metadata=dict(allowed=allowed, ok=ok, shapes=shapes))
@@ -124,26 +125,26 @@ class ModelSpec:
     """The net's hyper-parameters, each defined here once with its type, default, allowed values
     and meaning: what a `VGG` is built from. They are also the config fields and config.json keys
     of the same names: recipe.py's defaults are these, `check` is what create_model and
-    options.validate run, and pretrained.with_net_of takes a checkpoint's `fields_fixing` its
-    parameters."""
+    options.validate run, and a checkpoint's config.json records those fixing its parameters'
+    shapes (`fields_fixing`), which a net started from it takes (pretrained.with_net_of)."""
 
     # Which net: a Table 1 column ("D") or an alias ("vgg16"; "vgg16_bn" adds batch norm).
     # Its check is resolve_name's: the error lists every name.
-    model: str = _hyper("D", shapes="net")
+    model: str = _hyper("D", shapes="conv")
     # The data set's classes; with `objective` they size fc8 (FC8_OUTPUTS).
     num_classes: int = _hyper(1000, "a positive integer", _positive, shapes="fc8")
     # What fc8 learns: class scores, or Appendix A's box ("scr") or box per class ("pcr").
     objective: str = _hyper("classification", FC8_OUTPUTS, shapes="fc8")
     # Scales every conv's channels: narrow nets of exactly the paper's shape (tests, the demo).
-    width: float = _hyper(1.0, "a positive channel multiplier", _positive, shapes="net")
+    width: float = _hyper(1.0, "a positive channel multiplier", _positive, shapes="conv")
     # fc6's and fc7's outputs.
-    fc_width: int = _hyper(4096, "a positive integer", _positive, shapes="net")
+    fc_width: int = _hyper(4096, "a positive integer", _positive, shapes="fc")
     # The training crop's side: fc6 sees its last pooled map, a (crop_size/32)² window.
     crop_size: int = _hyper(
         224,
         "a positive multiple of 32 (five 2×2 poolings)",
         lambda size: _positive(size) and size % 32 == 0,
-        shapes="net",
+        shapes="fc",
     )
     # Dropout after fc6 and fc7 in training (Sect. 3.1: 0.5).
     dropout_rate: float = _hyper(0.5, "in [0, 1)", lambda rate: 0 <= rate < 1)
@@ -174,7 +175,7 @@ MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelSpec))
 
 
 def fields_fixing(*parts: str) -> tuple[str, ...]:
-    """The ModelSpec fields fixing the shapes of `parts` of the parameters ("net", "fc8")."""
+    """The ModelSpec fields fixing the shapes of `parts` of the net ("conv", "fc", "fc8")."""
     return tuple(f.name for f in dataclasses.fields(ModelSpec) if f.metadata["shapes"] in parts)
 
 
@@ -314,6 +315,9 @@ def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
 
 class VGG(nn.Module):
     """A VGG net. `__call__(images, train=False, dense=False, sizes=None, output=None)`.
+
+    spec: its hyper-parameters (ModelSpec), which `model.width`, `model.crop_size` and the like
+    read through; `config` and `batch_norm` are its name's, `num_classes` is fc8's width.
 
     images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
     logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
@@ -466,7 +470,7 @@ def create_model(name: str, num_classes: int = 1000, **fields: Any) -> VGG:
 
     Args:
       name: the net (ModelSpec.model).
-      num_classes: the classes fc8 scores.
+      num_classes: the data set's classes (fc8's outputs for classification).
       **fields: any other field of ModelSpec by name, at its default if not given: `width`
         scales every conv's channels and `fc_width` sets the FC layers' size, so tests and the
         demo run narrow nets of exactly the paper's shape.

@@ -32,11 +32,11 @@ def with_net_of(
     not fc8's: fine-tuning for new classes) and its mean RGB."""
     net = read_config(path)
     c = ml_collections.ConfigDict(config.to_dict())
-    parts = ("net",) if keep_classes else ("net", "fc8")
+    parts = ("conv", "fc") if keep_classes else ("conv", "fc", "fc8")
     for field in models.fields_fixing(*parts):
         if field in net:
             c[field] = net[field]
-    if not keep_classes and "objective" not in net:  # a converted net's: a classifier
+    if not keep_classes and "objective" not in net:  # converted before it was recorded
         c.objective = models.ModelSpec().objective
     c.mean_rgb = tuple(net["mean_rgb"])
     return c

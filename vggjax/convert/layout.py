@@ -230,11 +230,6 @@ def build_variables(
     return model, {"params": params, **({"batch_stats": stats} if stats else {})}
 
 
-def name_of(model: models.VGG) -> str:
-    """The name config.json records: vgg16_bn for a batch-norm net, else the Table 1 column."""
-    return bn_name(model.config) if model.batch_norm else model.config
-
-
 def fold_input_convention(
     params: dict[str, dict[str, np.ndarray]], source: str
 ) -> tuple[float, float, float]:
