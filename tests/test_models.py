@@ -1,12 +1,16 @@
 """Table 1 configurations: shapes, parameter counts (Table 2), classic vs dense form, LRN, BN."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import init, narrow
 
-from vggjax import models, objectives, summary
+from vggjax import models, objectives, options, pretrained, recipe, summary
+from vggjax.errors import UserError
 
 # Table 2 and torchvision's counts (A-LRN has no parameters beyond A; C adds three 1×1 convs).
 PARAM_COUNTS = {
@@ -262,3 +266,54 @@ def test_fc8_is_sized_for_every_objective_and_only_those():
     assert set(models.FC8_OUTPUTS) == set(objectives.OBJECTIVES)
     widths = {name: models.FC8_OUTPUTS[name](10) for name in ("classification", "scr", "pcr")}
     assert widths == dict(classification=10, scr=4, pcr=40)
+
+
+# A value each model field refuses: a new field of models.ModelSpec must be given one here.
+BAD_VALUES = dict(
+    model="vgg17",
+    num_classes=0,
+    objective="boxes",
+    width=0.0,
+    fc_width=0,
+    crop_size=100,
+    dropout_rate=1.0,
+    kernel_init="zeros",
+    dtype="int8",
+    winograd="sometimes",
+)
+
+
+def test_the_model_fields_are_defined_once_and_read_everywhere(tmp_path):
+    """models.ModelSpec is what the net, the configs (recipe.py's defaults), config.json
+    (MODEL_FIELDS) and pretrained inheritance read."""
+    fields = {field.name: field.default for field in dataclasses.fields(models.ModelSpec)}
+    assert tuple(fields) == models.MODEL_FIELDS and set(BAD_VALUES) == set(fields)
+    c = recipe.paper_recipe("D")
+    # The recipe's own choices: the net it is given, and Glorot's init past net A.
+    assert {k: c[k] for k in fields} == fields | dict(model="D", kernel_init="glorot")
+    assert models.create_model("D").spec == models.ModelSpec()
+    assert models.model_from_config({"model": "D"}).spec == models.ModelSpec()
+    # A checkpoint's net is the fields fixing its parameters' shapes; how a run computed is not.
+    net = dict(model="B", num_classes=7, objective="scr", width=0.5, fc_width=32, crop_size=64)
+    how = dict(dropout_rate=0.1, kernel_init="he", dtype="bfloat16", winograd="all")
+    (tmp_path / "config.json").write_text(json.dumps(net | how | dict(mean_rgb=[1, 2, 3])))
+    assert models.fields_fixing("conv", "fc", "fc8") == tuple(net)
+    inherited = pretrained.with_net_of(c, str(tmp_path))
+    assert {k: inherited[k] for k in fields} == {k: c[k] for k in fields} | net
+    kept = pretrained.with_net_of(c, str(tmp_path), keep_classes=True)
+    assert (kept.num_classes, kept.objective, kept.model) == (1000, "classification", "B")
+
+
+@pytest.mark.parametrize("field", sorted(BAD_VALUES))
+def test_a_bad_model_field_is_refused_in_one_line_naming_it(field):
+    c = recipe.paper_recipe("D")
+    c[field] = BAD_VALUES[field]
+    with pytest.raises(UserError) as config_error:
+        options.validate(c)
+    args = dict(name="D") | ({"name": "vgg17"} if field == "model" else {field: BAD_VALUES[field]})
+    with pytest.raises(UserError) as library_error:
+        models.create_model(**args)
+    for error, prefix in ((config_error, "config."), (library_error, "")):
+        message = str(error.value)
+        named = "unknown model 'vgg17'; choose one of" if field == "model" else prefix + field
+        assert "\n" not in message and message.startswith(named), message

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -60,6 +60,125 @@ MODEL_NAMES = tuple(TABLE_1) + tuple(ALIASES) + tuple(BATCH_NORM_NETS)
 LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 
 
+def resolve_name(name: str) -> tuple[str, bool]:
+    """Maps a model name or alias to (Table 1 configuration, batch_norm)."""
+    if name in TABLE_1:
+        return name, False
+    if name.lower() in ALIASES:
+        return ALIASES[name.lower()], False
+    if name.lower() in BATCH_NORM_NETS:
+        return BATCH_NORM_NETS[name.lower()], True
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+KERNEL_INITS: dict[str, Callable[..., Any]] = {
+    # Sect. 3.1: "zero mean and 10^-2 variance"; the Caffe release used std 0.01, which we follow.
+    "normal": nn.initializers.normal(stddev=1e-2),
+    # Sect. 3.1: the later finding that Glorot & Bengio (2010) initialisation needs no pre-training.
+    "glorot": nn.initializers.glorot_uniform(),
+    "he": nn.initializers.he_normal(),
+}
+
+
+# fc8's width by objective, for a data set of this many classes: class scores, or Appendix A's
+# one box (single-class regression) or box per class (per-class regression). What each learns,
+# its loss and errors, is vggjax/objectives.py's.
+FC8_OUTPUTS: dict[str, Callable[[int], int]] = {
+    "classification": lambda classes: classes,
+    "scr": lambda classes: 4,
+    "pcr": lambda classes: 4 * classes,
+}
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """ "bfloat16" for "bfloat16" or jnp.bfloat16; None for what is not a dtype."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return None
+
+
+def _positive(value: Any) -> bool:
+    return (value or 0) > 0
+
+
+def _hyper(
+    default: Any,
+    allowed: str | Collection[str] | None = None,
+    ok: Callable[[Any], bool] | None = None,
+    shapes: str = "",
+) -> Any:
+    """A ModelSpec field: its default, what it allows (`ok` tests a value, `allowed` says it in
+    the error; a collection alone: one of its values) and the first layers whose shapes it fixes,
+    "conv", "fc" (fc6, fc7) or "fc8": `vggjax.convert` reads it off them and writes it to
+    config.json, and a net started from a checkpoint takes it from there (fc8's, unless
+    fine-tuning for new classes). "": how the run trains and computes, its own choice."""
+    if ok is None and allowed is not None:
+        ok, allowed = allowed.__contains__, f"one of {tuple(allowed)}"
+    return dataclasses.field(default=default, metadata=dict(allowed=allowed, ok=ok, shapes=shapes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The net's hyper-parameters, each defined here once with its type, default, allowed values
+    and meaning: what a `VGG` is built from. They are also the config fields and config.json keys
+    of the same names: recipe.py's defaults are these, `check` is what create_model and
+    options.validate run, and a checkpoint's config.json records those fixing its parameters'
+    shapes (`fields_fixing`), which a net started from it takes (pretrained.with_net_of)."""
+
+    # Which net: a Table 1 column ("D") or an alias ("vgg16"; "vgg16_bn" adds batch norm).
+    # Its check is resolve_name's: the error lists every name.
+    model: str = _hyper("D", shapes="conv")
+    # The data set's classes; with `objective` they size fc8 (FC8_OUTPUTS).
+    num_classes: int = _hyper(1000, "a positive integer", _positive, shapes="fc8")
+    # What fc8 learns: class scores, or Appendix A's box ("scr") or box per class ("pcr").
+    objective: str = _hyper("classification", FC8_OUTPUTS, shapes="fc8")
+    # Scales every conv's channels: narrow nets of exactly the paper's shape (tests, the demo).
+    width: float = _hyper(1.0, "a positive channel multiplier", _positive, shapes="conv")
+    # fc6's and fc7's outputs.
+    fc_width: int = _hyper(4096, "a positive integer", _positive, shapes="fc")
+    # The training crop's side: fc6 sees its last pooled map, a (crop_size/32)² window.
+    crop_size: int = _hyper(
+        224,
+        "a positive multiple of 32 (five 2×2 poolings)",
+        lambda size: _positive(size) and size % 32 == 0,
+        shapes="fc",
+    )
+    # Dropout after fc6 and fc7 in training (Sect. 3.1: 0.5).
+    dropout_rate: float = _hyper(0.5, "in [0, 1)", lambda rate: 0 <= rate < 1)
+    # The kernels' random start, biases at zero: "normal" is the paper's N(0, 1e-2), "glorot"
+    # its later finding that deep nets need no pre-training.
+    kernel_init: str = _hyper("normal", KERNEL_INITS)
+    # The compute dtype ("bfloat16": mixed precision); parameters stay float32. Or a jnp dtype.
+    dtype: str = _hyper("float32", f"one of {DTYPES}", lambda dtype: _dtype_name(dtype) in DTYPES)
+    # How the CPU runs the 3×3 convs (vggjax/convolution.py): one of convolution.WINOGRAD, or
+    # "auto", what vggjax.tune_cpu() picked for the process (the command lines call it; "off"
+    # under VGGJAX_CPU_TUNING=0). A run's config.json records the one it used; load_pretrained
+    # ignores that (how a run computed is not the net).
+    winograd: str = _hyper("auto", ("auto", *convolution.WINOGRAD))
+
+    def check(self, prefix: str = "") -> ModelSpec:
+        """This spec, or a UserError naming the first field whose value is not allowed and what
+        is (`prefix` says where it came from, e.g. "config.")."""
+        resolve_name(self.model)
+        for field in dataclasses.fields(self):
+            ok, value = field.metadata["ok"], getattr(self, field.name)
+            if ok is not None:
+                require(ok(value), prefix + field.name, field.metadata["allowed"], value)
+        return self
+
+
+# The config fields (and config.json keys) that make the net.
+MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelSpec))
+
+
+def fields_fixing(*parts: str) -> tuple[str, ...]:
+    """The ModelSpec fields fixing the shapes of `parts` of the net ("conv", "fc", "fc8")."""
+    return tuple(f.name for f in dataclasses.fields(ModelSpec) if f.metadata["shapes"] in parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One row of the layer table: what the module builds and what the summary counts."""
@@ -70,35 +189,30 @@ class Layer:
     features: int = 0
 
 
-def layer_table(
-    config: str,
-    width: float = 1.0,
-    fc_width: int = 4096,
-    num_classes: int = 1000,
-    crop_size: int = 224,
-) -> list[Layer]:
-    """The layers of a Table 1 configuration with channels scaled by `width`.
+def layer_table(spec: ModelSpec) -> list[Layer]:
+    """The layers of the net `spec` describes: a Table 1 configuration with channels scaled by
+    `width`.
 
     fc6 sees the last pooled map of a crop, (crop_size/32)² positions: in the dense form it is
     a conv with that window (7×7 at 224); fc7 and fc8 are 1×1 convs.
     """
     layers = []
-    for s, stage in enumerate(TABLE_1[config], start=1):
+    for s, stage in enumerate(TABLE_1[resolve_name(spec.model)[0]], start=1):
         convs = 0
-        for spec in stage:
-            if spec == "LRN":
+        for entry in stage:
+            if entry == "LRN":
                 layers.append(Layer(f"lrn{s}", "lrn"))
                 continue
             convs += 1
-            kernel, channels = spec
+            kernel, channels = entry
             layers.append(
-                Layer(f"conv{s}_{convs}", "conv", kernel, max(1, round(channels * width)))
+                Layer(f"conv{s}_{convs}", "conv", kernel, max(1, round(channels * spec.width)))
             )
         layers.append(Layer(f"pool{s}", "pool", 2))
     layers += [
-        Layer("fc6", "fc", crop_size // 32, fc_width),
-        Layer("fc7", "fc", 1, fc_width),
-        Layer("fc8", "fc", 1, num_classes),
+        Layer("fc6", "fc", spec.crop_size // 32, spec.fc_width),
+        Layer("fc7", "fc", 1, spec.fc_width),
+        Layer("fc8", "fc", 1, FC8_OUTPUTS[spec.objective](spec.num_classes)),
     ]
     return layers
 
@@ -155,15 +269,6 @@ def fc_as_conv(kernel: jax.Array, window: int) -> jax.Array:
     return kernel.reshape(window, window, fan_in // (window * window), features)
 
 
-KERNEL_INITS: dict[str, Callable[..., Any]] = {
-    # Sect. 3.1: "zero mean and 10^-2 variance"; the Caffe release used std 0.01, which we follow.
-    "normal": nn.initializers.normal(stddev=1e-2),
-    # Sect. 3.1: the later finding that Glorot & Bengio (2010) initialisation needs no pre-training.
-    "glorot": nn.initializers.glorot_uniform(),
-    "he": nn.initializers.he_normal(),
-}
-
-
 class FullyConnected(nn.Module):
     """An FC layer whose kernel can also be applied as a `window`×`window` VALID conv."""
 
@@ -211,6 +316,9 @@ def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
 class VGG(nn.Module):
     """A VGG net. `__call__(images, train=False, dense=False, sizes=None, output=None)`.
 
+    spec: its hyper-parameters (ModelSpec), which `model.width`, `model.crop_size` and the like
+    read through; `config` and `batch_norm` are its name's, `num_classes` is fc8's width.
+
     images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
     logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
     classes) with h = H//32 − crop_size/32 + 1 (224: H//32 − 6).
@@ -234,25 +342,36 @@ class VGG(nn.Module):
     images): batch norm's statistics, and so its running averages, are over the counted ones.
     """
 
-    config: str = "D"
-    num_classes: int = 1000
-    width: float = 1.0
-    fc_width: int = 4096
-    crop_size: int = 224
-    batch_norm: bool = False
-    dropout_rate: float = 0.5
-    kernel_init: str = "normal"
-    dtype: Any = jnp.float32
+    spec: ModelSpec = ModelSpec()
     # Batch norm in inference mode even when training: the conv layers are frozen (fine-tuning
     # the FC layers only), so their BN layers keep their statistics, as Keras does.
     batch_norm_frozen: bool = False
     pooling: str = "max"  # a key of POOLINGS
-    # How the CPU runs the 3×3 convs: one of convolution.WINOGRAD, or "auto" (the process's).
-    winograd: str = "auto"
+
+    def __getattr__(self, name: str) -> Any:
+        """`model.width`, `model.crop_size`, …: the spec's fields, read through."""
+        if name in MODEL_FIELDS:
+            return getattr(self.spec, name)
+        return super().__getattr__(name)
+
+    @property
+    def config(self) -> str:
+        """The Table 1 column ("D" for "vgg16_bn")."""
+        return resolve_name(self.spec.model)[0]
+
+    @property
+    def batch_norm(self) -> bool:
+        """Whether a batch norm follows each conv (the "_bn" nets)."""
+        return resolve_name(self.spec.model)[1]
+
+    @property
+    def num_classes(self) -> int:
+        """fc8's outputs: spec.num_classes, or their boxes for a localisation objective."""
+        return self.layers[-1].features
 
     @property
     def layers(self) -> list[Layer]:
-        return layer_table(self.config, self.width, self.fc_width, self.num_classes, self.crop_size)
+        return layer_table(self.spec)
 
     def _upto(self, output: str | Sequence[str] | None) -> list[Layer]:
         """The layers to run to return the activations `output` names (None: all of them)."""
@@ -272,13 +391,13 @@ class VGG(nn.Module):
     def _check_input(self, shape: tuple[int, ...], dense: bool, sizes: Any, fc: bool) -> None:
         if len(shape) != 4 or shape[-1] != 3:
             raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {shape}")
-        h, w = shape[1:3]
-        least = self.crop_size if fc else 32
+        (h, w), crop = shape[1:3], self.spec.crop_size
+        least = crop if fc else 32
         if dense and min(h, w) < least:
             raise ValueError(f"dense evaluation needs images at least {least}×{least}, got {h}×{w}")
-        if not dense and (h, w) != (self.crop_size, self.crop_size):
+        if not dense and (h, w) != (crop, crop):
             raise ValueError(
-                f"the classic form takes {self.crop_size}×{self.crop_size} crops, got "
+                f"the classic form takes {crop}×{crop} crops, got "
                 f"{h}×{w}; use dense=True for whole images"
             )
         if sizes is not None and not dense:
@@ -297,8 +416,9 @@ class VGG(nn.Module):
         layers, found = self._upto(output), {}
         counted = None if mask is None else mask.reshape(-1, 1, 1, 1) > 0
         self._check_input(x.shape, dense, sizes, fc=layers[-1].kind == "fc")
-        init = KERNEL_INITS[self.kernel_init]
-        x = x.astype(self.dtype)
+        spec, dtype = self.spec, jnp.dtype(self.spec.dtype)
+        init = KERNEL_INITS[spec.kernel_init]
+        x = x.astype(dtype)
         for layer in layers:
             if layer.kind == "conv":
                 x = _zero_outside(x, sizes)
@@ -307,9 +427,9 @@ class VGG(nn.Module):
                     (layer.kernel, layer.kernel),
                     padding="SAME",
                     kernel_init=init,
-                    dtype=self.dtype,
+                    dtype=dtype,
                     conv_general_dilated=functools.partial(
-                        convolution.conv_general_dilated, winograd=self.winograd
+                        convolution.conv_general_dilated, winograd=spec.winograd
                     ),
                     name=layer.name,
                 )(x)
@@ -322,7 +442,7 @@ class VGG(nn.Module):
                         # when |mean| >> std, so the order of a reduction (one host or two)
                         # changed the update by 10% after 4 steps.
                         use_fast_variance=False,
-                        dtype=self.dtype,
+                        dtype=dtype,
                         name=layer.name + "_bn",
                     )(x, mask=counted)
                 found[layer.name + PRE_RELU] = x
@@ -335,117 +455,43 @@ class VGG(nn.Module):
             else:
                 if layer.name == "fc6" and not dense:
                     x = x.reshape(x.shape[0], -1)
-                fc = FullyConnected(layer.features, layer.kernel, init, self.dtype, name=layer.name)
+                fc = FullyConnected(layer.features, layer.kernel, init, dtype, name=layer.name)
                 x = fc(x, dense)
                 if layer.name != "fc8":
-                    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+                    x = nn.Dropout(spec.dropout_rate, deterministic=not train)(nn.relu(x))
             found[layer.name] = x
         if output is None:
             return x
         return found[output] if isinstance(output, str) else {n: found[n] for n in output}
 
 
-def resolve_name(name: str) -> tuple[str, bool]:
-    """Maps a model name or alias to (Table 1 configuration, batch_norm)."""
-    if name in TABLE_1:
-        return name, False
-    if name.lower() in ALIASES:
-        return ALIASES[name.lower()], False
-    if name.lower() in BATCH_NORM_NETS:
-        return BATCH_NORM_NETS[name.lower()], True
-    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-
-
-def check_model(
-    name: str,
-    num_classes: int,
-    width: float,
-    fc_width: int,
-    crop_size: int,
-    dropout_rate: float,
-    kernel_init: str,
-    prefix: str = "",
-) -> None:
-    """UserError naming the first argument of `create_model` that is not allowed (`prefix`
-    names where it came from, e.g. "config.")."""
-    resolve_name(name)
-    positive = "a positive integer"
-    require(
-        crop_size > 0 and crop_size % 32 == 0,
-        prefix + "crop_size",
-        "a positive multiple of 32 (five 2×2 poolings)",
-        crop_size,
-    )
-    require(width > 0, prefix + "width", "a positive channel multiplier", width)
-    require(fc_width > 0, prefix + "fc_width", positive, fc_width)
-    require((num_classes or 0) > 0, prefix + "num_classes", positive, num_classes)
-    require(0 <= dropout_rate < 1, prefix + "dropout_rate", "in [0, 1)", dropout_rate)
-    require(
-        kernel_init in KERNEL_INITS,
-        prefix + "kernel_init",
-        f"one of {tuple(KERNEL_INITS)}",
-        kernel_init,
-    )
-
-
-def create_model(
-    name: str,
-    num_classes: int = 1000,
-    *,
-    width: float = 1.0,
-    fc_width: int = 4096,
-    crop_size: int = 224,
-    dropout_rate: float = 0.5,
-    kernel_init: str = "normal",
-    dtype: Any = jnp.float32,
-    winograd: str = "auto",
-) -> VGG:
+def create_model(name: str, num_classes: int = 1000, **fields: Any) -> VGG:
     """The VGG net `name` (a Table 1 column such as "D", or an alias such as "vgg16_bn").
 
-    width scales every conv's channels and fc_width sets the FC layers' size, so tests and the
-    demo can run narrow nets of exactly the paper's shape.
+    Args:
+      name: the net (ModelSpec.model).
+      num_classes: the data set's classes (fc8's outputs for classification).
+      **fields: any other field of ModelSpec by name, at its default if not given: `width`
+        scales every conv's channels and `fc_width` sets the FC layers' size, so tests and the
+        demo run narrow nets of exactly the paper's shape.
+
+    Raises:
+      UserError: naming the first field whose value is not allowed, and what is.
     """
-    check_model(name, num_classes, width, fc_width, crop_size, dropout_rate, kernel_init)
-    allowed = ("auto", *convolution.WINOGRAD)
-    require(winograd in allowed, "winograd", f"one of {', '.join(allowed)}", winograd)
-    config, batch_norm = resolve_name(name)
-    return VGG(
-        config,
-        num_classes,
-        width,
-        fc_width,
-        crop_size,
-        batch_norm,
-        dropout_rate,
-        kernel_init,
-        jnp.dtype(dtype),
-        winograd=winograd,
-    )
+    return VGG(ModelSpec(name, num_classes, **fields).check())
 
 
-# fc8's width by `config.objective`, for a data set of this many classes: class scores, or
-# Appendix A's one box (single-class regression) or box per class (per-class regression). What
-# each learns, its loss and errors, is vggjax/objectives.py's.
-FC8_OUTPUTS: dict[str, Callable[[int], int]] = {
-    "classification": lambda classes: classes,
-    "scr": lambda classes: 4,
-    "pcr": lambda classes: 4 * classes,
-}
-
-# The config fields (and config.json keys) that shape the module, with create_model's defaults.
-MODEL_FIELDS = ("width", "fc_width", "crop_size", "dropout_rate", "kernel_init", "dtype")
+def spec_of(config: Mapping[str, Any]) -> ModelSpec:
+    """The ModelSpec a config or a workdir's config.json describes; a field it lacks or leaves
+    None takes its default (a converted checkpoint's config.json holds only some)."""
+    return ModelSpec(**{k: config[k] for k in MODEL_FIELDS if config.get(k) is not None})
 
 
 def model_from_config(config: Mapping[str, Any]) -> VGG:
-    """The net a config describes: a training config, or a workdir's config.json (which may hold
-    only some of MODEL_FIELDS: a converted checkpoint's). The only place a config becomes a VGG.
-    Its `objective` sizes fc8: class scores, or Appendix A's box (4) or box per class (4 × classes).
-    """
-    fields = {k: config[k] for k in MODEL_FIELDS if config.get(k) is not None}
-    objective = config.get("objective") or "classification"
-    require(objective in FC8_OUTPUTS, "objective", f"one of {tuple(FC8_OUTPUTS)}", objective)
-    outputs = FC8_OUTPUTS[objective](config.get("num_classes") or 1000)
-    return create_model(config["model"], outputs, winograd=config.get("winograd", "auto"), **fields)
+    """The net a config (or a workdir's config.json) describes: the only place a config becomes
+    a VGG. Its `objective` sizes fc8: class scores, or Appendix A's box (4) or box per class
+    (4 × classes)."""
+    return VGG(spec_of(config).check())
 
 
 def random_variables(model: VGG, rng: jax.Array) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Every allowed value of a config field, and the checks that read them: one place.
 
 The code that acts on a value reads it from here too (a trainable set's layers, a protocol's
-column in the paper's tables), so a value cannot be allowed without meaning something. Two
-registries live beside what they name and are read from here: the data sets
-(`data.sources.SOURCES`) and the kernel initialisers (`models.KERNEL_INITS`).
-Model fields (the net's name, widths, crop, kernel init) are checked by `models.check_model`,
-which `validate` calls, so `models.create_model` and a config fail alike.
+column in the paper's tables), so a value cannot be allowed without meaning something. The
+data sets live beside what they name (`data.sources.SOURCES`) and are read from here. The net's
+fields (`models.MODEL_FIELDS`: its name, classes, objective, widths, crop, dropout, kernel init,
+dtype, Winograd) are defined with their allowed values in `models.ModelSpec`, whose check
+`validate` runs, so `models.create_model` and a config fail alike.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from vggjax import convolution, models, objectives
+from vggjax import models
 from vggjax.data import sources
 from vggjax.errors import UserError, require
 
 DATASETS = tuple(sources.SOURCES)
 SPLITS = sources.SPLITS
-DTYPES = ("float32", "bfloat16")
-WINOGRAD = ("auto", *convolution.WINOGRAD)  # config.winograd: models.VGG.winograd
-KERNEL_INITS = tuple(models.KERNEL_INITS)
 
 # Test protocols (Sect. 3.2, 4.2–4.4) → their "evaluation method" column in Tables 3–6.
 # fusion averages the posteriors of several checkpoints for each of the other protocols.
@@ -34,10 +31,6 @@ EVAL_PROTOCOLS = {
     "centre_crop": "centre crop",
     "fusion": "fusion",
 }
-
-# What fc8 learns (vggjax/objectives.py): class scores, or Appendix A's single-class (scr) or
-# per-class (pcr) box regression.
-OBJECTIVES = tuple(objectives.OBJECTIVES)
 
 # Appendix A's test protocols (vggjax/evaluators/localisation.py): Table 8's (the central crop's
 # box for the ground-truth class: gt_class_error) and Table 9's (dense, merged, top-5 classes:
@@ -203,21 +196,9 @@ def validate(c: Any) -> None:
             "config.model is '', which takes the net of config.init_from, but "
             "config.init_from is empty; give a checkpoint or a model (e.g. D)"
         )
-    models.check_model(
-        c.model,
-        c.num_classes,
-        c.width,
-        c.fc_width,
-        c.crop_size,
-        c.dropout_rate,
-        c.kernel_init,
-        prefix="config.",
-    )
+    models.ModelSpec(**{field: c[field] for field in models.MODEL_FIELDS}).check("config.")
     for field, value, allowed in [
-        ("dtype", c.dtype, DTYPES),
-        ("winograd", c.winograd, WINOGRAD),
         ("dataset", c.dataset, DATASETS),
-        ("objective", c.objective, OBJECTIVES),
         ("init_layers", c.init_layers, INIT_LAYERS),
         ("trainable", c.trainable, TRAINABLE),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),

@@ -27,19 +27,18 @@ from vggjax.errors import UserError
 def with_net_of(
     config: ml_collections.ConfigDict, path: str, keep_classes: bool = False
 ) -> ml_collections.ConfigDict:
-    """A copy of `config` describing the checkpoint's net: its Table 1 column, widths, crop,
-    mean RGB and (unless `keep_classes`) number of classes and objective (what its fc8 predicts),
-    as its config.json records them."""
+    """A copy of `config` describing the checkpoint's net, as its config.json records it: the
+    model fields fixing its parameters' shapes (`models.fields_fixing`; with `keep_classes`,
+    not fc8's: fine-tuning for new classes) and its mean RGB."""
     net = read_config(path)
-    fields = ("model", "width", "fc_width", "crop_size", "mean_rgb") + ("num_classes",) * (
-        not keep_classes
-    )
     c = ml_collections.ConfigDict(config.to_dict())
-    for field in fields:
+    parts = ("conv", "fc") if keep_classes else ("conv", "fc", "fc8")
+    for field in models.fields_fixing(*parts):
         if field in net:
-            c[field] = tuple(net[field]) if field == "mean_rgb" else net[field]
-    if not keep_classes:
-        c.objective = net.get("objective", "classification")
+            c[field] = net[field]
+    if not keep_classes and "objective" not in net:  # converted before it was recorded
+        c.objective = models.ModelSpec().objective
+    c.mean_rgb = tuple(net["mean_rgb"])
     return c
 
 

@@ -1,13 +1,16 @@
 """The paper's training and testing recipe (Sect. 3) as one ConfigDict, shared by configs/*.py.
 
 Every field can be overridden on the command line (`--config.batch_size=128`); the values each
-field allows are in `vggjax/options.py`.
+field allows are in `vggjax/options.py` (the net's, in `models.ModelSpec`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from vggjax import models
 from vggjax.errors import UserError
 
 # Mean RGB of the ILSVRC-2012 training set on the 0–255 scale (Sect. 2.1's only pre-processing).
@@ -43,24 +46,14 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     train_scale = parse_scale(scale)
 
-    # Model (Table 1).
+    # The net (Table 1): every field of models.ModelSpec at its default (what each means and
+    # allows is said there), for `model`.
+    for field in dataclasses.fields(models.ModelSpec):
+        c[field.name] = field.default
     c.model = model
-    c.num_classes = 1000
-    c.width = 1.0  # channel multiplier; narrow nets of the same shape for tests and the demo
-    c.fc_width = 4096
-    c.crop_size = 224
-    c.dropout_rate = 0.5
     # "normal" is the paper's N(0, 1e-2); deeper nets then start from net A (init_from).
     # "glorot" is the paper's later finding that needs no pre-training.
     c.kernel_init = "normal" if model in ("A", "A-LRN", "vgg11", "vgg11_lrn") else "glorot"
-    c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
-    # The CPU's 3×3 convolutions (vggjax/convolution.py): "auto" is what vggjax.tune_cpu() picked
-    # for this process (the command lines call it; "off" under VGGJAX_CPU_TUNING=0), or one of
-    # options.WINOGRAD. config.json records the one the run used.
-    c.winograd = "auto"
-    # What fc8 learns: "classification", or Appendix A's box regression, "scr" (one box for all
-    # classes) or "pcr" (a box per class); options.OBJECTIVES.
-    c.objective = "classification"
 
     # Data (Sect. 3.1: isotropic rescale to S, random crop, flip, RGB colour shift).
     c.dataset = "imagenet2012"  # one of options.DATASETS

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vggjax import checkpoints, storage
+from vggjax import checkpoints, models, storage
 from vggjax.convert.caffe import read_caffemodel
 from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
@@ -33,7 +33,6 @@ from vggjax.convert.layout import (
     SourceLayer,
     build_variables,
     fold_input_convention,
-    name_of,
     split_keras_layers,
     torch_layers,
 )
@@ -101,11 +100,10 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
     convs, fcs = read_layers(source, path)
     model, variables = build_variables(path, model_name, convs, fcs)
     mean = fold_input_convention(variables["params"], source)
-    config = dict(model=name_of(model), width=model.width, mean_rgb=list(mean))
-    if fcs:
-        config.update(
-            num_classes=model.num_classes, fc_width=model.fc_width, crop_size=model.crop_size
-        )
+    # What the weights' shapes tell: without the top (`_notop`), only what the convs do.
+    parts = ("conv", "fc", "fc8") if fcs else ("conv",)
+    config = {field: getattr(model.spec, field) for field in models.fields_fixing(*parts)}
+    config["mean_rgb"] = list(mean)
     config["pretrained"] = dict(
         source=source,
         file=os.path.basename(path),

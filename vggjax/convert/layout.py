@@ -151,7 +151,9 @@ def _check_layers(
             f"{path}: --model={model_name} has a batch norm after every conv, but "
             f"{next(layer.name for layer in convs if layer.norm is None)} has none"
         )
-    names = [layer.name for layer in models.layer_table(config) if layer.kind == "conv"]
+    names = [
+        layer.name for layer in models.layer_table(models.ModelSpec(config)) if layer.kind == "conv"
+    ]
     if len(convs) != len(names):
         found = f" ({convs[0].name} … {convs[-1].name})" if convs else ""
         raise UserError(
@@ -226,11 +228,6 @@ def build_variables(
         if layer.norm is not None:
             params[name + "_bn"], stats[name + "_bn"] = _batch_norm(path, layer)
     return model, {"params": params, **({"batch_stats": stats} if stats else {})}
-
-
-def name_of(model: models.VGG) -> str:
-    """The name config.json records: vgg16_bn for a batch-norm net, else the Table 1 column."""
-    return bn_name(model.config) if model.batch_norm else model.config
 
 
 def fold_input_convention(
