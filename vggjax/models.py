@@ -277,6 +277,34 @@ class FullyConnected(nn.Module):
     kernel_init: Callable[..., Any] = KERNEL_INITS["normal"]
     dtype: Any = jnp.float32
 
+    def _conv(self, layer: Layer, x: jax.Array, train: bool, counted: Any) -> jax.Array:
+        """Conv layer `layer` (and its batch norm in the "_bn" nets), before the ReLU."""
+        dtype = jnp.dtype(self.spec.dtype)
+        x = nn.Conv(
+            layer.features,
+            (layer.kernel, layer.kernel),
+            padding="SAME",
+            kernel_init=KERNEL_INITS[self.spec.kernel_init],
+            dtype=dtype,
+            conv_general_dilated=functools.partial(
+                convolution.conv_general_dilated, winograd=self.spec.winograd
+            ),
+            name=layer.name,
+        )(x)
+        if not self.batch_norm:
+            return x
+        return nn.BatchNorm(
+            use_running_average=not train or self.batch_norm_frozen,
+            momentum=0.9,
+            epsilon=1e-5,
+            # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically when
+            # |mean| >> std, so the order of a reduction (one host or two) changed the update
+            # by 10% after 4 steps.
+            use_fast_variance=False,
+            dtype=dtype,
+            name=layer.name + "_bn",
+        )(x, mask=counted)
+
     @nn.compact
     def __call__(self, x: jax.Array, dense: bool) -> jax.Array:
         fan_in = x.shape[-1] * (self.window**2 if dense else 1)
@@ -314,32 +342,11 @@ def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
 
 
 class VGG(nn.Module):
-    """A VGG net. `__call__(images, train=False, dense=False, sizes=None, output=None)`.
+    """A VGG net: Table 1's column `spec.model`, in the classic form for crops and the dense
+    form for whole images, over the same parameters.
 
     spec: its hyper-parameters (ModelSpec), which `model.width`, `model.crop_size` and the like
     read through; `config` and `batch_norm` are its name's, `num_classes` is fc8's width.
-
-    images: NHWC, RGB minus the training set's mean RGB. Classic form: crop_size² images →
-    logits (N, classes). Dense form: any image at least crop_size² → score map (N, h, w,
-    classes) with h = H//32 − crop_size/32 + 1 (224: H//32 − 6).
-
-    output: the name of the layer whose activation to return instead of the logits (`layers`
-    lists them: conv1_1 … pool5, fc6, fc7, fc8), the net stopping there: a conv's after its
-    ReLU (and batch norm), fc6's and fc7's after ReLU and dropout. Up to pool5 any image of at
-    least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is enough. A
-    sequence of names returns a dict of their activations, from one pass; `conv3_3:pre`
-    (`PRE_RELU`) names a conv's before its ReLU, as perceptual losses ask (vggjax.perceptual).
-
-    sizes (dense form only): (N, 2) valid (height, width) of each image, placed top-left in a
-    larger padded batch. Every conv's input is zeroed outside the valid region, which halves
-    with floor at each pooling, so the padding acts exactly as the SAME padding of the image
-    alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for an odd valid size a
-    pooling window straddling the border carries an image value one row or column into the
-    padding.) Map positions inside `dense_map_sizes(sizes)` are then those of the image
-    alone, and the rest are to be ignored.
-
-    mask (training, BN nets): (N,) 1 for the images that count, 0 for masked ones (undecodable
-    images): batch norm's statistics, and so its running averages, are over the counted ones.
     """
 
     spec: ModelSpec = ModelSpec()
@@ -403,6 +410,34 @@ class VGG(nn.Module):
         if sizes is not None and not dense:
             raise ValueError("per-image sizes apply to the dense form only (dense=True)")
 
+    def _conv(self, layer: Layer, x: jax.Array, train: bool, counted: Any) -> jax.Array:
+        """Conv layer `layer` (and its batch norm in the "_bn" nets), before the ReLU."""
+        dtype = jnp.dtype(self.spec.dtype)
+        x = nn.Conv(
+            layer.features,
+            (layer.kernel, layer.kernel),
+            padding="SAME",
+            kernel_init=KERNEL_INITS[self.spec.kernel_init],
+            dtype=dtype,
+            conv_general_dilated=functools.partial(
+                convolution.conv_general_dilated, winograd=self.spec.winograd
+            ),
+            name=layer.name,
+        )(x)
+        if not self.batch_norm:
+            return x
+        return nn.BatchNorm(
+            use_running_average=not train or self.batch_norm_frozen,
+            momentum=0.9,
+            epsilon=1e-5,
+            # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically when
+            # |mean| >> std, so the order of a reduction (one host or two) changed the update
+            # by 10% after 4 steps.
+            use_fast_variance=False,
+            dtype=dtype,
+            name=layer.name + "_bn",
+        )(x, mask=counted)
+
     @nn.compact
     def __call__(
         self,
@@ -413,6 +448,41 @@ class VGG(nn.Module):
         output: str | Sequence[str] | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array | dict[str, jax.Array]:
+        """Runs the net on a batch.
+
+        Args:
+          x: NHWC images, RGB minus the training set's mean RGB (`load_pretrained`'s
+            `preprocess` makes them from [0, 255]).
+          train: dropout on (needs `rngs={"dropout": key}`) and batch norm from the batch's
+            statistics (pass `mutable=["batch_stats"]` to update them).
+          dense: the FC layers as convolutions (Sect. 3.2): any image of at least crop_size²;
+            else crop_size² crops only.
+          sizes: (dense form only) (N, 2) valid (height, width) of each image, placed top-left in
+            a larger padded batch. Every conv's input is zeroed outside the valid region, which
+            halves with floor at each pooling, so the padding acts exactly as the SAME padding
+            of the image alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for
+            an odd valid size a pooling window straddling the border carries an image value one
+            row or column into the padding.) Map positions inside `dense_map_sizes(sizes)` are
+            then those of the image alone; the rest are to be ignored.
+          output: the layer whose activation to return instead of the logits (`layers` lists
+            them: conv1_1 … pool5, fc6, fc7, fc8), the net stopping there: a conv's after its
+            ReLU (and batch norm), fc6's and fc7's after ReLU and dropout. Up to pool5 any image
+            of at least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is
+            enough. `conv3_3:pre` (`PRE_RELU`) names a conv's before its ReLU, as perceptual
+            losses ask (vggjax.perceptual). A sequence of names: a dict of their activations,
+            from one pass.
+          mask: (training, BN nets) (N,) 1 for the images that count, 0 for masked ones
+            (undecodable images): batch norm's statistics, and so its running averages, are
+            over the counted ones.
+
+        Returns:
+          The logits, (N, classes) in the classic form, a score map (N, h, w, classes) in the
+          dense form with h = H//32 − crop_size/32 + 1 (224: H//32 − 6); or `output`'s
+          activation(s).
+
+        Raises:
+          ValueError: images of the wrong shape for the form, or an unknown layer name.
+        """
         layers, found = self._upto(output), {}
         counted = None if mask is None else mask.reshape(-1, 1, 1, 1) > 0
         self._check_input(x.shape, dense, sizes, fc=layers[-1].kind == "fc")
@@ -421,30 +491,7 @@ class VGG(nn.Module):
         x = x.astype(dtype)
         for layer in layers:
             if layer.kind == "conv":
-                x = _zero_outside(x, sizes)
-                x = nn.Conv(
-                    layer.features,
-                    (layer.kernel, layer.kernel),
-                    padding="SAME",
-                    kernel_init=init,
-                    dtype=dtype,
-                    conv_general_dilated=functools.partial(
-                        convolution.conv_general_dilated, winograd=spec.winograd
-                    ),
-                    name=layer.name,
-                )(x)
-                if self.batch_norm:
-                    x = nn.BatchNorm(
-                        use_running_average=not train or self.batch_norm_frozen,
-                        momentum=0.9,
-                        epsilon=1e-5,
-                        # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically
-                        # when |mean| >> std, so the order of a reduction (one host or two)
-                        # changed the update by 10% after 4 steps.
-                        use_fast_variance=False,
-                        dtype=dtype,
-                        name=layer.name + "_bn",
-                    )(x, mask=counted)
+                x = self._conv(layer, _zero_outside(x, sizes), train, counted)
                 found[layer.name + PRE_RELU] = x
                 x = nn.relu(x)
             elif layer.kind == "lrn":
@@ -474,6 +521,9 @@ def create_model(name: str, num_classes: int = 1000, **fields: Any) -> VGG:
       **fields: any other field of ModelSpec by name, at its default if not given: `width`
         scales every conv's channels and `fc_width` sets the FC layers' size, so tests and the
         demo run narrow nets of exactly the paper's shape.
+
+    Returns:
+      The Flax module; `init_variables` draws its variables, `load_pretrained` reads them.
 
     Raises:
       UserError: naming the first field whose value is not allowed, and what is.
