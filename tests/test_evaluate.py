@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import helpers
 import jax
@@ -332,6 +333,35 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     assert "multi-crop & dense" in result.stdout and "top-5 val. error (%)" in result.stdout
 
     summary = json.loads((workdir / "eval_results.json").read_text())
+    _check_rows(summary)
+    predictions = np.load(workdir / "predictions.npz")
+    ids = list(predictions["ids"])
+    p = _check_predictions(predictions, ids)
+    # One image through the whole pipeline equals the dense net applied to it alone.
+    tiny_config.eval.scales = (88,)
+    index = next(i for i, name in enumerate(ids) if not predictions["bad"][i])
+    alone = _alone(tiny_config, str(workdir), data / "val" / ids[index], 88)
+    np.testing.assert_allclose(p["dense_q88"][index], alone, atol=1e-5)
+
+    # Bounded compilation: one program per (scale, bucket) the images fall in.
+    expected = _programs(data / "val", [name for name in ids if name != "circle/broken.jpg"])
+    assert summary["compiled_shapes"] == len(expected) <= 8 and summary["cached_shapes"] == 0
+    assert summary["compile_seconds"] > 0 and "programs compiled" in result.stderr
+
+    # A rerun needs the same programs (one checkpoint, the same heads): all from the cache.
+    rerun = run_main(
+        *args,
+        f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)[:-1]!r}",
+        f"--config.eval.checkpoints=('{workdir}',)",
+        **cache,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads((workdir / "eval_results.json").read_text())
+    assert (again["compiled_shapes"], again["cached_shapes"]) == (0, len(expected))
+
+
+def _check_rows(summary: dict) -> None:
+    """eval_results.json of two checkpoints and their fusion, every protocol: one row each."""
     assert (summary["images"], summary["bad_images"]) == (41, 1)
     rows = {r["name"]: r for r in summary["results"]}
     assert set(rows) == {
@@ -353,8 +383,10 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
         1 / 41 <= r["top1_error"] <= 1 and r["top5_error"] <= r["top1_error"] for r in rows.values()
     )
 
-    predictions = np.load(workdir / "predictions.npz")
-    ids = list(predictions["ids"])
+
+def _check_predictions(predictions: Any, ids: list[str]) -> dict[str, np.ndarray]:
+    """predictions.npz: the broken image counted and uniform, the averages what they say;
+    returns the first checkpoint's posteriors by protocol."""
     assert len(ids) == 41 and "circle/broken.jpg" in ids
     broken = ids.index("circle/broken.jpg")
     assert predictions["bad"].sum() == 1 and predictions["bad"][broken]
@@ -368,43 +400,33 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     np.testing.assert_allclose(
         p["multi_crop_dense"], (p["multi_scale_dense"] + p["multi_crop"]) / 2, atol=1e-6
     )
+    return p
 
-    # One image through the whole pipeline equals the dense net applied to it alone.
-    tiny_config.eval.scales = (88,)
-    model = models.model_from_config(tiny_config)
-    variables = checkpoints.restore_params(str(workdir))
-    index = next(i for i, name in enumerate(ids) if not predictions["bad"][i])
-    with open(data / "val" / ids[index], "rb") as f:
-        image = augment.rescale_smallest_side(augment.decode_image(f.read()), 88)
-    x = augment.subtract_mean(image, tiny_config.mean_rgb)
+
+def _alone(config: Any, workdir: str, path: Any, q: int) -> np.ndarray:
+    """The flip-averaged dense posterior of the image at `path` at scale `q`, by the net alone."""
+    model = models.model_from_config(config)
+    variables = checkpoints.restore_params(workdir)
+    with open(path, "rb") as f:
+        image = augment.rescale_smallest_side(augment.decode_image(f.read()), q)
+    x = augment.subtract_mean(image, config.mean_rgb)
     alone = [
         jax.nn.softmax(model.apply(variables, im[None], dense=True).mean((1, 2)))[0]
         for im in (x, x[:, ::-1])
     ]
-    np.testing.assert_allclose(p["dense_q88"][index], (alone[0] + alone[1]) / 2, atol=1e-5)
+    return (alone[0] + alone[1]) / 2
 
-    # Bounded compilation: one program per (scale, bucket) the images fall in.
+
+def _programs(folder: Any, names: list[str]) -> set:
+    """The (kind, bucket) programs the images need: Q = 72, 88 and 104 run the same program
+    (dense and multi-crop); 73 the centre crop."""
     expected = set()
-    for name in ids:
-        if name != "circle/broken.jpg":
-            with open(data / "val" / name, "rb") as f:
-                h, w = augment.decode_image(f.read()).shape[:2]
-            # Q = 72, 88 and 104 run the same program (dense and multi-crop); 73 the centre crop.
-            expected |= {("Q", buckets.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
-            expected.add(("centre", buckets.bucket_shape(*rescaled(h, w, 73))))
-    assert summary["compiled_shapes"] == len(expected) <= 8 and summary["cached_shapes"] == 0
-    assert summary["compile_seconds"] > 0 and "programs compiled" in result.stderr
-
-    # A rerun needs the same programs (one checkpoint, the same heads): all from the cache.
-    rerun = run_main(
-        *args,
-        f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)[:-1]!r}",
-        f"--config.eval.checkpoints=('{workdir}',)",
-        **cache,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    again = json.loads((workdir / "eval_results.json").read_text())
-    assert (again["compiled_shapes"], again["cached_shapes"]) == (0, len(expected))
+    for name in names:
+        with open(folder / name, "rb") as f:
+            h, w = augment.decode_image(f.read()).shape[:2]
+        expected |= {("Q", buckets.bucket_shape(*rescaled(h, w, q))) for q in (72, 88, 104)}
+        expected.add(("centre", buckets.bucket_shape(*rescaled(h, w, 73))))
+    return expected
 
 
 # Helpers ---------------------------------------------------------------------------------------

@@ -42,23 +42,22 @@ print("same listeners", userpkg.BEFORE[2] == userpkg.AFTER[2])
 """
 
 
+def _run(command: list[str], cwd: Any, env: dict[str, str]) -> str:
+    """`command`'s stdout; it must succeed. Without GLIBC_TUNABLES, so that a restart with huge
+    pages happens where one would."""
+    env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_importing_vggjax_changes_nothing_in_a_users_program(tmp_path):
     package = tmp_path / "userpkg"
     package.mkdir()
     (package / "__init__.py").write_text(_USER_INIT)
     (package / "train.py").write_text(_USER_TRAIN)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
-    env.pop("GLIBC_TUNABLES", None)  # where a restart with huge pages would happen
-    result = subprocess.run(
-        [sys.executable, "-m", "userpkg.train"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = _run([sys.executable, "-m", "userpkg.train"], tmp_path, env).splitlines()
     assert len([line for line in lines if line.startswith("init")]) == 1, lines
     assert lines[1:] == ["same environment True", "same argv True", "same listeners True"]
 
@@ -87,20 +86,10 @@ def test_the_console_script_and_python_m_compute_the_same_bits(tmp_path, tiny_de
         "--config.eval_every_steps=1000",
     ]
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env.pop("GLIBC_TUNABLES", None)
     runs = {}
     for name, command in (("m", [sys.executable, "-m", "vggjax.main"]), ("script", [str(script)])):
-        workdir = str(tmp_path / name)
-        result = subprocess.run(
-            [*command, *args, f"--workdir={workdir}"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = workdir
+        runs[name] = str(tmp_path / name)
+        _run([*command, *args, f"--workdir={runs[name]}"], ROOT, env)
     configs = [pretrained.read_config(workdir) for workdir in runs.values()]
     assert configs[0]["winograd"] == configs[1]["winograd"] != "auto"
     (_, a), (_, b) = (pretrained.load_pretrained(workdir)[:2] for workdir in runs.values())

@@ -277,34 +277,6 @@ class FullyConnected(nn.Module):
     kernel_init: Callable[..., Any] = KERNEL_INITS["normal"]
     dtype: Any = jnp.float32
 
-    def _conv(self, layer: Layer, x: jax.Array, train: bool, counted: Any) -> jax.Array:
-        """Conv layer `layer` (and its batch norm in the "_bn" nets), before the ReLU."""
-        dtype = jnp.dtype(self.spec.dtype)
-        x = nn.Conv(
-            layer.features,
-            (layer.kernel, layer.kernel),
-            padding="SAME",
-            kernel_init=KERNEL_INITS[self.spec.kernel_init],
-            dtype=dtype,
-            conv_general_dilated=functools.partial(
-                convolution.conv_general_dilated, winograd=self.spec.winograd
-            ),
-            name=layer.name,
-        )(x)
-        if not self.batch_norm:
-            return x
-        return nn.BatchNorm(
-            use_running_average=not train or self.batch_norm_frozen,
-            momentum=0.9,
-            epsilon=1e-5,
-            # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically when
-            # |mean| >> std, so the order of a reduction (one host or two) changed the update
-            # by 10% after 4 steps.
-            use_fast_variance=False,
-            dtype=dtype,
-            name=layer.name + "_bn",
-        )(x, mask=counted)
-
     @nn.compact
     def __call__(self, x: jax.Array, dense: bool) -> jax.Array:
         fan_in = x.shape[-1] * (self.window**2 if dense else 1)
