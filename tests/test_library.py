@@ -42,7 +42,7 @@ print("same listeners", userpkg.BEFORE[2] == userpkg.AFTER[2])
 """
 
 
-def _run(command: list[str], cwd: Any, env: dict[str, str]) -> str:
+def _stdout(command: list[str], cwd: Any, env: dict[str, str]) -> str:
     """`command`'s stdout; it must succeed. Without GLIBC_TUNABLES, so that a restart with huge
     pages happens where one would."""
     env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
@@ -57,7 +57,7 @@ def test_importing_vggjax_changes_nothing_in_a_users_program(tmp_path):
     (package / "__init__.py").write_text(_USER_INIT)
     (package / "train.py").write_text(_USER_TRAIN)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
-    lines = _run([sys.executable, "-m", "userpkg.train"], tmp_path, env).splitlines()
+    lines = _stdout([sys.executable, "-m", "userpkg.train"], tmp_path, env).splitlines()
     assert len([line for line in lines if line.startswith("init")]) == 1, lines
     assert lines[1:] == ["same environment True", "same argv True", "same listeners True"]
 
@@ -89,7 +89,7 @@ def test_the_console_script_and_python_m_compute_the_same_bits(tmp_path, tiny_de
     runs = {}
     for name, command in (("m", [sys.executable, "-m", "vggjax.main"]), ("script", [str(script)])):
         runs[name] = str(tmp_path / name)
-        _run([*command, *args, f"--workdir={runs[name]}"], ROOT, env)
+        _stdout([*command, *args, f"--workdir={runs[name]}"], ROOT, env)
     configs = [pretrained.read_config(workdir) for workdir in runs.values()]
     assert configs[0]["winograd"] == configs[1]["winograd"] != "auto"
     (_, a), (_, b) = (pretrained.load_pretrained(workdir)[:2] for workdir in runs.values())
