@@ -71,14 +71,22 @@ def _write_images(folder):
     return [str(f) for f in files]
 
 
+def _predict_command(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(
+        [sys.executable, "-m", "vggjax.predict", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_predict_prints_the_top_class_model_apply_gives(three_classes, tmp_path):
     workdir, model, variables = three_classes
     files = _write_images(tmp_path / "images")
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    args = [sys.executable, "-m", "vggjax.predict", f"--weights={workdir}", "--top_k=2"]
-    result = subprocess.run(
-        [*args, str(tmp_path / "images")], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    result = _predict_command(f"--weights={workdir}", "--top_k=2", str(tmp_path / "images"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 of 4 files" in result.stderr and "broken.jpg" in result.stderr
     lines = result.stdout.splitlines()
@@ -112,3 +120,12 @@ def test_predict_function_writes_jsonl_and_refuses_what_it_cannot_do(three_class
         predict.predict(workdir, files, protocol="dense", scales=(40, 48))
     with pytest.raises(predict.UserError, match="no such file"):
         predict.predict(workdir, [str(tmp_path / "missing.jpg")])
+
+
+def test_predict_mistakes_get_one_line_and_status_2(tmp_path):
+    result = _predict_command(str(tmp_path))
+    assert (result.returncode, result.stderr) == (
+        2,
+        "vggjax.predict: error: --weights is required: a published net (torchvision:vgg16) "
+        "or a workdir\n",
+    )
