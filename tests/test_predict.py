@@ -1,7 +1,9 @@
 """Class names travel with the weights; `python -m vggjax.predict` names what images show (issue 24)."""
 
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,6 +26,10 @@ def test_imagenet_classes_are_the_published_nets_thousand():
     ids = [c.id for c in imagenet]
     assert len(ids) == len(set(ids)) == 1000
     assert imagenet[0] == ("n01440764", "tench")
+    # The same order as tfds' imagenet2012 labels (what a run on ImageNet records), read off its file.
+    tfds = pathlib.Path(importlib.util.find_spec("tensorflow_datasets").origin).parent
+    labels = tfds / "datasets" / "imagenet2012" / "labels.txt"
+    assert labels.read_text().split() == ids
     assert classes.named(["n02123045", "my_cat"]) == (("n02123045", "tabby"), ("my_cat", "my_cat"))
 
 
