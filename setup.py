@@ -12,6 +12,7 @@ setup(
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vggjax", "vggjax.*"]),
+    package_data={"vggjax": ["imagenet_classes.txt"]},  # ILSVRC-2012's ids and names
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

@@ -255,6 +255,8 @@ def test_keras_vgg19_matches_keras(tmp_path, keras, top):
     config = convert.convert("keras", str(tmp_path / "vgg19.h5"), "E", str(tmp_path / "out"))
     assert config["mean_rgb"] == [123.68, 116.779, 103.939]
     assert config["pretrained"]["include_top"] is top and ("num_classes" in config) is top
+    names = pretrained.class_names(str(tmp_path / "out"))  # ILSVRC-2012's, with the top
+    assert ("classes" in config) is top and names[:1] == ((("n01440764", "tench"),) if top else ())
     model, variables, preprocess = pretrained.load_pretrained(str(tmp_path / "out"))
     assert ("fc6" in variables["params"]) is top and len(variables["params"]) == 16 + 3 * top
     rgb = images(2, 32)

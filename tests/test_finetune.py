@@ -1,6 +1,7 @@
 """Fine-tuning (issue 5): from a converted checkpoint, a new last layer, all or some layers trained."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -60,6 +61,8 @@ def test_finetune_fc_layers_from_a_converted_checkpoint(converted, tiny_demo_dir
     np.testing.assert_allclose(ran["mean_rgb"], net["mean_rgb"])  # torchvision's mean, not ours
     model, variables, _ = pretrained.load_pretrained(str(workdir))  # and it loads as a net
     assert model.num_classes == 10
+    folders = sorted(os.listdir(os.path.join(tiny_demo_dir, "train")))  # its own classes
+    assert [c.name for c in pretrained.class_names(str(workdir))] == folders
 
 
 def test_finetune_all_layers_moves_the_convs(converted, tiny_config, tmp_path):

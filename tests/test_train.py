@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_main
 
-from vggjax import checkpoints, train
+from vggjax import checkpoints, pretrained, train
 
 
 def synthetic_batches(config, n, seed=0):
@@ -160,6 +160,8 @@ def test_resume_equals_straight_run_and_writes_results(tiny_config, tmp_path):
     )
     written = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert (written["model"], written["num_classes"]) == (tiny_config.model, 10)
+    folders = sorted(os.listdir(os.path.join(tiny_config.data_dir, "train")))
+    assert [c.id for c in pretrained.class_names(str(tmp_path / "straight"))] == folders
 
 
 def test_restore_params_on_another_device_count(tiny_config, tmp_path):

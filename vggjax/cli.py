@@ -1,5 +1,5 @@
 """What every vggjax command line shares: `python -m vggjax.main` (and the `vggjax` console
-script), `python -m vggjax.data.stats` and `python -m vggjax.convert`.
+script), `python -m vggjax.data.stats`, `python -m vggjax.convert` and `python -m vggjax.predict`.
 
 `run` applies the programs' CPU settings first (`backend.tune_cpu(restart=True)`), then ends a user mistake
 (a `UserError`, a bad flag included) with one line, `PROGRAM: error: MESSAGE`, on stderr and

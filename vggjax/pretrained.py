@@ -1,4 +1,5 @@
-"""A trained net ready to use: its module, its variables and the input convention it expects.
+"""A trained net ready to use: its module, its variables, the input convention it expects and
+the names of its classes.
 
 Every vggjax net takes NHWC RGB images on the 0–255 scale minus a mean RGB (Sect. 2.1). Which
 mean, and which net, is written in the workdir's `config.json`: by training (the whole config)
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vggjax import checkpoints, convert, models, storage
+from vggjax import checkpoints, classes, convert, models, storage
 from vggjax.checkpoints import CONFIG_FILE, read_config
 from vggjax.data import augment
 from vggjax.errors import UserError
@@ -81,7 +82,8 @@ def load_pretrained(
       (and `batch_stats` for BN nets), and the function taking NHWC RGB on 0–255 to the input
       the net was trained on (minus its mean RGB; each source's own convention is already
       folded into conv1_1). A net converted without its top (Keras's `_notop`) holds the conv
-      layers only: `conv_features` runs them, or put a head of your own on them.
+      layers only: `conv_features` runs them, or put a head of your own on them. Which class
+      each output is: `class_names(path)`.
 
     Raises:
       UserError: no config.json, or a layer the model needs is missing or of another shape
@@ -113,6 +115,18 @@ def load_pretrained(
         variables,
         functools.partial(augment.subtract_mean, mean_rgb=tuple(config["mean_rgb"])),
     )
+
+
+def class_names(path: str) -> tuple[classes.Class, ...]:
+    """What each of `load_pretrained(path)`'s outputs is, in order: `Class(id, name)`s, as its
+    config.json records them (`vggjax.classes`); `classes.top_k(logits, class_names(path))`
+    names an image's top 5. A separate call, so that `load_pretrained`'s three values stay.
+
+    Raises:
+      UserError: no config.json.
+    """
+    with checkpoints.quiet_reading():
+        return classes.of_config(read_config(resolve(path)))
 
 
 def conv_features(model: models.VGG, variables: dict[str, Any], images: jax.Array) -> jax.Array:

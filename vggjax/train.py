@@ -25,6 +25,7 @@ from absl import logging
 from vggjax import (
     backend,
     checkpoints,
+    classes,
     convolution,
     metrics,
     models,
@@ -406,15 +407,17 @@ class _Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
         self.config, self.workdir, self.trainer = config, workdir, trainer
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        self.total_steps, per_epoch = _steps(config, pipeline.source(config, "train"))
+        train_source = pipeline.source(config, "train")
+        self.total_steps, per_epoch = _steps(config, train_source)
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
         config.winograd = convolution.in_effect(
             trainer.model.winograd
         )  # what this run computes with
         if jax.process_index() == 0:  # what the checkpoints are: for evaluation and fine-tuning
-            storage.write_text(
-                storage.at(workdir) / checkpoints.CONFIG_FILE, config.to_json_best_effort(indent=2)
+            storage.write_json(
+                storage.at(workdir) / checkpoints.CONFIG_FILE,
+                classes.run_record(config, train_source.class_names),
             )
         if self.ckpt.latest_step() is not None:
             self.state = self.ckpt.restore(trainer.abstract_state(), self.data)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vggjax import checkpoints, models, storage
+from vggjax import checkpoints, classes, models, storage
 from vggjax.convert.caffe import read_caffemodel
 from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
@@ -87,7 +87,8 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
 
     Returns:
       The config.json written beside the checkpoint: the model fields, the mean RGB the net
-      now subtracts, and a `pretrained` record (source, file, include_top).
+      now subtracts, a `pretrained` record (source, file, include_top) and, for a 1,000-class
+      top, ILSVRC-2012's `classes` (ids and names, `vggjax.classes`).
 
     Raises:
       UserError: `output` is not empty, or the file is not of `source`'s format, is cut off,
@@ -104,6 +105,8 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
     parts = ("conv", "fc", "fc8") if fcs else ("conv",)
     config = {field: getattr(model.spec, field) for field in models.fields_fixing(*parts)}
     config["mean_rgb"] = list(mean)
+    if fcs and model.spec.num_classes == len(classes.imagenet()):  # every published top
+        config["classes"] = classes.to_json(classes.imagenet())
     config["pretrained"] = dict(
         source=source,
         file=os.path.basename(path),
