@@ -115,7 +115,7 @@ def test_command_line_classic_form_with_lrn(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    terms = json.loads((tmp_path / "out" / export.CONTRACT_FILE).read_text())
+    terms = json.loads((tmp_path / "out" / export.FILES["contract"]).read_text())
     assert terms["classes"] == CLASSES and terms["form"] == "classic"
     assert terms["input"]["dtype"] == "uint8" and terms["input"]["height"] == 64
     rng = np.random.default_rng(1)
@@ -127,19 +127,23 @@ def test_dense_form_with_batch_norm_any_size(tmp_path):
     model, variables = _checkpoint(tmp_path / "ckpt", "vgg11_bn")
     written = export.export(str(tmp_path / "ckpt"), str(tmp_path / "out"), dense=True)
     assert set(written) == {"stablehlo", "onnx", "contract"}
-    terms = json.loads((tmp_path / "out" / export.CONTRACT_FILE).read_text())
+    terms = json.loads((tmp_path / "out" / export.FILES["contract"]).read_text())
     assert terms["form"] == "dense" and terms["input"]["width"] == {"min": 64}
     rng = np.random.default_rng(2)
     cases = {"small": _images(rng, 2, 64, 64), "large": _images(rng, 3, 96, 128)}
     _check(tmp_path, model, variables, cases, dense=True)
 
 
-def test_refuses_a_non_empty_output_and_a_net_without_top(tmp_path):
+def test_without_onnx_and_refusals(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     with pytest.raises(UserError, match="not an empty directory"):
         export.export(str(tmp_path / "ckpt"), str(tmp_path / "out"))
     _checkpoint(tmp_path / "ckpt", "A")
+    written = export.export(str(tmp_path / "ckpt"), str(tmp_path / "hlo"), onnx=False)
+    assert set(written) == {"stablehlo", "contract"}
+    terms = json.loads((tmp_path / "hlo" / export.FILES["contract"]).read_text())
+    assert terms["files"] == {"stablehlo": "model.stablehlo"}
     config = checkpoints.read_config(str(tmp_path / "ckpt"))
     storage.write_json(
         tmp_path / "ckpt" / checkpoints.CONFIG_FILE,

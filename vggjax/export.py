@@ -26,7 +26,7 @@ from vggjax import checkpoints, cli, models, pretrained, storage
 from vggjax.errors import UserError
 
 PROGRAM = "vggjax.export"
-STABLEHLO_FILE, ONNX_FILE, CONTRACT_FILE = "model.stablehlo", "model.onnx", "model.json"
+FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx", "contract": "model.json"}
 # Lowered for each, so one artifact serves on any of them (the convs are plain: winograd="off").
 PLATFORMS = ("cpu", "cuda", "tpu")
 # ONNX opset 17 (IR version 8): read by onnxruntime ≥ 1.14 and most other runtimes.
@@ -104,7 +104,11 @@ def export_stablehlo(
 
 
 def contract(
-    model: models.VGG, mean_rgb: Sequence[float], dense: bool, classes: Any = None
+    model: models.VGG,
+    mean_rgb: Sequence[float],
+    dense: bool,
+    files: dict[str, str],
+    classes: Any = None,
 ) -> dict[str, Any]:
     """The JSON beside the artifacts: what they take and give, and the class names if known."""
     crop = model.crop_size
@@ -129,7 +133,7 @@ def contract(
                 + (" averaged over the image" if dense else "")
             ),
         },
-        "files": {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE},
+        "files": files,
         "model": model.spec.model,
     }
     if classes is not None:
@@ -137,25 +141,36 @@ def contract(
     return result
 
 
+def _onnx() -> Any:
+    """The onnx package, an optional extra: imported only to write an ONNX file."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise UserError(
+            "the ONNX file needs the onnx package: pip install vggjax[export] (or --noonnx)"
+        ) from e
+    return onnx
+
+
 class _OnnxGraph:
     """The nodes and weights of an ONNX graph as it is written, one named value after another."""
 
     def __init__(self) -> None:
+        self.onnx = _onnx()
         self.nodes: list[Any] = []
         self.weights: list[Any] = []
 
-    def add(self, op: str, *inputs: str, **attributes: Any) -> str:
-        """Node `op` on `inputs`; its output's name."""
-        import onnx
-
-        name = f"{op.lower()}_{len(self.nodes)}"
-        self.nodes.append(onnx.helper.make_node(op, list(inputs), [name], name=name, **attributes))
+    def add(self, op: str, *inputs: str, output: str | None = None, **attributes: Any) -> str:
+        """Node `op` on `inputs`; its output's name (`output`, or one made up)."""
+        name = output or f"{op.lower()}_{len(self.nodes)}"
+        node = self.onnx.helper.make_node(op, list(inputs), [name], name=name, **attributes)
+        self.nodes.append(node)
         return name
 
     def weight(self, name: str, value: Any) -> str:
-        import onnx
-
-        self.weights.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), name))
+        """A float32 constant of the graph; its name."""
+        array = np.asarray(value, np.float32)
+        self.weights.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 
 
@@ -184,6 +199,7 @@ def _onnx_layer(
             bn, stats = (variables[k][layer.name + "_bn"] for k in ("params", "batch_stats"))
             values = [bn["scale"], bn["bias"], stats["mean"], stats["var"]]
             names = [graph.weight(f"{layer.name}_bn/{i}", v) for i, v in enumerate(values)]
+            # models.VGG's BatchNorm epsilon
             x = graph.add("BatchNormalization", x, *names, epsilon=1e-5)
         return graph.add("Relu", x)
     kernel = np.asarray(models.fc_as_conv(params["kernel"], layer.kernel))  # HWIO
@@ -206,9 +222,8 @@ def export_onnx(
 ) -> Any:
     """`probabilities` as an ONNX model (float32 inside): uint8 NHWC images `images`, a dynamic
     batch (and dense, dynamic sides), to class probabilities `probabilities`."""
-    import onnx
-
-    graph, side = _OnnxGraph(), model.crop_size
+    graph = _OnnxGraph()
+    onnx = graph.onnx
     x = graph.add("Cast", "images", to=onnx.TensorProto.FLOAT)
     x = graph.add("Sub", x, graph.weight("mean_rgb", mean_rgb))
     x = graph.add("Transpose", x, perm=[0, 3, 1, 2])
@@ -216,18 +231,17 @@ def export_onnx(
         x = _onnx_layer(graph, x, layer, variables, dense)
     if dense:
         x = graph.add("ReduceMean", x, axes=[2, 3], keepdims=0)
-    graph.nodes.append(onnx.helper.make_node("Softmax", [x], ["probabilities"], axis=1))
-    sides = ["height", "width"] if dense else [side, side]
-    inputs = [
-        onnx.helper.make_tensor_value_info("images", onnx.TensorProto.UINT8, ["batch", *sides, 3])
-    ]
-    outputs = [
-        onnx.helper.make_tensor_value_info(
-            "probabilities", onnx.TensorProto.FLOAT, ["batch", model.num_classes]
-        )
-    ]
+    graph.add("Softmax", x, output="probabilities", axis=1)
+    sides = ["height", "width"] if dense else [model.crop_size] * 2
+    value = onnx.helper.make_tensor_value_info
     onnx_model = onnx.helper.make_model(
-        onnx.helper.make_graph(graph.nodes, "vggjax", inputs, outputs, graph.weights),
+        onnx.helper.make_graph(
+            graph.nodes,
+            "vggjax",
+            [value("images", onnx.TensorProto.UINT8, ["batch", *sides, 3])],
+            [value("probabilities", onnx.TensorProto.FLOAT, ["batch", model.num_classes])],
+            graph.weights,
+        ),
         opset_imports=[onnx.helper.make_opsetid("", ONNX_OPSET)],
         producer_name="vggjax",
     )
@@ -277,26 +291,20 @@ def export(
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--output {output} exists and is not an empty directory")
     if onnx:
-        try:
-            import onnx as _  # noqa: F401
-        except ImportError as e:
-            raise UserError(
-                "the ONNX file needs the onnx package: pip install vggjax[export]"
-            ) from e
+        _onnx()  # missing: said before any work
     model, variables, preprocess, config = _net_of(weights)
-    exported = export_stablehlo(model, variables, preprocess, dense, platforms)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {"stablehlo": str(folder / STABLEHLO_FILE), "contract": str(folder / CONTRACT_FILE)}
-    (folder / STABLEHLO_FILE).write_bytes(exported.serialize())
-    terms = contract(model, config["mean_rgb"], dense, config.get("classes"))
+    files = {"stablehlo": export_stablehlo(model, variables, preprocess, dense, platforms)}
     if onnx:
-        onnx_model = export_onnx(model, variables, config["mean_rgb"], dense)
-        (folder / ONNX_FILE).write_bytes(onnx_model.SerializeToString())
-        written["onnx"] = str(folder / ONNX_FILE)
-    else:
-        del terms["files"]["onnx"]
-    storage.write_json(folder / CONTRACT_FILE, terms)
-    return written
+        files["onnx"] = export_onnx(model, variables, config["mean_rgb"], dense)
+    names = {kind: FILES[kind] for kind in files}
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, exported in files.items():
+        (folder / names[kind]).write_bytes(
+            exported.serialize() if kind == "stablehlo" else exported.SerializeToString()
+        )
+    terms = contract(model, config["mean_rgb"], dense, names, config.get("classes"))
+    storage.write_json(folder / FILES["contract"], terms)
+    return {kind: str(folder / FILES[kind]) for kind in (*files, "contract")}
 
 
 def main(argv: list[str]) -> None:
