@@ -139,6 +139,8 @@ def test_without_onnx_and_refusals(tmp_path):
     (tmp_path / "out" / "x").write_text("")
     with pytest.raises(UserError, match="not an empty directory"):
         export.export(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    with pytest.raises(UserError, match="platforms must be some of"):
+        export.export(str(tmp_path / "ckpt"), str(tmp_path / "new"), platforms=["gpu"])
     _checkpoint(tmp_path / "ckpt", "A")
     written = export.export(str(tmp_path / "ckpt"), str(tmp_path / "hlo"), onnx=False)
     assert set(written) == {"stablehlo", "contract"}

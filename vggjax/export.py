@@ -29,6 +29,7 @@ PROGRAM = "vggjax.export"
 FILES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx", "contract": "model.json"}
 # Lowered for each, so one artifact serves on any of them (the convs are plain: winograd="off").
 PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = (*PLATFORMS, "rocm")  # jax.export's names
 # ONNX opset 17 (IR version 8): read by onnxruntime ≥ 1.14 and most other runtimes.
 ONNX_OPSET, ONNX_IR_VERSION = 17, 8
 
@@ -284,12 +285,15 @@ def export(
       The paths written, by kind: "stablehlo", "contract" and (with `onnx`) "onnx".
 
     Raises:
-      UserError: `output` is not empty, the weights are not a classification net with its top,
-        or `onnx` without the onnx package.
+      UserError: `output` is not empty, an unknown platform, the weights are not a
+        classification net with its top, or `onnx` without the onnx package.
     """
     folder = storage.at(output)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--output {output} exists and is not an empty directory")
+    unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
+    if unknown or not platforms:
+        raise UserError(f"--platforms must be some of {', '.join(KNOWN_PLATFORMS)}, got {unknown}")
     if onnx:
         _onnx()  # missing: said before any work
     model, variables, preprocess, config = _net_of(weights)
