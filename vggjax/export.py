@@ -55,17 +55,9 @@ _PLATFORMS = flags.DEFINE_list(
 )
 
 
-class _Exportable(models.VGG):
-    """VGG for symbolic image sides: models.VGG's input check takes min(h, w), which symbolic
-    sides cannot decide; the artifact's own shape constraints (sides ≥ crop_size) check it."""
-
-    def _check_input(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def serving_net(model: models.VGG) -> models.VGG:
     """`model` with plain convolutions (no Winograd form), portable to any backend."""
-    return _Exportable(dataclasses.replace(model.spec, winograd="off"))
+    return model.clone(spec=dataclasses.replace(model.spec, winograd="off"))
 
 
 def probabilities(
@@ -200,8 +192,7 @@ def _onnx_layer(
             bn, stats = (variables[k][layer.name + "_bn"] for k in ("params", "batch_stats"))
             values = [bn["scale"], bn["bias"], stats["mean"], stats["var"]]
             names = [graph.weight(f"{layer.name}_bn/{i}", v) for i, v in enumerate(values)]
-            # models.VGG's BatchNorm epsilon
-            x = graph.add("BatchNormalization", x, *names, epsilon=1e-5)
+            x = graph.add("BatchNormalization", x, *names, epsilon=models.BN_EPSILON)
         return graph.add("Relu", x)
     kernel = np.asarray(models.fc_as_conv(params["kernel"], layer.kernel))  # HWIO
     if dense:

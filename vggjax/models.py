@@ -58,6 +58,7 @@ MODEL_NAMES = tuple(TABLE_1) + tuple(ALIASES) + tuple(BATCH_NORM_NETS)
 
 # Krizhevsky et al. (2012), Sect. 3.3: b = a / (k + alpha * sum of a^2 over `size` channels)^beta.
 LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+BN_EPSILON = 1e-5  # the "_bn" nets' batch norm, as torchvision's
 
 
 def resolve_name(name: str) -> tuple[str, bool]:
@@ -372,7 +373,7 @@ class VGG(nn.Module):
             raise ValueError(f"images must be NHWC with 3 (RGB) channels, got shape {shape}")
         (h, w), crop = shape[1:3], self.spec.crop_size
         least = crop if fc else 32
-        if dense and min(h, w) < least:
+        if dense and (h < least or w < least):  # not min(): decidable for symbolic sides too
             raise ValueError(f"dense evaluation needs images at least {least}×{least}, got {h}×{w}")
         if not dense and (h, w) != (crop, crop):
             raise ValueError(
@@ -401,7 +402,7 @@ class VGG(nn.Module):
         return nn.BatchNorm(
             use_running_average=not train or self.batch_norm_frozen,
             momentum=0.9,
-            epsilon=1e-5,
+            epsilon=BN_EPSILON,
             # E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically when
             # |mean| >> std, so the order of a reduction (one host or two) changed the update
             # by 10% after 4 steps.
