@@ -35,7 +35,7 @@ def test_average_pooling_equals_torch_with_avgpool(tmp_path):
             for m in net.features
         ]
     )
-    loss_net = _loss_net(tmp_path, net, "E", pooling="avg")
+    loss_net = _loss_net(tmp_path, net, "E", pool_layers="average")
     _assert_features_match(
         loss_net, features, CFG["E"], False, ["conv2_1", "conv3_4:pre", "pool4", "conv5_4"]
     )
@@ -119,8 +119,10 @@ def test_bad_layer_names_and_poolings(tmp_path):
     for layers in (("conv1_1", "pool1:pre"), ("conv6_1",), ()):
         with pytest.raises(ValueError, match="output must name layers of the net"):
             loss_net.activations(_rgb(), layers)
-    with pytest.raises(UserError, match=r"pooling must be one of \('max', 'avg'\), got 'min'"):
-        perceptual.load(str(tmp_path / "ckpt"), pooling="min")
+    with pytest.raises(
+        UserError, match=r"pool_layers must be one of \('max', 'average'\), got 'min'"
+    ):
+        perceptual.load(str(tmp_path / "ckpt"), pool_layers="min")
     with pytest.raises(UserError, match="weights must be 2 numbers"):
         perceptual.content_loss(loss_net, _rgb(), _rgb(1), ("conv1_1", "conv2_1"), (1.0,))
 
@@ -164,10 +166,10 @@ def _nhwc(t) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def _loss_net(tmp_path, net, name: str, pooling: str = "max") -> perceptual.LossNet:
+def _loss_net(tmp_path, net, name: str, pool_layers: str = "max") -> perceptual.LossNet:
     torch.save(net.state_dict(), tmp_path / "w.pth")
     convert.convert("torchvision", str(tmp_path / "w.pth"), name, str(tmp_path / "ckpt"))
-    return perceptual.load(str(tmp_path / "ckpt"), pooling=pooling)
+    return perceptual.load(str(tmp_path / "ckpt"), pool_layers=pool_layers)
 
 
 def _rgb(seed: int = 0, shape=(2, 64, 96, 3)) -> np.ndarray:

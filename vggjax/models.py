@@ -237,7 +237,7 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) ->
 
 
 # VGG.pooling: the paper's max-pooling, or average pooling (Gatys et al.'s choice for style).
-POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": max_pool, "avg": nn.avg_pool}
+POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": max_pool, "average": nn.avg_pool}
 
 
 def local_response_norm(
@@ -326,7 +326,9 @@ class VGG(nn.Module):
     # Batch norm in inference mode even when training: the conv layers are frozen (fine-tuning
     # the FC layers only), so their BN layers keep their statistics, as Keras does.
     batch_norm_frozen: bool = False
-    pooling: str = "max"  # a key of POOLINGS
+    # The five 2×2 pooling layers inside the net: a key of POOLINGS. Not Keras's `pooling`
+    # (global pooling of the last map): this replaces max-pooling within the net.
+    pool_layers: str = "max"
 
     def __getattr__(self, name: str) -> Any:
         """`model.width`, `model.crop_size`, …: the spec's fields, read through."""
@@ -470,7 +472,7 @@ class VGG(nn.Module):
             elif layer.kind == "lrn":
                 x = local_response_norm(x, **LRN_PARAMS)
             elif layer.kind == "pool":
-                x = POOLINGS[self.pooling](x, (2, 2), strides=(2, 2))
+                x = POOLINGS[self.pool_layers](x, (2, 2), strides=(2, 2))
                 sizes = None if sizes is None else sizes // 2
             else:
                 if layer.name == "fc6" and not dense:

@@ -15,8 +15,9 @@ leaving only the mean RGB to subtract, which the checkpoint's config.json record
 
 A `LossNet` is a pytree whose leaves are the conv layers' variables (the FC layers are dropped):
 pass it to a jitted function as an argument — closed over, the weights would be compiled in as
-constants — and differentiate with respect to the images. `pooling="avg"` replaces max-pooling
-by average pooling, as Gatys et al. do for style transfer.
+constants — and differentiate with respect to the images. `pool_layers="average"` replaces the
+net's 2×2 max-pooling layers by average pooling, as Gatys et al. do for style transfer (not
+Keras's `pooling="avg"`, a global pooling of the last map).
 """
 
 from __future__ import annotations
@@ -59,19 +60,21 @@ class LossNet:
         return self.model.apply(self.variables, x, dense=True, output=tuple(layers))
 
 
-def load(path: str, pooling: str = "max") -> LossNet:
+def load(path: str, pool_layers: str = "max") -> LossNet:
     """A pretrained net's conv layers as a loss network (its FC layers dropped).
 
     Args:
       path: what `vggjax.load_pretrained` takes: a converted checkpoint, a training workdir, or
         a published net's name (`torchvision:vgg16`, `keras:vgg19_notop`), converted on first use.
-      pooling: "max" as trained, or "avg", which Gatys et al. prefer for style transfer.
+      pool_layers: the net's five 2×2 pooling layers: "max" as trained, or "average", which
+        Gatys et al. prefer for style transfer (not a global pooling of the last map).
 
     Returns:
       A `LossNet`: pass it to jitted functions as an argument, not closed over, so its weights
       are not compiled in as constants.
     """
-    require(pooling in models.POOLINGS, "pooling", f"one of {tuple(models.POOLINGS)}", pooling)
+    allowed = f"one of {tuple(models.POOLINGS)}"
+    require(pool_layers in models.POOLINGS, "pool_layers", allowed, pool_layers)
     path = pretrained.resolve(path)
     model, variables, _ = pretrained.load_pretrained(path)
     conv = {
@@ -79,7 +82,7 @@ def load(path: str, pooling: str = "max") -> LossNet:
         for collection, tree in variables.items()
     }
     mean = tuple(pretrained.read_config(path)["mean_rgb"])
-    return LossNet(conv, model.clone(pooling=pooling), mean)
+    return LossNet(conv, model.clone(pool_layers=pool_layers), mean)
 
 
 def gram(features: jax.Array) -> jax.Array:
