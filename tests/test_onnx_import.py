@@ -15,6 +15,10 @@ from vggjax.errors import UserError
 
 onnxruntime = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed"),
+]
 
 
 def _export(net, path, batch_norm: bool = False) -> str:
@@ -27,6 +31,7 @@ def _export(net, path, batch_norm: bool = False) -> str:
         str(path),
         dynamo=False,
         training=preserve,
+        do_constant_folding=not batch_norm,  # torch warns that folding could change BN weights
         input_names=["x"],
         dynamic_axes={"x": {0: "batch"}},
     )
@@ -43,11 +48,25 @@ def _converted(path: str, output, **kwargs):
     return (config, *pretrained.load_pretrained(str(output)))
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-def test_torch_exports_equal_onnxruntime(tmp_path, batch_norm):
+class _ViewFlatten(torch.nn.Module):
+    """torchvision's VGG before 0.3, `x.view(x.size(0), -1)`: exported as Shape, Gather, Concat
+    and a Reshape whose shape is computed."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        x = self.net.avgpool(self.net.features(x))
+        return self.net.classifier(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("batch_norm, view", [(False, False), (True, False), (False, True)])
+def test_torch_exports_equal_onnxruntime(tmp_path, batch_norm, view):
     """The graph's own input (raw) by default; with torchvision's convention folded, RGB 0-255."""
     net = torch_vgg(CFG["D"], **NARROW, batch_norm=batch_norm)
-    path = _export(net, tmp_path / "vgg16.onnx", batch_norm)
+    path = _export(_ViewFlatten(net) if view else net, tmp_path / "vgg16.onnx", batch_norm)
+    assert any(n.op_type == "Shape" for n in onnx.load(path).graph.node) is view
     assert any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node) is batch_norm
     config, model, variables, preprocess = _converted(path, tmp_path / "raw")
     assert config["model"] == ("vgg16_bn" if batch_norm else "D") and config["mean_rgb"] == [0] * 3

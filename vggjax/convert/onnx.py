@@ -4,8 +4,9 @@ to NCHW before the convs and back before the flatten, dense layers as MatMul + A
 without BatchNormalization nodes.
 
 The graph is walked as a chain from its one input: each node either computes a constant (a
-weight, or a Transpose of one, as tf2onnx leaves HWIO kernels) or is the next layer of the
-chain. The feature part (conv, batch norm, ReLU, 2×2 max-pooling, five stages) must fit, or the
+weight, or a Transpose of one, as tf2onnx leaves HWIO kernels), or a shape (torch's
+`x.view(x.size(0), -1)` exports as Shape, Gather, Concat before the Reshape), or is the next
+layer of the chain. The feature part (conv, batch norm, ReLU, 2×2 max-pooling, five stages) must fit, or the
 first node that does not is named. What follows pool5 is read as VGG's top (flatten, three dense
 layers, an optional softmax, which the converted net leaves off: it gives logits); a head that
 is not VGG's is left, and said so, as a `_notop` conversion leaves the top.
@@ -100,11 +101,15 @@ def _constant(node: Any, inputs: list[np.ndarray]) -> np.ndarray:
 class _Walk:
     """The chain of layers from the graph's input, constants folded as they come."""
 
-    def __init__(self, path: str, graph: Any):
-        from onnx import numpy_helper
+    def __init__(self, path: str, model: Any):
+        from onnx import numpy_helper, shape_inference
 
+        graph = model.graph
         self.path = path
         self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.shapes: set[str] = set()  # tensors computed from the chain's shape
+        inferred = shape_inference.infer_shapes(model).graph.value_info
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred}
         inputs = [i for i in graph.input if i.name not in self.constants]
         if len(inputs) != 1:
             raise UserError(f"{path}: the graph has {len(inputs)} inputs; a VGG has one image")
@@ -131,6 +136,11 @@ class _Walk:
         if all(name in self.constants for name in node.input) and node.op_type in _CONSTANT_OPS:
             values = [self.constants[name] for name in node.input]
             self.constants[node.output[0]] = _constant(node, values)
+            return None
+        if node.op_type == "Shape" or all(
+            n in self.constants or n in self.shapes for n in node.input
+        ):
+            self.shapes.update(node.output)
             return None
         if not node.input or node.input[0] != self.current:
             raise self.fail(node, f"it does not take the chain's output {self.current!r}")
@@ -199,8 +209,10 @@ def _transpose(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _flatten(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
-    shape = walk.weight(node, 1) if node.op_type == "Reshape" else None
-    if (shape is not None and shape.shape != (2,)) or a.get("axis", 1) != 1:
+    """Flatten, or a Reshape to two axes (its shape a constant, or computed: shape inference's)."""
+    shape = walk.constants.get(node.input[1]) if node.op_type == "Reshape" else None
+    rank = walk.ranks.get(node.output[0]) if shape is None else len(shape)
+    if (rank if node.op_type == "Reshape" else a.get("axis", 1) + 1) != 2:
         raise walk.fail(node, "not a flatten to (batch, features)")
     return "flatten", walk.layout
 
@@ -313,11 +325,11 @@ def read_onnx(path: str) -> OnnxNet:
     from google.protobuf.message import DecodeError
 
     try:
-        graph = onnx.load(path).graph
+        model = onnx.load(path)
     except (OSError, DecodeError, ValueError) as e:
         raise UserError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e})") from None
-    walk = _Walk(path, graph)
-    nodes = list(graph.node)
+    walk = _Walk(path, model)
+    nodes = list(model.graph.node)
     convs, stages, end = _features(walk, nodes)
     fcs, left = _top(walk, nodes[end:], convs[-1].kernel.shape[-1])
     return OnnxNet(convs, fcs, stages, left)
