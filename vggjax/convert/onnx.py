@@ -17,6 +17,7 @@ is not VGG's is left, and said so, as a `_notop` conversion leaves the top.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,9 @@ class OnnxNet:
         if config is None:
             config = next((c for c, k in kernels.items() if k == self.stages), None)
         if config is None or kernels.get(config) != self.stages:
-            wanted = f"model {config}'s are {kernels.get(config)}" if config else "no Table 1 net's"
+            wanted = (
+                f"model {config}'s are {kernels.get(config)}" if config else "no Table 1 net's are"
+            )
             raise UserError(
                 f"{path}: the graph's conv stages have kernel sizes {self.stages}; {wanted}"
             )
@@ -102,14 +105,12 @@ class _Walk:
     """The chain of layers from the graph's input, constants folded as they come."""
 
     def __init__(self, path: str, model: Any):
-        from onnx import numpy_helper, shape_inference
+        from onnx import numpy_helper
 
         graph = model.graph
-        self.path = path
+        self.path, self.model = path, model
         self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.shapes: set[str] = set()  # tensors computed from the chain's shape
-        inferred = shape_inference.infer_shapes(model).graph.value_info
-        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred}
         inputs = [i for i in graph.input if i.name not in self.constants]
         if len(inputs) != 1:
             raise UserError(f"{path}: the graph has {len(inputs)} inputs; a VGG has one image")
@@ -118,6 +119,15 @@ class _Walk:
             raise UserError(f"{path}: the graph's input has shape {dims}, not NCHW or NHWC RGB")
         self.current = inputs[0].name
         self.layout = "NCHW" if dims[1] == 3 else "NHWC"
+
+    @functools.cached_property
+    def ranks(self) -> dict[str, int]:
+        """Each tensor's number of axes, by ONNX's shape inference (only if a Reshape needs it:
+        it copies the whole model)."""
+        from onnx import shape_inference
+
+        inferred = shape_inference.infer_shapes(self.model).graph.value_info
+        return {v.name: len(v.type.tensor_type.shape.dim) for v in inferred}
 
     def fail(self, node: Any, why: str) -> UserError:
         return UserError(f"{self.path}: could not place node {node.name!r} ({node.op_type}): {why}")
@@ -210,9 +220,13 @@ def _transpose(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
 
 def _flatten(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
     """Flatten, or a Reshape to two axes (its shape a constant, or computed: shape inference's)."""
-    shape = walk.constants.get(node.input[1]) if node.op_type == "Reshape" else None
-    rank = walk.ranks.get(node.output[0]) if shape is None else len(shape)
-    if (rank if node.op_type == "Reshape" else a.get("axis", 1) + 1) != 2:
+    if node.op_type == "Flatten":
+        rank = 1 + a.get("axis", 1)
+    elif node.input[1] in walk.constants:
+        rank = len(walk.constants[node.input[1]])
+    else:
+        rank = walk.ranks.get(node.output[0])
+    if rank != 2:
         raise walk.fail(node, "not a flatten to (batch, features)")
     return "flatten", walk.layout
 
@@ -220,14 +234,10 @@ def _flatten(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
 def _dense(walk: _Walk, node: Any, a: dict[str, Any]) -> tuple[str, Any]:
     """Gemm (bias in it) or MatMul (bias from the Add after it), as (name, kernel (in, out))."""
     weight = walk.weight(node, 1)
-    if node.op_type == "Gemm" and (a.get("alpha", 1.0), a.get("beta", 1.0), a.get("transA", 0)) != (
-        1.0,
-        1.0,
-        0,
-    ):
+    if (a.get("alpha", 1.0), a.get("beta", 1.0), a.get("transA", 0)) != (1.0, 1.0, 0):
         raise walk.fail(node, "a Gemm with alpha, beta or transA set")
     kernel = weight.T if a.get("transB", 0) else weight
-    bias = walk.weight(node, 2, np.zeros(kernel.shape[-1], np.float32))
+    bias = walk.weight(node, 2, np.zeros(kernel.shape[-1], np.float32)).reshape(-1)
     return ("fc" if node.op_type == "Gemm" else "matmul"), SourceLayer(node.name, kernel, bias)
 
 
