@@ -63,7 +63,8 @@ class _ViewFlatten(torch.nn.Module):
 
 @pytest.mark.parametrize("batch_norm, view", [(False, False), (True, False), (False, True)])
 def test_torch_exports_equal_onnxruntime(tmp_path, batch_norm, view):
-    """The graph's own input (raw) by default; with torchvision's convention folded, RGB 0-255."""
+    """The graph's own input (raw) by default; with torchvision's convention (or RGB/255)
+    folded, RGB on 0-255."""
     net = torch_vgg(CFG["D"], **NARROW, batch_norm=batch_norm)
     path = _export(_ViewFlatten(net) if view else net, tmp_path / "vgg16.onnx", batch_norm)
     assert any(n.op_type == "Shape" for n in onnx.load(path).graph.node) is view
@@ -74,11 +75,14 @@ def test_torch_exports_equal_onnxruntime(tmp_path, batch_norm, view):
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     got = model.apply(variables, preprocess(x.transpose(0, 2, 3, 1)))
     assert relative_difference(got, _runtime(path, x)) < 1e-5
+    convention = "unit" if view else "torchvision"  # RGB/255, or normalised as torchvision does
     config, model, variables, preprocess = _converted(
-        path, tmp_path / "tv", input_convention="torchvision"
+        path, tmp_path / "folded", input_convention=convention
     )
     rgb = images(2, 64)
-    normalised = (rgb / 255 - np.float32(TORCH_MEAN_RGB)) / np.float32(TORCH_STD_RGB)
+    normalised = rgb / 255
+    if convention == "torchvision":
+        normalised = (normalised - np.float32(TORCH_MEAN_RGB)) / np.float32(TORCH_STD_RGB)
     want = _runtime(path, normalised.transpose(0, 3, 1, 2).astype(np.float32))
     assert relative_difference(model.apply(variables, preprocess(rgb)), want) < 1e-5
 
@@ -190,6 +194,7 @@ def test_graphs_that_are_not_vgg_get_one_line(tmp_path, capsys):
         ("vgg16.onnx", ["--model=E"], "kernel sizes ((3, 3), (3, 3), (3, 3, 3)"),
         ("vgg16.onnx", ["--input_convention=bgr"], "argument --input_convention: invalid"),
         ("junk.onnx", [], "junk.onnx is not a readable ONNX file"),
+        ("vgg16.onnx", ["--verify"], "--verify has no reference for --from=onnx"),
     ]:
         with pytest.raises(SystemExit) as e:
             convert.main(["--from=onnx", str(tmp_path / file), f"--output={tmp_path}/o", *args])
