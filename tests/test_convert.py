@@ -419,7 +419,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == "vggjax.convert: error: cannot read nope.pth: No such file or directory\n"
     for args, message in [
-        (["--from=onnx", "w.pth", "--model=D", "--output=o"], "argument --from: invalid"),
+        (["--from=tensorflow", "w.pth", "--model=D", "--output=o"], "argument --from: invalid"),
+        (["--from=onnx", "w.pth", "--output=o"], "w.pth is not a readable ONNX file"),
         (["--from=caffe", "w.pth", "--model=D", "--output=o"], "w.pth: not a Caffe .caffemodel"),
         (["--from=torchvision", "w.pth", "--output=o"], "--model is required for a file"),
         (["--from=torchvision", "w.pth", "--model=F", "--output=o"], "unknown model 'F'"),

@@ -1,5 +1,5 @@
 """Published VGG weights → a vggjax checkpoint: Keras .h5, torchvision .pth, timm or torchvision
-.safetensors, and the authors' Caffe .caffemodel.
+.safetensors, the authors' Caffe .caffemodel, and ONNX graphs (PyTorch's and tf2onnx's exports).
 
     python -m vggjax.convert --from=keras vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
         --model=D --output=DIR [--verify]
@@ -15,7 +15,7 @@ conv's `<conv>_bn` parameters, its running mean and variance to `batch_stats`.
 No file's code is run: Keras files are read through their h5 attributes as Keras's own legacy
 loader reads them (keras.py), PyTorch's through an unpickler that builds nothing but dicts and
 tensors and safetensors from its JSON header (torch.py), .caffemodel files from the protobuf wire
-format (caffe.py). hub.py fetches, verifies and caches the published files by name, verify.py is
+format (caffe.py), ONNX graphs with the `onnx` package, no runtime (onnx.py). hub.py fetches, verifies and caches the published files by name, verify.py is
 `--verify`, __main__.py the command line.
 """
 
@@ -29,6 +29,7 @@ from vggjax.convert.caffe import read_caffemodel
 from vggjax.convert.hub import WEIGHTS, converted, weight_file
 from vggjax.convert.keras import read_keras_h5
 from vggjax.convert.layout import (
+    INPUT_CONVENTIONS,
     SOURCES,
     SourceLayer,
     build_variables,
@@ -36,12 +37,17 @@ from vggjax.convert.layout import (
     split_keras_layers,
     torch_layers,
 )
+from vggjax.convert.onnx import read_onnx
 from vggjax.convert.torch import file_format, read_tensors
 from vggjax.convert.verify import MAX_RELATIVE_DIFFERENCE, reference, verify
 from vggjax.errors import UserError
 
+RAW_INPUT = "the ONNX graph's own input values, in NHWC (no input convention folded)"
+
 __all__ = [
+    "INPUT_CONVENTIONS",
     "MAX_RELATIVE_DIFFERENCE",
+    "RAW_INPUT",
     "SOURCES",
     "WEIGHTS",
     "SourceLayer",
@@ -62,6 +68,9 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
         raise UserError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
     if source == "caffe":
         return read_caffemodel(path)
+    if source == "onnx":
+        net = read_onnx(path)
+        return net.convs, net.fcs
     found = file_format(path)
     if (source == "keras") != (found == "hdf5"):
         raise UserError(
@@ -74,7 +83,44 @@ def read_layers(source: str, path: str) -> tuple[list[SourceLayer], list[SourceL
     return torch_layers(path, read_tensors(path, found), source)
 
 
-def convert(source: str, path: str, model_name: str, output: str) -> dict[str, Any]:
+def _input(source: str, convention: str | None) -> str:
+    """The convention folded into conv1_1: the source's own, or the one named for an ONNX graph
+    (none, "raw", by default)."""
+    if source != "onnx":
+        if convention is not None:
+            raise UserError(
+                f"--input_convention is for --from=onnx; a {source} file's input is known"
+            )
+        return source
+    if convention not in INPUT_CONVENTIONS + (None,):
+        raise UserError(
+            f"--input_convention must be one of {', '.join(INPUT_CONVENTIONS)}, got {convention!r}"
+        )
+    return convention or "raw"
+
+
+def _read(
+    source: str, path: str, model_name: str | None, convention: str
+) -> tuple[list[SourceLayer], list[SourceLayer], str, dict[str, Any]]:
+    """The file's conv and FC layers, the model they are, and what they add to config.json's
+    `pretrained` record: the input they take, and for ONNX what of the graph was left."""
+    whose = f"{convention}'s" if source == "onnx" else "the source's"
+    folded = f"RGB on 0-255 minus mean_rgb ({whose} convention folded into conv1_1)"
+    if source != "onnx":
+        return (*read_layers(source, path), model_name, dict(input=folded))
+    net = read_onnx(path)
+    record = dict(input=RAW_INPUT if convention == "raw" else folded)
+    record.update(input_convention=convention, left=net.left)
+    return net.convs, net.fcs, net.model_name(path, model_name), record
+
+
+def convert(
+    source: str,
+    path: str,
+    model_name: str | None,
+    output: str,
+    input_convention: str | None = None,
+) -> dict[str, Any]:
     """A published weight file as a vggjax workdir that `load_pretrained` and `init_from` read.
 
     Args:
@@ -82,13 +128,17 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
         input convention folded into conv1_1.
       path: the weight file (a published net's name goes through `weight_file` first).
       model_name: the Table 1 net the file holds (`D`, `vgg16`, `vgg16_bn`); its width, FC
-        size, classes and crop are read off the weights' shapes.
+        size, classes and crop are read off the weights' shapes. For an ONNX graph, None
+        infers it from the conv stages.
       output: a new or empty folder, or a gs:// path.
+      input_convention: for an ONNX graph, what its input is (INPUT_CONVENTIONS), folded into
+        conv1_1; by default "raw": the net takes the graph's own input values, in NHWC.
 
     Returns:
       The config.json written beside the checkpoint: the model fields, the mean RGB the net
-      now subtracts, a `pretrained` record (source, file, include_top) and, for a 1,000-class
-      top, ILSVRC-2012's `classes` (ids and names, `vggjax.classes`).
+      now subtracts, a `pretrained` record (source, file, include_top; for ONNX the convention
+      and what of the graph was `left`) and, for a 1,000-class top, ILSVRC-2012's `classes`
+      (ids and names, `vggjax.classes`).
 
     Raises:
       UserError: `output` is not empty, or the file is not of `source`'s format, is cut off,
@@ -98,9 +148,10 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
     folder = storage.at(output)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--output {output} exists and is not an empty directory")
-    convs, fcs = read_layers(source, path)
+    convention = _input(source, input_convention)
+    convs, fcs, model_name, record = _read(source, path, model_name, convention)
     model, variables = build_variables(path, model_name, convs, fcs)
-    mean = fold_input_convention(variables["params"], source)
+    mean = fold_input_convention(variables["params"], convention)
     # What the weights' shapes tell: without the top (`_notop`), only what the convs do.
     parts = ("conv", "fc", "fc8") if fcs else ("conv",)
     config = {field: getattr(model.spec, field) for field in models.fields_fixing(*parts)}
@@ -111,7 +162,7 @@ def convert(source: str, path: str, model_name: str, output: str) -> dict[str, A
         source=source,
         file=os.path.basename(path),
         include_top=bool(fcs),
-        input="RGB on 0-255 minus mean_rgb (the source's convention folded into conv1_1)",
+        **record,
     )
     checkpoints.save_params(output, variables)
     storage.write_json(folder / checkpoints.CONFIG_FILE, config)

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m vggjax.convert", description=convert.__doc__.split("\n\n")[0])
     parser.add_argument(
         "file",
-        help="the published weight file (.h5, .pth, .safetensors or .caffemodel), or a "
+        help="the published weight file (.h5, .pth, .safetensors, .caffemodel or .onnx), or a "
         "published net's name, fetched and verified: torchvision's vgg11 … vgg19_bn, "
         "Keras's vgg16, vgg19, vgg16_notop, vgg19_notop, timm's vgg16.tv_in1k …",
     )
@@ -42,7 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         help="Table 1 configuration: D (vgg16) or E "
         "(vgg19); A (vgg11) and B (vgg13), and the batch-norm nets (vgg16_bn), "
-        "for torchvision and timm. Required for a file; a published net's name knows its own",
+        "for torchvision, timm and ONNX. Required for a file (an ONNX graph's is inferred from its "
+        "convs); a published net's name knows its own",
+    )
+    parser.add_argument(
+        "--input_convention",
+        choices=convert.INPUT_CONVENTIONS,
+        help="--from=onnx: what the graph's input is, folded into conv1_1: torchvision's "
+        "normalisation of RGB/255, caffe's BGR minus the mean pixel, unit (RGB/255), or raw "
+        "(the default: the converted net takes the graph's own input values, in NHWC)",
     )
     parser.add_argument("--output", required=True, help="new or empty directory to write")
     parser.add_argument(
@@ -56,14 +64,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _convert(args: argparse.Namespace) -> None:
     """Converts, and with --verify compares; status 1 if the nets differ."""
-    path, model = convert.weight_file(args.source, args.file, args.model)
+    if args.source == "onnx":  # no published graphs by name; the model is inferred
+        path, model = args.file, args.model
+    else:
+        path, model = convert.weight_file(args.source, args.file, args.model)
     run = convert.reference(args.source, path) if args.verify else None
-    config = convert.convert(args.source, path, model, args.output)
-    top = "with the top" if config["pretrained"]["include_top"] else "conv layers only"
+    config = convert.convert(args.source, path, model, args.output, args.input_convention)
+    pretrained = config["pretrained"]
+    top = "with the top" if pretrained["include_top"] else "conv layers only"
+    raw = pretrained["input"] == convert.RAW_INPUT
     print(
         f"Wrote VGG {config['model']} ({top}) from {path} to {args.output}; input: "
-        f"RGB on 0-255 minus {tuple(config['mean_rgb'])}"
+        + (pretrained["input"] if raw else f"RGB on 0-255 minus {tuple(config['mean_rgb'])}")
     )
+    if pretrained.get("left"):
+        print(f"Left: {pretrained['left']}")
     if run is None:
         return
     difference, what = convert.verify(args.output, run)

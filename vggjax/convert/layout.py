@@ -8,6 +8,10 @@ classes and crop are read off their shapes. Every vggjax net takes RGB on 0–25
   channels reversed; mean RGB (123.68, 116.779, 103.939).
 - torchvision, timm: RGB/255 normalised by mean m and std s → conv1_1's input channels divided
   by 255·s, since (x/255 − m)/s = (x − 255m)/(255s); mean RGB 255·m.
+
+An ONNX graph does not say which it takes: `--input_convention` names one of these ("caffe",
+"torchvision"), "unit" (RGB/255: divided by 255, mean 0) or "raw" (nothing folded, mean 0: the
+net takes the graph's own input values).
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ import numpy as np
 from vggjax import models
 from vggjax.errors import UserError
 
-SOURCES = ("keras", "torchvision", "timm", "caffe")
+SOURCES = ("keras", "torchvision", "timm", "caffe", "onnx")
+INPUT_CONVENTIONS = ("torchvision", "caffe", "unit", "raw")
+# Each source's own convention; an ONNX graph's is named by the user (INPUT_CONVENTIONS).
+SOURCE_CONVENTIONS = {
+    "keras": "caffe",
+    "caffe": "caffe",
+    "torchvision": "torchvision",
+    "timm": "torchvision",
+}
 KERAS_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
@@ -231,13 +243,19 @@ def build_variables(
 
 
 def fold_input_convention(
-    params: dict[str, dict[str, np.ndarray]], source: str
+    params: dict[str, dict[str, np.ndarray]], convention: str
 ) -> tuple[float, float, float]:
-    """Makes conv1_1 take RGB on 0–255 minus the returned mean RGB, exactly (in place)."""
+    """Makes conv1_1 take RGB on 0–255 minus the returned mean RGB, exactly (in place), for a
+    net that took `convention`'s input (one of INPUT_CONVENTIONS, or a source of
+    SOURCE_CONVENTIONS); "raw" changes nothing."""
+    convention = SOURCE_CONVENTIONS.get(convention, convention)
     kernel = params["conv1_1"]["kernel"]  # (h, w, in = 3, out)
-    if source in ("keras", "caffe"):  # Caffe's BGR order: reverse the input channels
+    if convention == "caffe":  # Caffe's BGR order: reverse the input channels
         params["conv1_1"]["kernel"] = np.ascontiguousarray(kernel[:, :, ::-1])
         return KERAS_MEAN_BGR[::-1]
-    scale = 255.0 * np.asarray(TORCH_STD_RGB)[:, None]
+    if convention == "raw":
+        return (0.0, 0.0, 0.0)
+    torch = convention == "torchvision"
+    scale = 255.0 * np.asarray(TORCH_STD_RGB if torch else (1.0,) * 3)[:, None]
     params["conv1_1"]["kernel"] = (kernel / scale).astype(np.float32)
-    return tuple(round(255.0 * m, 6) for m in TORCH_MEAN_RGB)
+    return tuple(round(255.0 * m, 6) for m in (TORCH_MEAN_RGB if torch else (0.0,) * 3))

@@ -95,6 +95,11 @@ def reference(source: str, path: str) -> Runner:
             "(the converted net can be checked against Keras's VGG16/VGG19 files, "
             "which were converted from the same release)"
         )
+    if source == "onnx":
+        raise UserError(
+            "--verify has no reference for --from=onnx: run the graph in onnxruntime and compare "
+            "(tests/test_onnx_import.py does)"
+        )
     run = _keras_runner(path) if source == "keras" else _torch_runner(source, path)
 
     def checked(model: models.VGG, include_top: bool, images: np.ndarray) -> np.ndarray:
