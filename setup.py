@@ -58,8 +58,6 @@ setup(
             # test_export.py: the ONNX file is written and run in CI.
             "onnx>=1.16",
             "onnxruntime>=1.17",
-            # test_lpips.py: lpips's own LPIPS is the reference, and its wheel holds the weights.
-            "lpips==0.1.4",
         ],
         # gs:// workdirs: etils epath reads and writes them through gcsfs; tensorboardX's
         # event files through google-cloud-storage.
@@ -71,9 +69,6 @@ setup(
         # python -m vggjax.export's ONNX file (onnx writes it, onnxruntime runs it); the StableHLO
         # artifact needs jax alone.
         "export": ["onnx>=1.16", "onnxruntime>=1.17"],
-        # perceptual.lpips's official linear weights: a 7 KB file in lpips's wheel, read without
-        # torch (`pip install --no-deps lpips` skips the torch and torchvision lpips declares).
-        "lpips": ["lpips==0.1.4"],
         # One-time preparation of ImageNet from the manual tars needs TensorFlow (tf.io.gfile).
         "imagenet": ["tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]"],

@@ -116,7 +116,7 @@ def test_official_weights_are_checked(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=f"{damaged}: SHA-256 .*reinstall lpips"):
             perceptual.lpips_weights.__wrapped__()  # uncached
     monkeypatch.setattr(perceptual.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match=r"pip install 'vggjax\[lpips\]'"):
+    with pytest.raises(UserError, match=r"pip install --no-deps lpips==0\.1\.4"):
         perceptual._lpips_file()
 
 

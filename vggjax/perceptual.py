@@ -169,8 +169,8 @@ def _lpips_file() -> str:
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "LPIPS's linear weights come from the lpips package: pip install 'vggjax[lpips]' "
-            "(or pip install --no-deps lpips, which needs neither torch nor torchvision here)"
+            "LPIPS's linear weights come from the lpips package: pip install --no-deps "
+            "lpips==0.1.4 (its weights file only: neither torch nor torchvision)"
         )
     return os.path.join(spec.submodule_search_locations[0], *_LPIPS_FILE)
 
