@@ -318,10 +318,8 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
         "--config.eval.batch_size=8",
     ]
     # A persistent compilation cache of its own, keeping every program: the rerun below loads.
-    cache = dict(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))
+    cache["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     result = run_main(
         *args,
         f"--config.eval.protocols={tuple(options.EVAL_PROTOCOLS)!r}",

@@ -309,6 +309,11 @@ def dense_map_sizes(sizes: jax.Array, crop_size: int) -> jax.Array:
 
 
 def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
+    """`x` zeroed outside each image's valid region `sizes` (None: unchanged). Every conv's input
+    is, and the region halves with floor at each pooling, so the padding acts exactly as the SAME
+    padding of the image alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for
+    an odd valid size a pooling window straddling the border carries an image value one row or
+    column into the padding.)"""
     if sizes is None:
         return x
     return jnp.where(valid_mask(sizes, x.shape[1], x.shape[2])[..., None], x, 0)
@@ -426,34 +431,23 @@ class VGG(nn.Module):
         """Runs the net on a batch.
 
         Args:
-          x: NHWC images, RGB minus the training set's mean RGB (`load_pretrained`'s
-            `preprocess` makes them from [0, 255]).
-          train: dropout on (needs `rngs={"dropout": key}`) and batch norm from the batch's
-            statistics (pass `mutable=["batch_stats"]` to update them).
-          dense: the FC layers as convolutions (Sect. 3.2): any image of at least crop_size²;
-            else crop_size² crops only.
+          x: NHWC RGB minus the training set's mean RGB (`load_pretrained`'s `preprocess`).
+          train: dropout (`rngs={"dropout": key}`), BN on the batch (`mutable=["batch_stats"]`).
+          dense: the FC layers as convolutions (Sect. 3.2), for any image ≥ crop_size².
           sizes: (dense form only) (N, 2) valid (height, width) of each image, placed top-left in
-            a larger padded batch. Every conv's input is zeroed outside the valid region, which
-            halves with floor at each pooling, so the padding acts exactly as the SAME padding
-            of the image alone. (Zeroing the conv inputs, not only the ReLU outputs, matters: for
-            an odd valid size a pooling window straddling the border carries an image value one
-            row or column into the padding.) Map positions inside `dense_map_sizes(sizes)` are
-            then those of the image alone; the rest are to be ignored.
-          output: the layer whose activation to return instead of the logits (`layers` lists
-            them: conv1_1 … pool5, fc6, fc7, fc8), the net stopping there: a conv's after its
-            ReLU (and batch norm), fc6's and fc7's after ReLU and dropout. Up to pool5 any image
-            of at least 32×32 runs, and a net without its FC layers (a `_notop` checkpoint) is
-            enough. `conv3_3:pre` (`PRE_RELU`) names a conv's before its ReLU, as perceptual
-            losses ask (vggjax.perceptual). A sequence of names: a dict of their activations,
-            from one pass.
-          mask: (training, BN nets) (N,) 1 for the images that count, 0 for masked ones
-            (undecodable images): batch norm's statistics, and so its running averages, are
-            over the counted ones.
+            a larger padded batch: the result is the image's alone (`_zero_outside`); map
+            positions inside `dense_map_sizes(sizes)` are the image's, the rest to be ignored.
+          output: a layer (`layers`: conv1_1 … pool5, fc6, fc7, fc8) whose activation to return,
+            the net stopping there: a conv's after its ReLU (and BN), fc6's and fc7's after ReLU
+            and dropout; `conv3_3:pre` (`PRE_RELU`) a conv's before its ReLU (perceptual losses).
+            Up to pool5 any image ≥ 32² runs, without the FC layers (a `_notop` checkpoint). A
+            sequence of names: a dict of their activations, from one pass.
+          mask: (training, BN nets) (N,) 1 for the images that count, 0 for masked (undecodable)
+            ones: batch norm's statistics, so its running averages, are over the counted ones.
 
         Returns:
-          The logits, (N, classes) in the classic form, a score map (N, h, w, classes) in the
-          dense form with h = H//32 − crop_size/32 + 1 (224: H//32 − 6); or `output`'s
-          activation(s).
+          The logits, (N, classes); dense, a score map (N, h, w, classes) with h = H//32 −
+          crop_size/32 + 1 (224: H//32 − 6); or `output`'s activation(s).
 
         Raises:
           ValueError: images of the wrong shape for the form, or an unknown layer name.
