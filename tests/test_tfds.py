@@ -4,6 +4,7 @@ no TensorFlow: the images are given encoded), read by name like a user's prepare
 import io
 import json
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -63,8 +64,6 @@ def tfds_dir(tmp_path_factory):
 
 
 def _config(data_dir, dataset="tfds:tiny_colours"):
-    import ml_collections
-
     return ml_collections.ConfigDict({"dataset": dataset, "data_dir": data_dir})
 
 
