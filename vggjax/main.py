@@ -143,18 +143,17 @@ def _use_compilation_cache() -> None:
         )
 
 
-def _classes_from_folder(config: ml_collections.ConfigDict, overridden: frozenset[str]) -> None:
-    """A folder data set's number of classes is its training folder's, unless the command line
-    gives --config.num_classes (training then checks that they agree): a config file's value
-    (configs/demo.py's 10, fine-tuning's None) is not the user's data."""
-    if config.dataset != "folder" or "num_classes" in overridden:
+def _classes_from_data(config: ml_collections.ConfigDict, overridden: frozenset[str]) -> None:
+    """A folder's or a TFDS data set's number of classes is its training set's, unless the
+    command line gives --config.num_classes (training then checks that they agree): a config
+    file's value (configs/demo.py's 10, fine-tuning's None) is not the user's data."""
+    if "num_classes" in overridden:
         return
     from vggjax.data import sources
 
-    classes = sources.class_folders(sources.folder_split(config.data_dir, "train"))
-    if not classes:
-        sources.make_source(config, "train")  # says what the folder lacks
-    config.num_classes = len(classes)
+    classes = sources.train_classes(config)
+    if classes is not None:
+        config.num_classes = len(classes)
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -175,7 +174,7 @@ def _main(parsed: tuple[ml_collections.ConfigDict, frozenset[str]]) -> None:
 
     config = pretrained.inherit_net(config)
     if _MODE.value != "summary":
-        _classes_from_folder(config, overridden)
+        _classes_from_data(config, overridden)
     options.validate(config)
     if _MODE.value == "summary":
         return _summary(config)

@@ -2,7 +2,7 @@
 
 The code that acts on a value reads it from here too (a trainable set's layers, a protocol's
 column in the paper's tables), so a value cannot be allowed without meaning something. The
-data sets live beside what they name (`data.sources.SOURCES`) and are read from here. The net's
+data sets live beside what they name (`data.sources.DATASETS`) and are read from here. The net's
 fields (`models.MODEL_FIELDS`: its name, classes, objective, widths, crop, dropout, kernel init,
 dtype, Winograd) are defined with their allowed values in `models.ModelSpec`, whose check
 `validate` runs, so `models.create_model` and a config fail alike.
@@ -18,7 +18,7 @@ from vggjax import models
 from vggjax.data import sources
 from vggjax.errors import UserError, require
 
-DATASETS = tuple(sources.SOURCES)
+DATASETS = sources.DATASETS
 SPLITS = sources.SPLITS
 
 # Test protocols (Sect. 3.2, 4.2–4.4) → their "evaluation method" column in Tables 3–6.
@@ -197,8 +197,8 @@ def validate(c: Any) -> None:
             "config.init_from is empty; give a checkpoint or a model (e.g. D)"
         )
     models.ModelSpec(**{field: c[field] for field in models.MODEL_FIELDS}).check("config.")
+    require(sources.known_dataset(c.dataset), "config.dataset", f"one of {DATASETS}", c.dataset)
     for field, value, allowed in [
-        ("dataset", c.dataset, DATASETS),
         ("init_layers", c.init_layers, INIT_LAYERS),
         ("trainable", c.trainable, TRAINABLE),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),
