@@ -19,7 +19,7 @@ from vggjax.errors import UserError
 
 FLAGS = flags.FlagValues()  # stats' own, not absl's global registry (cli.parse_flags)
 _DATASET = flags.DEFINE_string(
-    "dataset", "folder", "folder, demo or imagenet2012.", flag_values=FLAGS
+    "dataset", "folder", "folder, demo, imagenet2012 or tfds:NAME.", flag_values=FLAGS
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set lives.", flag_values=FLAGS)
 _MAX_IMAGES = flags.DEFINE_integer(
