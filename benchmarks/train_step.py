@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from vggjax import backend, cli, convolution, recipe, summary, train
+from vggjax import backend, cli, convolution, recipe, sharding, summary, train
 
 _MODEL = flags.DEFINE_string("model", "D", "Table 1 name or alias.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
@@ -59,7 +59,7 @@ def jax_runners(
     runs n of them and waits for the result (the first call compiles); the last item gives the
     compiled train step's optimised HLO."""
     convolution.RGB_PAD_ON_GPU = _RGB_PAD.value
-    trainer = train.Trainer(c, train.make_mesh())
+    trainer = train.Trainer(c, sharding.make_mesh())
     state = trainer.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = trainer.global_batch(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-from vggjax import backend, convolution, models, train, winograd
+from vggjax import backend, convolution, models, sharding, train, winograd
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import grad_accuracy  # benchmarks/grad_accuracy.py: the float64 reference
@@ -103,7 +103,7 @@ def test_both_initialisations_compile_with_those_options(monkeypatch, tiny_confi
     with pytest.raises(Exception, match="xla_vggjax_no_such_option"):
         models.init_variables(models.model_from_config(tiny_config), jax.random.key(0))
     with pytest.raises(Exception, match="xla_vggjax_no_such_option"):
-        train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(0))
+        train.Trainer(tiny_config, sharding.make_mesh()).init(jax.random.key(0))
     xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_vggjax_no_such_option=2"
     monkeypatch.setenv("XLA_FLAGS", xla_flags)
     assert backend.init_compiler_options() == {}

@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import train
+from vggjax import sharding, train
 from vggjax.data import pipeline
 
 
 def train_losses(config, batches, steps):
-    trainer = train.Trainer(config, train.make_mesh(jax.devices()[:1]))
+    trainer = train.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
     state = trainer.init(jax.random.key(config.seed))
     batches = [trainer.global_batch(b) for b in batches]
     losses = []

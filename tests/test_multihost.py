@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_main
 
-from vggjax import checkpoints, train
+from vggjax import checkpoints, sharding, train
 
 
 def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tmp_path):
@@ -58,7 +58,9 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     two = jax.device_get(checkpoints.restore_params(str(workdir)))
     one = jax.device_get(checkpoints.restore_params(str(tmp_path / "one")))
     init = jax.device_get(
-        train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(tiny_config.seed)).params
+        train.Trainer(tiny_config, sharding.make_mesh())
+        .init(jax.random.key(tiny_config.seed))
+        .params
     )
     # Each leaf against its own movement: the two runs sum the same gradients in another order
     # (each process's rows, then gloo's all-reduce), 5e-6 of a leaf's movement apart after 4

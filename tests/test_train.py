@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_main
 
-from vggjax import checkpoints, pretrained, train
+from vggjax import checkpoints, pretrained, sharding, train
 
 
 def synthetic_batches(config, n, seed=0):
@@ -37,7 +37,9 @@ def test_eight_devices_compute_the_same_update_as_one(tiny_config, model):
     """
     assert jax.device_count() == 8
     tiny_config.model = model
-    trainers = {n: train.Trainer(tiny_config, train.make_mesh(jax.devices()[:n])) for n in (8, 1)}
+    trainers = {
+        n: train.Trainer(tiny_config, sharding.make_mesh(jax.devices()[:n])) for n in (8, 1)
+    }
     state = jax.device_get(trainers[1].init(jax.random.key(0)))
     for batch in synthetic_batches(tiny_config, 3):
         after = {}
@@ -82,7 +84,7 @@ def test_a_masked_image_changes_nothing(tiny_config, model):
     the update, batch norm's statistics and running averages equal those of the batch without it.
     Net A checks the loss mask alone; vgg11_bn the batch-norm mask too."""
     tiny_config.model = model
-    trainer = train.Trainer(tiny_config, train.make_mesh(jax.devices()[:1]))
+    trainer = train.Trainer(tiny_config, sharding.make_mesh(jax.devices()[:1]))
     state = jax.device_get(trainer.init(jax.random.key(0)))
     full = next(synthetic_batches(tiny_config, 1))
     full["image"][-1] = 255.0  # what the masked slot holds must not matter
@@ -118,7 +120,7 @@ def test_weight_decay_skips_biases_unless_asked(tiny_config):
 
 
 def test_learning_rate_drops_by_10_on_plateau_at_most_3_times(tiny_config):
-    trainer = train.Trainer(tiny_config, train.make_mesh(jax.devices()[:1]))
+    trainer = train.Trainer(tiny_config, sharding.make_mesh(jax.devices()[:1]))
     state = trainer.init(jax.random.key(0))
     plateau = state.plateau
     scales = []
@@ -167,7 +169,7 @@ def test_resume_equals_straight_run_and_writes_results(tiny_config, tmp_path):
 def test_restore_params_on_another_device_count(tiny_config, tmp_path):
     tiny_config.num_train_steps = 2
     train.train_and_evaluate(tiny_config, str(tmp_path))  # written from 8 devices
-    mesh = train.make_mesh(jax.devices()[:2])
+    mesh = sharding.make_mesh(jax.devices()[:2])
     restored = checkpoints.restore_params(
         str(tmp_path / "checkpoints" / "2"),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
@@ -270,7 +272,7 @@ def test_init_from_net_a_copies_the_papers_seven_layers(tiny_config, tmp_path):
     net_a = read_params(tmp_path / "a")
     tiny_config.model = "D"
     tiny_config.init_from = str(tmp_path / "a")
-    trainer = train.Trainer(tiny_config, train.make_mesh())
+    trainer = train.Trainer(tiny_config, sharding.make_mesh())
     net_d = jax.device_get(trainer.init(jax.random.key(1)).params)
     for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"):
         np.testing.assert_array_equal(net_d[name]["kernel"], net_a[name]["kernel"])
@@ -282,7 +284,7 @@ def test_init_from_net_a_copies_the_papers_seven_layers(tiny_config, tmp_path):
         )
     tiny_config.model, tiny_config.init_layers = "B-shallow", "net_a"
     with pytest.raises(ValueError, match="layer conv1_1 has shape"):
-        train.Trainer(tiny_config, train.make_mesh()).init(jax.random.key(1))
+        train.Trainer(tiny_config, sharding.make_mesh()).init(jax.random.key(1))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
@@ -334,7 +336,7 @@ def test_demo_command_trains_and_sigterm_checkpoints_and_resumes(tiny_demo_dir, 
 
 def test_bfloat16_compute_trains_float32_parameters(tiny_config):
     tiny_config.dtype = "bfloat16"
-    trainer = train.Trainer(tiny_config, train.make_mesh())
+    trainer = train.Trainer(tiny_config, sharding.make_mesh())
     state = trainer.init(jax.random.key(0))
     before = jax.device_get(state.params)
     for batch in synthetic_batches(tiny_config, 2):

@@ -7,7 +7,6 @@ inserts the all-reduce itself (the current JAX way, not `jax.pmap`).
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -15,11 +14,11 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over `devices` (default: all devices of all processes). Auto axes: Linen's
-    dropout needs them."""
+    """A 1-D mesh over `devices` (default: all devices of all processes). Auto axes, not
+    `jax.make_mesh`'s default Explicit ones: Linen's dropout fails under those."""
     devices = devices or jax.devices()
-    return jax.sharding.Mesh(
-        np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 

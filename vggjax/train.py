@@ -36,7 +36,6 @@ from vggjax import (
 )
 from vggjax.data import augment, pipeline, sources
 from vggjax.errors import DivergedError, UserError
-from vggjax.sharding import make_mesh
 
 
 @flax.struct.dataclass
@@ -534,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         localisation objective without `init_from` (A.1 starts from a classifier).
     """
     options.check_start(config)
-    run = _Run(config, workdir, Trainer(config, make_mesh()))
+    run = _Run(config, workdir, Trainer(config, sharding.make_mesh()))
     preemption = _Preemption()
     try:
         finished = _loop(run, preemption)
