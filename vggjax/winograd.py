@@ -93,8 +93,9 @@ def conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array
     """The convolution by F(4×4, 3×3) where `infer` (not differentiated) or `train`
     (differentiated) says so, else by XLA: JAX runs this body only when no derivative is taken.
 
-    A custom JVP, not a custom VJP, so forward mode works too: the tangent is linear in (dx, dk)
-    and JAX transposes it for reverse mode, through the same transforms (`_windows`)."""
+    A custom JVP, not a custom VJP, so forward mode works too: the tangent, linear in (dx, dk),
+    is the transpose of `_backward`, which JAX transposes back to `_backward` for reverse mode
+    (`_conv_jvp`)."""
     return _forward(x, kernel)[0] if infer else _direct(x, kernel)
 
 
