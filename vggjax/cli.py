@@ -41,11 +41,15 @@ def fail(program: str, message: str, status: int = 2) -> NoReturn:
 
 
 def parse_flags(
-    argv: list[str], flag_values: flags.FlagValues, known_only: bool = False
+    argv: list[str],
+    flag_values: flags.FlagValues,
+    known_only: bool = False,
+    positional: bool = False,
 ) -> list[str]:
     """absl's parser for a program's own `flag_values`, then for absl's own flags (--verbosity,
-    --help) in its global registry: a bad flag, or an argument that is not one (unless
-    `known_only`: those are returned), raises a UserError instead of a usage dump.
+    --help) in its global registry: a bad flag, or an argument that is not one, raises a
+    UserError instead of a usage dump. What is left is returned: with `known_only`, unknown
+    flags and other arguments; with `positional`, arguments that are not flags (files).
 
     A program keeps its flags out of absl's global registry so that importing it defines nothing
     in the user's process (their own `--config` or `--workdir` would clash)."""
@@ -55,6 +59,6 @@ def parse_flags(
             flag_values(rest)  # what is left: absl's one-line error for an unknown flag
     except flags.Error as e:
         raise UserError(str(e)) from e
-    if len(rest) > 1 and not known_only:
+    if len(rest) > 1 and not (known_only or positional):
         raise UserError(f"unexpected arguments {' '.join(rest[1:])}; all options are --flags")
     return rest

@@ -245,14 +245,9 @@ def export_onnx(
 def _net_of(weights: str) -> tuple[models.VGG, dict[str, Any], Callable[..., Any], dict[str, Any]]:
     """load_pretrained's net and its config.json; a UserError if it gives no class scores."""
     path = pretrained.resolve(weights)
-    model, variables, preprocess = pretrained.load_pretrained(path)
     config = checkpoints.read_config(path)
-    if not config.get("pretrained", {}).get("include_top", True):
-        raise UserError(f"{weights} holds the conv layers only (no top): no class scores to export")
-    if model.spec.objective != "classification":
-        raise UserError(
-            f"{weights} is a {model.spec.objective} net (boxes): export gives class probabilities"
-        )
+    pretrained.check_classifier(config, weights)  # before the weights are read
+    model, variables, preprocess = pretrained.load_pretrained(path)
     return model, variables, preprocess, config
 
 

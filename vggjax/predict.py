@@ -104,14 +104,11 @@ def image_files(paths: Sequence[str]) -> list[str]:
 
 
 def _config(
-    path: str, protocol: str, scales: Sequence[int], batch_size: int
+    net: dict[str, Any], path: str, protocol: str, scales: Sequence[int], batch_size: int
 ) -> ml_collections.ConfigDict:
-    """The evaluation config of the net at `path` testing `protocol` at `scales`."""
-    net = pretrained.read_config(path)
-    if net.get("objective", "classification") != "classification":
-        raise UserError(f"{path} is a localisation net ({net['objective']}): it names no classes")
-    if not net.get("pretrained", {}).get("include_top", True):
-        raise UserError(f"{path} has no classifier (converted without its top)")
+    """The evaluation config of the net at `path` (`net`: its config.json) testing `protocol`
+    at `scales`."""
+    pretrained.check_classifier(net, path)
     config = pretrained.with_net_of(recipe.paper_recipe(net["model"]), path)
     q = classification.centre_crop_scale(config.crop_size)
     if protocol == "centre_crop" and scales:
@@ -153,8 +150,9 @@ def predict(
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     path = pretrained.resolve(weights)
-    config = _config(path, protocol, scales, batch_size)
-    names = pretrained.class_names(path)
+    net = pretrained.read_config(path)
+    config = _config(net, path, protocol, scales, batch_size)
+    names = classes.of_config(net)
     files = image_files(paths)
     runner = classification.protocols_engine(config)
     _, variables, _ = pretrained.load_pretrained(path, runner.replicated)
@@ -193,9 +191,6 @@ def _write(result: Predictions, output: str | None) -> None:
 def main(argv: list[str]) -> None:
     """The command line, its flags parsed (`cli.parse_flags`): argv[1:] are the images."""
     paths = argv[1:]
-    unknown = [a for a in paths if a.startswith("--")]
-    if unknown:
-        raise UserError(f"unknown flag {unknown[0]}")
     if not _WEIGHTS.value:
         raise UserError("--weights is required: a published net (torchvision:vgg16) or a workdir")
     if not paths:
@@ -215,5 +210,5 @@ if __name__ == "__main__":
         "vggjax.predict",
         app.run,
         main,
-        flags_parser=lambda argv: cli.parse_flags(argv, FLAGS, known_only=True),
+        flags_parser=lambda argv: cli.parse_flags(argv, FLAGS, positional=True),
     )

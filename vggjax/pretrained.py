@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -115,6 +115,16 @@ def load_pretrained(
         variables,
         functools.partial(augment.subtract_mean, mean_rgb=tuple(config["mean_rgb"])),
     )
+
+
+def check_classifier(config: Mapping[str, Any], path: str) -> None:
+    """UserError unless the net at `path` (`config`: its config.json) gives class scores: one
+    converted without its top holds the conv layers only, a localisation net gives boxes."""
+    if not config.get("pretrained", {}).get("include_top", True):
+        raise UserError(f"{path} holds the conv layers only (no top): it gives no class scores")
+    objective = config.get("objective", "classification")
+    if objective != "classification":
+        raise UserError(f"{path} is a localisation net ({objective}): it gives boxes, not classes")
 
 
 def class_names(path: str) -> tuple[classes.Class, ...]:
