@@ -411,7 +411,7 @@ def test_centred_alignment_reaches_every_dense_protocol(tiny_config, tiny_demo_d
     fused = (dense + p["posteriors_multi_crop"]) / 2
     np.testing.assert_allclose(p["posteriors_multi_crop_dense"], fused, atol=1e-6)
     path = os.path.join(tiny_demo_dir, "val", p["ids"][0])
-    for alignment in ("top_left", "centred"):  # at Q = 88, 12 of the short side's 24 left out
+    for alignment in ("top_left", "centred"):  # Q = 88: a margin of 24, centred 12 each side
         alone = _alone(c, str(tmp_path), path, 88, alignment)
         close = np.allclose(p["posteriors_dense_q88"][0], alone, atol=1e-5)
         assert close == (alignment == "centred"), alignment
