@@ -1,5 +1,6 @@
 """Testing protocols (Sect. 3.2, 4.1–4.4): padded dense = alone, flips, crops, scales, fusion."""
 
+import functools
 import json
 import os
 import re
@@ -43,6 +44,36 @@ def test_padded_dense_evaluation_equals_each_image_alone(name):
         h, w = alone.shape[:2]
         leak = float(jnp.abs(unmasked[i, :h, :w] - alone).max() / jnp.abs(alone).max())
         assert leak > 1e-3, (SHAPES[i], leak)
+
+
+@pytest.mark.parametrize("alignment", ["centred", "grid"])
+def test_aligned_dense_evaluation_equals_each_image_alone_shifted(net_a, alignment):
+    """Pooling floors each map: the windows of a side cover crop + 32k pixels, and the rest
+    (size % 32 here) goes unseen. Centred, an image's map is that of the image less half that
+    margin at the top and left; the grid averages the maps of 3×3 shifts spanning it. Batched
+    and padded, as each image alone."""
+    model, variables = net_a
+    shapes = SHAPES if alignment == "centred" else [SHAPES[1], SHAPES[4]]
+    images = random_images(shapes, seed=5)
+    batch, sizes = padded_batch(images)
+    margins = buckets.unseen_margins(sizes, CROP)
+    np.testing.assert_array_equal(margins, np.asarray(shapes) % 32)
+    offsets = np.asarray(buckets.alignment_offsets(sizes, CROP, alignment))  # (shifts, N, 2)
+    # (67, 101): margins (3, 5), split (1, 2) | (2, 3); the grid at 0, 1/2 and all of each.
+    expected = dict(centred=[[1, 2]], grid=[[y, x] for y in (0, 1, 3) for x in (0, 2, 5)])
+    assert offsets[:, shapes.index((67, 101))].tolist() == expected[alignment]
+    average = functools.partial(buckets.aligned_average, model, alignment=alignment)
+    got = jax.jit(average)(variables, batch, sizes)
+    top_left = jax.jit(functools.partial(buckets.dense_average, model))(variables, batch, sizes)
+    for i, image in enumerate(images):
+        maps = [
+            model.apply(variables, image[None, y:, x:], dense=True)[0] for y, x in offsets[:, i]
+        ]
+        alone = jnp.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]).mean(0)
+        rel = float(jnp.abs(got[i] - alone).max() / jnp.abs(alone).max())
+        assert rel < 1e-4, (shapes[i], rel)
+        moved = float(jnp.abs(got[i] - top_left[i]).max() / jnp.abs(alone).max())
+        assert (moved > 1e-3) == bool(margins[i].any()), (shapes[i], moved)
 
 
 def test_mirrored_image_gets_the_same_flip_averaged_posteriors(net_a):
@@ -98,15 +129,19 @@ def test_at_crop_size_multi_crop_dense_and_classic_agree(net_a):
 
 def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeypatch, caplog):
     """Scales with the same heads share batches; a bucket that fills a batch runs its rest in
-    a full one, the others in the smallest batch holding them (on 2 devices: 2, 4 or 8)."""
+    a full one, the others in the smallest batch holding them (on 2 devices: 2, 4 or 8). Dense
+    top-left and centred (each image shifted by its own margins) alike."""
     model, variables = net_a
     mean = (120.0, 110.0, 100.0)
+    heads = {
+        a: classification.posterior_heads(alignment=a)["dense"] for a in ("top_left", "centred")
+    }
     engine = Engine(
         model,
         mean,
         sharding.make_mesh(jax.devices()[:2]),
-        {72: ("dense",), 88: ("dense",)},
-        {"dense": classification.posterior_heads()["dense"]},
+        dict.fromkeys((72, 88), tuple(heads)),
+        heads,
         global_batch=8,
     )
     assert engine.batch_sizes[-3:] == (2, 4, 8)  # (1, 2, 4, 8) on a single device
@@ -139,10 +174,11 @@ def test_engine_shrinks_small_batches_and_equals_each_image_alone(net_a, monkeyp
         for k, element in enumerate(elements):
             x = augment.subtract_mean(element["images"][i], mean)[None]
             sizes = jnp.asarray([x.shape[1:3]])
-            alone = classification.dense_posteriors(model, variables, x, sizes, flip=True)[0]
-            # Rounding differs with the batch: measured 15 of 16 within 1.2e-7 relative and one
-            # at 2.7e-4 (a posterior of 0.055, on an AVX2 host; 1e-4 held on an AVX-512 one).
-            np.testing.assert_allclose(out["raw"]["dense", q][k], alone, rtol=1e-3, atol=1e-6)
+            for a in heads:
+                alone = classification.dense_posteriors(model, variables, x, sizes, alignment=a)
+                # Rounding differs with the batch: measured 15 of 16 within 1.2e-7 relative and
+                # one at 2.7e-4 (a posterior of 0.055, on an AVX2 host; 1e-4 held on AVX-512).
+                np.testing.assert_allclose(out["raw"][a, q][k], alone[0], rtol=1e-3, atol=1e-6)
 
 
 def test_a_batch_that_does_not_split_is_named_by_the_code_that_reads_it(net_a):
@@ -358,6 +394,32 @@ def test_eval_mode_end_to_end_with_an_undecodable_image(tiny_config, tiny_demo_d
     assert (again["compiled_shapes"], again["cached_shapes"]) == (0, len(expected))
 
 
+def test_centred_alignment_reaches_every_dense_protocol(tiny_config, tiny_demo_dir, tmp_path):
+    """config.eval.dense_alignment=centred: the dense posteriors at each Q are of the centred
+    map (one image's, by the net alone on the image less half its margins), and multi-scale
+    dense and its fusion with multi-crop are made of them; eval_results.json names it."""
+    c = tiny_config
+    c.dataset, c.num_workers = "folder", 0
+    c.eval.protocols = ("dense", "multi_scale_dense", "multi_crop", "multi_crop_dense")
+    c.eval.scales, c.eval.dense_alignment = (72, 88), "centred"
+    checkpoints.save_params(str(tmp_path), helpers.init(models.model_from_config(c)))
+    summary = classification.run(c, str(tmp_path))
+    assert summary["dense_alignment"] == "centred" and summary["images"] == 40
+    p = np.load(tmp_path / "predictions.npz")
+    dense = (p["posteriors_dense_q72"] + p["posteriors_dense_q88"]) / 2
+    np.testing.assert_allclose(p["posteriors_multi_scale_dense"], dense, atol=1e-6)
+    fused = (dense + p["posteriors_multi_crop"]) / 2
+    np.testing.assert_allclose(p["posteriors_multi_crop_dense"], fused, atol=1e-6)
+    path = os.path.join(tiny_demo_dir, "val", p["ids"][0])
+    for alignment in ("top_left", "centred"):  # Q = 88: a margin of 24, centred 12 each side
+        alone = _alone(c, str(tmp_path), path, 88, alignment)
+        close = np.allclose(p["posteriors_dense_q88"][0], alone, atol=1e-5)
+        assert close == (alignment == "centred"), alignment
+    c.eval.dense_alignment = "diagonal"
+    with pytest.raises(UserError, match="config.eval.dense_alignment must be one of"):
+        options.validate(c)
+
+
 def _check_rows(summary: dict) -> None:
     """eval_results.json of two checkpoints and their fusion, every protocol: one row each."""
     assert (summary["images"], summary["bad_images"]) == (41, 1)
@@ -401,15 +463,18 @@ def _check_predictions(predictions: Any, ids: list[str]) -> dict[str, np.ndarray
     return p
 
 
-def _alone(config: Any, workdir: str, path: Any, q: int) -> np.ndarray:
-    """The flip-averaged dense posterior of the image at `path` at scale `q`, by the net alone."""
+def _alone(config: Any, workdir: str, path: Any, q: int, alignment: str = "top_left") -> np.ndarray:
+    """The flip-averaged dense posterior of the image at `path` at scale `q`, by the net alone;
+    centred, on the image (and its mirror) less half of each side's margin (side % 32, the
+    crop being a multiple of 32) at the top and left."""
     model = models.model_from_config(config)
     variables = checkpoints.restore_params(workdir)
     with open(path, "rb") as f:
         image = augment.rescale_smallest_side(augment.decode_image(f.read()), q)
     x = augment.subtract_mean(image, config.mean_rgb)
+    dy, dx = np.asarray(x.shape[:2]) % 32 // 2 if alignment == "centred" else (0, 0)
     alone = [
-        jax.nn.softmax(model.apply(variables, im[None], dense=True).mean((1, 2)))[0]
+        jax.nn.softmax(model.apply(variables, im[None, dy:, dx:], dense=True).mean((1, 2)))[0]
         for im in (x, x[:, ::-1])
     ]
     return (alone[0] + alone[1]) / 2

@@ -128,6 +128,29 @@ def test_predict_function_writes_jsonl_and_refuses_what_it_cannot_do(three_class
         predict.predict(workdir, [str(tmp_path / "missing.jpg")])
 
 
+def test_predict_dense_centred_is_the_net_on_the_image_less_half_its_margins(
+    three_classes, tmp_path
+):
+    """a.png (40 × 56) at Q = 40: the 32 crop's windows leave 8 and 24 pixels out; centred,
+    the map is the net's on the image less 4 rows at the top and 12 columns at the left."""
+    workdir, model, variables = three_classes
+    file = _write_images(tmp_path)[0]
+    result = predict.predict(
+        workdir, [file], "dense", 3, (40,), batch_size=8, dense_alignment="centred"
+    )
+    with open(file, "rb") as f:
+        x = augment.subtract_mean(augment.decode_image(f.read()), MEAN)
+    scores = [
+        np.asarray(model.apply(variables, im[None, 4:, 12:], dense=True)).mean((0, 1, 2))
+        for im in (x, x[:, ::-1])
+    ]
+    expected = np.mean([np.exp(z) / np.exp(z).sum() for z in scores], 0)
+    got = {p.index: p.probability for p in result.top[file]}
+    np.testing.assert_allclose([got[i] for i in range(3)], expected, atol=1e-5)
+    with pytest.raises(predict.UserError, match="dense_alignment must be one of"):
+        predict.predict(workdir, [file], "dense", dense_alignment="diagonal")
+
+
 def test_predict_mistakes_get_one_line_and_status_2(tmp_path):
     result = _predict_command(str(tmp_path))
     assert (result.returncode, result.stderr) == (

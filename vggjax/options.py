@@ -32,6 +32,16 @@ EVAL_PROTOCOLS = {
     "fusion": "fusion",
 }
 
+# config.eval.dense_alignment → where the dense protocols' score map lies on an image. Its windows
+# are crop-sized at a stride of 32 and pooling floors each map, so up to 31 pixels of a side fall
+# outside every window (`engine.buckets.unseen_margins`): the fractions of that margin the map is
+# shifted by, on each side; several make a grid of shifts whose maps are averaged together.
+DENSE_ALIGNMENTS: dict[str, tuple[float, ...]] = {
+    "top_left": (0.0,),  # the paper's and Caffe's: the margin is lost at the bottom and right
+    "centred": (0.5,),  # the margin split evenly between the sides: one pass, as top_left
+    "grid": (0.0, 0.5, 1.0),  # 3×3 shifts spanning the margin: every pixel in a window, 9 passes
+}
+
 # Appendix A's test protocols (vggjax/evaluators/localisation.py): Table 8's (the central crop's
 # box for the ground-truth class: gt_class_error) and Table 9's (dense, merged, top-5 classes:
 # top5_error).
@@ -202,6 +212,7 @@ def validate(c: Any) -> None:
         ("init_layers", c.init_layers, INIT_LAYERS),
         ("trainable", c.trainable, TRAINABLE),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),
+        ("eval.dense_alignment", c.eval.dense_alignment, DENSE_ALIGNMENTS),
     ]:
         one_of(f"config.{field}", value, allowed)
     for field, ok, allowed in _checks(c) + _test_checks(c):

@@ -7,8 +7,9 @@ output or a training workdir. Folders are searched for image files (by suffix); 
 cannot be decoded is named and skipped. The images run through the inference engine as
 evaluation's protocols (`evaluators.classification`): `centre_crop` (the torchvision/Keras
 protocol: smallest side 256, the central 224 crop), `dense` (the whole image at one scale Q,
-mirrored too; Sect. 3.2) or `multi_scale_dense` (dense averaged over several Q). The engine
-logs its progress every 30 s.
+mirrored too; Sect. 3.2) or `multi_scale_dense` (dense averaged over several Q);
+`--dense_alignment` places their score map (`options.DENSE_ALIGNMENTS`). The engine logs its
+progress every 30 s.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from vggjax import classes, cli, pretrained, recipe
+from vggjax import classes, cli, options, pretrained, recipe
 from vggjax.data import sources
 from vggjax.errors import UserError
 from vggjax.evaluators import classification
@@ -44,6 +45,13 @@ _SCALES = flags.DEFINE_list(
     "scales",
     [],
     "Test scales Q of the dense protocols (default: see `predict`).",
+    flag_values=FLAGS,
+)
+_ALIGNMENT = flags.DEFINE_enum(
+    "dense_alignment",
+    "top_left",
+    list(options.DENSE_ALIGNMENTS),
+    "Where the dense protocols' score map lies on an image (config.eval.dense_alignment).",
     flag_values=FLAGS,
 )
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Classes per image.", flag_values=FLAGS)
@@ -104,7 +112,12 @@ def image_files(paths: Sequence[str]) -> list[str]:
 
 
 def _config(
-    net: dict[str, Any], path: str, protocol: str, scales: Sequence[int], batch_size: int
+    net: dict[str, Any],
+    path: str,
+    protocol: str,
+    scales: Sequence[int],
+    batch_size: int,
+    dense_alignment: str,
 ) -> ml_collections.ConfigDict:
     """The evaluation config of the net at `path` (`net`: its config.json) testing `protocol`
     at `scales`."""
@@ -118,6 +131,7 @@ def _config(
     defaults = {"dense": (q,), "multi_scale_dense": (q - q // 8, q, q + q // 8)}
     config.eval.scales = tuple(scales) or defaults.get(protocol, (q,))
     config.eval.protocols, config.eval.batch_size = (protocol,), batch_size
+    config.eval.dense_alignment = dense_alignment
     return config
 
 
@@ -128,6 +142,7 @@ def predict(
     k: int = 5,
     scales: Sequence[int] = (),
     batch_size: int = 32,
+    dense_alignment: str = "top_left",
 ) -> Predictions:
     """Each image's `k` most probable classes: what `python -m vggjax.predict` prints.
 
@@ -139,6 +154,8 @@ def predict(
       scales: test scales Q of `dense` (one) or `multi_scale_dense` (several). Default: Q =
         256 for 224 crops (in proportion else), and Q ± Q/8 too for multi_scale_dense.
       batch_size: images per batch, a multiple of the local device count.
+      dense_alignment: where the dense protocols' score map lies on an image, one of
+        `options.DENSE_ALIGNMENTS` (top_left: the paper's).
 
     Returns:
       `Predictions`: the top classes of each decodable file, and the files skipped.
@@ -149,9 +166,10 @@ def predict(
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    options.one_of("dense_alignment", dense_alignment, options.DENSE_ALIGNMENTS)
     path = pretrained.resolve(weights)
     net = pretrained.read_config(path)
-    config = _config(net, path, protocol, scales, batch_size)
+    config = _config(net, path, protocol, scales, batch_size, dense_alignment)
     names = classes.of_config(net)
     files = image_files(paths)
     runner = classification.protocols_engine(config)
@@ -200,7 +218,13 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise UserError(f"--scales must be integers, got {','.join(_SCALES.value)}") from e
     result = predict(
-        _WEIGHTS.value, paths, _PROTOCOL.value, _TOP_K.value, scales, _BATCH_SIZE.value
+        _WEIGHTS.value,
+        paths,
+        _PROTOCOL.value,
+        _TOP_K.value,
+        scales,
+        _BATCH_SIZE.value,
+        _ALIGNMENT.value,
     )
     _write(result, _OUTPUT.value)
 

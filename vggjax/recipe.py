@@ -109,6 +109,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     # Any of options.EVAL_PROTOCOLS (vggjax/evaluators/classification.py computes each).
     c.eval.protocols = ("dense", "multi_scale_dense")
     c.eval.flip = True
+    c.eval.dense_alignment = "top_left"  # one of options.DENSE_ALIGNMENTS
     c.eval.batch_size = 32
     c.eval.checkpoints = ()  # empty: the workdir's latest checkpoint; several: fusion (Sect. 4.4)
     c.eval.bucket_multiple = 32  # images are padded to sides that are multiples of this

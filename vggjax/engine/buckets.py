@@ -4,7 +4,8 @@ the dense net averaged over each image's own positions (heads).
 Each image is zero-padded into a size bucket (`bucket_shape`), top-left, and its valid size
 travels with it, so the dense net ignores the padding (`models.VGG`'s `sizes`) and
 `dense_average` averages over the image's own map positions only: the result is that of the
-image alone.
+image alone. `aligned_average` places the map elsewhere than top-left (`options.DENSE_ALIGNMENTS`)
+by shifting each image by its own margins, so that stays true.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vggjax import models
+from vggjax import models, options
 from vggjax.data import augment, sources
 from vggjax.errors import UserError
 
@@ -61,6 +62,32 @@ def mirror(images: jax.Array, sizes: jax.Array) -> jax.Array:
     return jnp.take_along_axis(images, source[:, None, :, None], axis=2)
 
 
+def unseen_margins(sizes: jax.Array, crop_size: int) -> jax.Array:
+    """(N, 2) pixels of each side that no window of the dense map covers: its windows are
+    crop-sized at a stride of 32, pooling floors each map, so up to 31 a side go unseen."""
+    return sizes - crop_size - 32 * (models.dense_map_sizes(sizes, crop_size) - 1)
+
+
+def shift(images: jax.Array, sizes: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each image with its first offsets[n] = (rows, columns) dropped, still top-left in the
+    padded batch, and its new valid size: its dense map's windows start that far in. The rows
+    and columns dropped wrap round into the padding, which the net ignores."""
+    rows = (jnp.arange(images.shape[1]) + offsets[:, :1]) % images.shape[1]
+    columns = (jnp.arange(images.shape[2]) + offsets[:, 1:]) % images.shape[2]
+    images = jnp.take_along_axis(images, rows[:, :, None, None], axis=1)
+    return jnp.take_along_axis(images, columns[:, None, :, None], axis=2), sizes - offsets
+
+
+def alignment_offsets(sizes: jax.Array, crop_size: int, alignment: str) -> jax.Array:
+    """(shifts, N, 2): where each image's dense map starts for `alignment` (one of
+    `options.DENSE_ALIGNMENTS`): every pair of its fractions of the unseen margins."""
+    fractions = jnp.asarray(options.DENSE_ALIGNMENTS[alignment], jnp.float32)
+    margins = unseen_margins(sizes, crop_size).astype(jnp.float32)
+    per_side = jnp.floor(fractions[:, None, None] * margins).astype(jnp.int32)  # (k, N, 2)
+    ys, xs = per_side[:, None, :, :1], per_side[None, :, :, 1:]
+    return jnp.concatenate(jnp.broadcast_arrays(ys, xs), -1).reshape(-1, *sizes.shape)
+
+
 def dense_average(
     model: models.VGG,
     variables: Any,
@@ -78,6 +105,26 @@ def dense_average(
     return jnp.sum(jnp.where(inside, maps, 0.0), (1, 2)) / jnp.sum(inside, (1, 2))
 
 
+def aligned_average(
+    model: models.VGG,
+    variables: Any,
+    images: jax.Array,
+    sizes: jax.Array,
+    output: str | None = None,
+    alignment: str = "top_left",
+) -> jax.Array:
+    """`dense_average` with the map placed on each image as `alignment` says; several shifts:
+    their maps' positions averaged together (each shift has as many), one shift at a time."""
+    if not any(options.DENSE_ALIGNMENTS[alignment]):  # top-left: no shift
+        return dense_average(model, variables, images, sizes, output)
+    offsets = alignment_offsets(sizes, model.crop_size, alignment)
+
+    def at(offset):
+        return dense_average(model, variables, *shift(images, sizes, offset), output)
+
+    return at(offsets[0]) if len(offsets) == 1 else jax.lax.map(at, offsets).mean(0)
+
+
 def dense_averages(
     model: models.VGG,
     variables: Any,
@@ -85,8 +132,9 @@ def dense_averages(
     sizes: jax.Array,
     output: str | None = None,
     flip: bool = False,
+    alignment: str = "top_left",
 ) -> jax.Array:
-    """`dense_average` of each image and, with `flip`, of its mirror: (N, 1 or 2, channels).
+    """`aligned_average` of each image and, with `flip`, of its mirror: (N, 1 or 2, channels).
 
     The mirrors run in the same application of the net as the images (each next to its own, so
     a batch sharded over devices stays where it is): one traced net per program, half the
@@ -94,7 +142,7 @@ def dense_averages(
     if flip:
         both = jnp.stack([images, mirror(images, sizes)], 1)
         images, sizes = both.reshape(-1, *images.shape[1:]), jnp.repeat(sizes, 2, axis=0)
-    averages = dense_average(model, variables, images, sizes, output)
+    averages = aligned_average(model, variables, images, sizes, output, alignment)
     return averages.reshape(-1, 1 + flip, averages.shape[-1])
 
 

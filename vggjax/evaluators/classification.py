@@ -46,11 +46,16 @@ def crops_at(images: jax.Array, offsets: jax.Array, crop: int) -> jax.Array:
 
 
 def dense_posteriors(
-    model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
+    model: models.VGG,
+    variables: Any,
+    images: jax.Array,
+    sizes: jax.Array,
+    flip: bool = True,
+    alignment: str = "top_left",
 ) -> jax.Array:
     """Sect. 3.2: the softmax of the class score map averaged over the image; with `flip`,
-    averaged with the mirror image's."""
-    scores = engine.dense_averages(model, variables, images, sizes, flip=flip)
+    averaged with the mirror image's. `alignment` (options.DENSE_ALIGNMENTS) places the map."""
+    scores = engine.dense_averages(model, variables, images, sizes, flip=flip, alignment=alignment)
     return jax.nn.softmax(scores).mean(1)
 
 
@@ -84,11 +89,12 @@ def centre_crop_posteriors(
     return _classic_posteriors(model, variables, crops)
 
 
-def posterior_heads(flip: bool = True) -> dict[str, engine.Head]:
+def posterior_heads(flip: bool = True, alignment: str = "top_left") -> dict[str, engine.Head]:
     """The classification protocols' per-scale posteriors; undecodable images get 1/classes."""
     uniform = lambda width: 1.0 / width
+    dense = functools.partial(dense_posteriors, flip=flip, alignment=alignment)
     return {
-        "dense": engine.Head(functools.partial(dense_posteriors, flip=flip), uniform),
+        "dense": engine.Head(dense, uniform),
         "multi_crop": engine.Head(multi_crop_posteriors, uniform),
         "centre_crop": engine.Head(centre_crop_posteriors, uniform),
     }
@@ -218,7 +224,8 @@ def _results(
 
 def protocols_engine(config: ml_collections.ConfigDict) -> engine.Engine:
     """The inference engine computing what `config.eval`'s protocols need at each scale."""
-    return engine.Engine.from_config(config, plan(config), posterior_heads(config.eval.flip))
+    heads = posterior_heads(config.eval.flip, config.eval.dense_alignment)
+    return engine.Engine.from_config(config, plan(config), heads)
 
 
 def check_classes(config: ml_collections.ConfigDict, source: sources.Source) -> None:
@@ -291,6 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_scale=train_scale_label(config.train_scale),
         crop_size=config.crop_size,
         flip=config.eval.flip,
+        dense_alignment=config.eval.dense_alignment,
         images=len(source),
         bad_images=int(data["bad"].sum()),
         **cost,  # compiled_shapes (by XLA), cached_shapes (from the cache), compile_seconds
