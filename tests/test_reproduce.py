@@ -18,7 +18,7 @@ from helpers import ROOT
 from vggjax import reproduce, storage
 from vggjax.errors import UserError
 from vggjax.reproduce import __main__ as main
-from vggjax.reproduce import fuse, plan, report, run
+from vggjax.reproduce import fuse, plan, plots, report, run
 from vggjax.reproduce.plan import Evaluation, Plan, Run
 
 MINI = "configs/plans/miniature.py"
@@ -218,6 +218,14 @@ def test_every_number_of_the_report_is_read_from_the_stages_files(tmp_path):
         "—",
     ]
     assert next(_cells(text, "C")) == ["C", "—", "—", "—", "28.1", "—", "9.4"]
+    assert [plots.depth(net) for net in ("A", "A-LRN", "B", "C", "D", "E")] == [
+        11,
+        11,
+        13,
+        16,
+        16,
+        19,
+    ]
     results = json.loads(pathlib.Path(tmp_path / "evals/B-72/eval_results.json").read_text())
     results["results"][1]["top1_error"] = 0.5  # one number changed: the report follows
     storage.write_json(tmp_path / "evals/B-72/eval_results.json", results)
@@ -265,7 +273,7 @@ def test_the_report_plots_the_runs_logged_scalars(tmp_path):
     writer.add_scalar("val/top1_error", 0.75, 30)
     writer.close()
     _fill(str(tmp_path))
-    assert report.curves(str(tmp_path), "A-72") == {
+    assert plots.curves(str(tmp_path), "A-72") == {
         "train/loss": [(10, 2.5), (20, 2.25), (30, 2.0)],
         "val/top1_error": [(30, 0.75)],
     }
@@ -387,35 +395,35 @@ def _reproduce(*args, timeout=300, **popen):
 
 
 def test_miniature_plan_smoke_killed_and_resumed(tmp_path, tiny_demo_dir):
-    """The miniature plan's stages for Table 4's B, a few steps each on the tiny demo set; killed
-    (SIGKILL: the machine lost) once net A has a checkpoint, and rerun: A resumes from it."""
-    root = tmp_path / "mini"
+    """The miniature plan's stages for Table 3's net A (CI's smoke test: a few steps of a tiny
+    net on the tiny demo set), killed (SIGKILL: the machine lost) once A has a checkpoint, and
+    rerun: A resumes from it, is evaluated, and the report shows the evaluation's numbers."""
+    root, log = tmp_path / "mini", tmp_path / "first.log"
     args = [
-        f"--plan={MINI}", f"--root={root}", "--only=evals/B-72", f"--config.data_dir={tiny_demo_dir}",
-        "--config.width=0.0625", "--config.fc_width=32", "--config.batch_size=8", "--config.num_workers=0",
-        "--config.num_train_steps=60", "--config.checkpoint_every_steps=3", "--config.log_every_steps=3",
-        "--config.eval.batch_size=8",
+        f"--plan={MINI}", f"--root={root}", "--only=evals/A-72", f"--config.data_dir={tiny_demo_dir}",
+        "--config.width=0.0625", "--config.fc_width=32", "--config.batch_size=8",
+        "--config.num_workers=0", "--config.num_train_steps=30", "--config.checkpoint_every_steps=3",
+        "--config.log_every_steps=3", "--config.eval.batch_size=8",
     ]  # fmt: skip
-    first = _reproduce(
-        *args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    checkpoints = root / "runs/A-72/checkpoints"
-    deadline = time.monotonic() + 240
-    while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    with open(log, "w") as stderr:
+        first = _reproduce(*args, start_new_session=True, stdout=stderr, stderr=stderr)
+        checkpoints = root / "runs/A-72/checkpoints"
+        deadline = time.monotonic() + 240
+        while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     assert not (root / "runs/A-72/results.json").exists()
     second = _reproduce(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert re.search(r"Resumed from the checkpoint at step \d+", second.stderr)
-    assert json.loads(pathlib.Path(root / "runs/A-72/results.json").read_text())["step"] == 60
-    result = json.loads(pathlib.Path(root / "evals/B-72/eval_results.json").read_text())
-    multi = [r for r in result["results"] if r["name"] == "multi_scale_dense"][0]
-    text = (root / "REPORT.md").read_text()
-    table_4 = list(_cells(text, "B"))[1]
-    assert table_4[:4] == ["B", "72", "64,72,80", report.percent(multi["top1_error"])]
-    third = _reproduce(*args)
-    assert third.returncode == 0 and "Training" not in third.stderr
-    assert third.stderr.count("skipped.") == 3
+    assert json.loads((root / "runs/A-72/results.json").read_text())["step"] == 30
+    result = json.loads((root / "evals/A-72/eval_results.json").read_text())
+    [dense] = result["results"]
+    assert dense["name"] == "dense_q72"
+    table_3 = next(_cells((root / "REPORT.md").read_text(), "A"))
+    assert table_3 == [
+        "A", "72", "72", report.percent(dense["top1_error"]), "29.6",
+        report.percent(dense["top5_error"]), "10.4",
+    ]  # fmt: skip

@@ -4,26 +4,64 @@ from the runs' TensorBoard scalars, top-1 error against depth (Table 3) and agai
 from __future__ import annotations
 
 import io
+import struct
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
 
-from vggjax import storage
+from vggjax import models, storage
 from vggjax.reproduce import report
 from vggjax.reproduce.plan import Plan
+
+
+def _scalars(folder: Any) -> Iterator[tuple[str, int, float]]:
+    """(tag, step, value) of the TensorBoard event files in `folder` (TFRecord framing: length,
+    its CRC, the Event, its CRC), read with tensorboardX's protos, without TensorFlow."""
+    from tensorboardX.proto import event_pb2
+
+    for file in sorted(folder.glob("events.out.tfevents.*")) if folder.exists() else ():
+        data = file.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                yield value.tag, event.step, value.simple_value
+
+
+def curves(root: str, run: str) -> dict[str, list[tuple[int, float]]]:
+    """A run's logged scalars by tag (train/loss, val/top1_error, ...), in step order; a step
+    logged again after resuming from a checkpoint counts once, as last logged."""
+    out: dict[str, dict[int, float]] = {}
+    for tag, step, value in _scalars(storage.at(root) / "runs" / run / "tensorboard"):
+        out.setdefault(tag, {})[step] = value
+    return {tag: sorted(points.items()) for tag, points in out.items()}
+
+
+def depth(model: str) -> int:
+    """Weight layers of a Table 1 net: its convs and three FC layers (11 for A, 19 for E)."""
+    stages = models.TABLE_1[models.resolve_name(model)[0]]
+    return sum(layer != "LRN" for stage in stages for layer in stage) + 3
+
+
+def _legend(axis: Any) -> None:
+    if axis.get_legend_handles_labels()[0]:  # a plot of nothing measured yet has none
+        axis.legend(fontsize="small", ncol=2)
 
 
 def _training_curves(plt: Any, plan: Plan, root: str) -> Any:
     figure, (loss, error) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in plan.runs:
-        scalars = report.curves(root, run.name)
+        scalars = curves(root, run.name)
         for axis, tag in ((loss, "train/loss"), (error, "val/top1_error")):
             if tag in scalars:
                 steps, values = zip(*scalars[tag])
                 axis.plot(steps, values, label=run.name, marker="." if axis is error else None)
     loss.set(title="training loss", xlabel="step")
     error.set(title="validation top-1 error (during training)", xlabel="step")
-    error.legend(fontsize="small", ncol=2)
+    _legend(error)
     return figure
 
 
@@ -33,15 +71,15 @@ def _error_vs_depth(plt: Any, plan: Plan, results: dict[str, Any]) -> Any:
     lines: dict[str, list[tuple[int, float]]] = {}
     for row in next((t.rows for t in plan.tables if t.number == 3), ()):
         result = results.get(row.source)
-        measured = report._row(result, row.result)
+        measured = report.result_row(result, row.result)
         if measured:
             lines.setdefault(f"S = {result['train_scale']}", []).append(
-                (report.depth(result["model"]), 100 * measured["top1_error"])
+                (depth(result["model"]), 100 * measured["top1_error"])
             )
     for label, points in lines.items():
         axis.plot(*zip(*sorted(points)), marker="o", label=label)
     axis.set(title="Table 3: error against depth", xlabel="weight layers", ylabel="top-1 error (%)")
-    axis.legend()
+    _legend(axis)
     return figure
 
 
@@ -59,7 +97,7 @@ def _error_vs_q(plt: Any, plan: Plan, results: dict[str, Any]) -> Any:
     axis.set(
         title="dense evaluation: error against Q", xlabel="test scale Q", ylabel="top-1 error (%)"
     )
-    axis.legend(fontsize="small", ncol=2)
+    _legend(axis)
     return figure
 
 

@@ -1,8 +1,8 @@
 """ROOT/REPORT.md: the plan's tables as the paper lays them out, measured beside the paper's
 numbers, and PNG plots (training curves, error against depth, error against Q).
 
-Every measured number is read from the stages' own files: a run's results.json and config.json
-and TensorBoard scalars, an evaluation's or fusion's eval_results.json. A stage not finished
+Every measured number is read from the stages' own files: a run's results.json and config.json,
+an evaluation's or fusion's eval_results.json (the plots: the runs' TensorBoard scalars too). A stage not finished
 shows "—". The plots need matplotlib (`pip install -e '.[report]'`); without it they are left
 out, with one line saying so.
 """
@@ -10,13 +10,12 @@ out, with one line saying so.
 from __future__ import annotations
 
 import os
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 
-from vggjax import models, storage
+from vggjax import storage
 from vggjax.errors import UserError
 from vggjax.reproduce.plan import Plan, Table
 
@@ -40,7 +39,8 @@ def _paper(value: float | None) -> str:
     return MISSING if value is None else f"{value:.1f}"
 
 
-def _row(result: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+def result_row(result: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The row named `name` of an eval_results.json (None: not measured)."""
     rows = [r for r in (result or {}).get("results", ()) if r["name"] == name]
     return rows[0] if rows else None
 
@@ -69,7 +69,7 @@ def table(t: Table, results: dict[str, dict[str, Any] | None]) -> list[str]:
     rows = []
     for r in t.rows:
         result = results.get(r.source)
-        row = _row(result, r.result)
+        row = result_row(result, r.result)
         errors = [
             percent(row and row["top1_error"]),
             _paper(r.paper[0]),
@@ -123,36 +123,6 @@ def runs_table(plan: Plan, root: str) -> list[str]:
         )
     header = ("run", "net", "train (S)", "initialised from", "steps", "Q (crop)", *ERRORS[::2])
     return ["## Training runs", "", *_markdown(header, rows), ""]
-
-
-def _scalars(folder: Any) -> Iterator[tuple[str, int, float]]:
-    """(tag, step, value) of the TensorBoard event files in `folder` (TFRecord framing: length,
-    its CRC, the Event, its CRC), read with tensorboardX's protos, without TensorFlow."""
-    from tensorboardX.proto import event_pb2
-
-    for file in sorted(folder.glob("events.out.tfevents.*")) if folder.exists() else ():
-        data = file.read_bytes()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                yield value.tag, event.step, value.simple_value
-
-
-def curves(root: str, run: str) -> dict[str, list[tuple[int, float]]]:
-    """A run's logged scalars by tag (train/loss, val/top1_error, ...), in step order."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for tag, step, value in _scalars(storage.at(root) / "runs" / run / "tensorboard"):
-        out.setdefault(tag, []).append((step, value))
-    return {tag: sorted(points) for tag, points in out.items()}
-
-
-def depth(model: str) -> int:
-    """Weight layers of a Table 1 net: its convs and three FC layers (11 for A, 19 for E)."""
-    stages = models.TABLE_1[models.resolve_name(model)[0]]
-    return sum(layer != "LRN" for stage in stages for layer in stage) + 3
 
 
 def read_results(plan: Plan, root: str) -> dict[str, dict[str, Any] | None]:
