@@ -350,6 +350,10 @@ def test_slurm_submits_each_stage_after_the_jobs_it_needs(tmp_path, monkeypatch,
          f"--output={root}/report-%j.out",
          f"--wrap=python -m vggjax.reproduce --plan={MINI} --root={root} --only=evals/B-72 --config.seed=3"],
     ]  # fmt: skip
+    calls = _calls(log)
+    log.unlink()
+    subprocess.run(["bash", "-c", dry], check=True)  # the printed script does the same
+    assert _calls(log) == calls
     batch = pathlib.Path(f"{root}/runs/B-72/train.sbatch").read_text()
     assert f"srun python -m vggjax.main --workdir={root}/runs/B-72 {b_args}" in batch
     assert "#SBATCH --nodes=2" in batch and "#SBATCH --time=1:00:00" in batch
