@@ -73,6 +73,8 @@ setup(
         "imagenet": ["tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # python -m vggjax.reproduce's PNG plots in REPORT.md (without it, the tables alone).
+        "report": ["matplotlib"],
         # benchmarks/torch_train_step.py's reference (a CPU build is enough); never vggjax's own.
         "bench": ["torch>=2.4"],
     },

@@ -22,6 +22,8 @@
 #   --partition=NAME, --account=NAME, --cpus-per-task=N   passed to SLURM
 #   --setup=COMMANDS       run before training on each node, e.g. module loads, venv activation
 #   --job-name=NAME        (default vggjax)
+#   --dependency=SPEC      start only after other jobs, e.g. afterok:123:124 (sbatch's option)
+#   --no-follow            print the job's id and return instead of following its log
 #   --dry-run              print the batch script and the commands instead of running them
 set -euo pipefail
 
@@ -29,7 +31,7 @@ script=slurm_gpu.sh
 source "$(dirname "$0")/common.sh"
 
 workdir="" nodes=1 gpus=8 per_node=false time="" partition="" account="" cpus="" setup=""
-job_name=vggjax dry_run=false
+job_name=vggjax dry_run=false dependency="" follow=true
 while (($#)); do
   case "$1" in
     --workdir=*) workdir="${1#*=}" ;;
@@ -42,6 +44,8 @@ while (($#)); do
     --cpus-per-task=*) cpus="${1#*=}" ;;
     --setup=*) setup="${1#*=}" ;;
     --job-name=*) job_name="${1#*=}" ;;
+    --dependency=*) dependency="${1#*=}" ;;
+    --no-follow) follow=false ;;
     --dry-run) dry_run=true ;;
     --) shift; break ;;
     *) die "unknown option '$1' (training flags go after --); see the top of $0" ;;
@@ -84,19 +88,22 @@ ${setup:+$setup
 srun python -m vggjax.main --workdir=$(show "$workdir") $(show "${train_args[@]}")"
 
 sbatch_file="$workdir/train.sbatch"
+submit=(sbatch --parsable ${dependency:+--dependency="$dependency"} "$sbatch_file")
 if $dry_run; then
   echo "# $sbatch_file:"
   echo "$batch"
   echo "# submit and follow:"
   show mkdir -p "$workdir"
-  show sbatch --parsable "$sbatch_file"
+  show "${submit[@]}"
+  $follow || exit 0
   echo "tail -n +1 -F $(show "$workdir")/slurm-JOBID.out"
   exit 0
 fi
 mkdir -p "$workdir"
 echo "$batch" > "$sbatch_file"
-job=$(sbatch --parsable "$sbatch_file")
+job=$("${submit[@]}")
 job=${job%%;*}  # "JOBID;CLUSTER" on federated clusters
+$follow || { echo "$job"; exit 0; }
 trap 'echo "# To stop job $job (its checkpoints stay in $workdir):"
       echo "scancel $job"' EXIT
 echo "# Submitted job $job; following its log (Ctrl-C stops following, not the job)."

@@ -22,6 +22,8 @@
 #   --spot              a Spot slice: cheaper, can be preempted (SIGTERM saves a checkpoint;
 #                       rerunning this command recreates the slice and resumes)
 #   --repo=URL          git clone URL on the workers instead of copying this checkout
+#   --wait              follow worker 0's log until training ends there, then return (to run
+#                       one command after another: python -m vggjax.reproduce --launcher=tpu)
 #   --dry-run           print the commands instead of running them
 set -euo pipefail
 
@@ -29,7 +31,7 @@ script=tpu_pod.sh
 source "$(dirname "$0")/common.sh"
 
 name="" zone="" workdir="" accelerator="v4-32" version="" project="" spot=false repo=""
-dry_run=false
+dry_run=false wait=false
 while (($#)); do
   case "$1" in
     --name=*) name="${1#*=}" ;;
@@ -40,6 +42,7 @@ while (($#)); do
     --project=*) project="${1#*=}" ;;
     --repo=*) repo="${1#*=}" ;;
     --spot) spot=true ;;
+    --wait) wait=true ;;
     --dry-run) dry_run=true ;;
     --) shift; break ;;
     *) die "unknown option '$1' (training flags go after --); see the top of $0" ;;
@@ -79,7 +82,9 @@ describe=("${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)')
 delete=("${tpu[@]}" delete "$name" "${where[@]}" --quiet)
 idle=("${tpu[@]}" ssh "$name" --worker=all "${where[@]}"
       --command="! kill -0 \$(cat $pid 2> /dev/null) 2> /dev/null")
-follow=("${tpu[@]}" ssh "$name" --worker=0 "${where[@]}" --command="tail -n +1 -F $log")
+tail_options="-n +1 -F"
+$wait && tail_options="--pid=\$(cat $pid) $tail_options"  # ends when training ends
+follow=("${tpu[@]}" ssh "$name" --worker=0 "${where[@]}" --command="tail $tail_options $log")
 if $dry_run; then
   echo "# unless $name exists ($(show "${describe[@]}"); one PREEMPTED is deleted first," \
     "one up must not be training already):"

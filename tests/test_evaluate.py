@@ -520,3 +520,23 @@ def padded_batch(images, shape=(160, 160)):
 def random_images(shapes, seed=0, std=1.0):
     rng = np.random.default_rng(seed)
     return [rng.normal(0, std, (*shape, 3)).astype(np.float32) for shape in shapes]
+
+
+def test_batches_of_one_program_run_when_it_is_built_while_they_are_checked():
+    """The program's build ends between the two batches' checks: the second runs first (taking
+    it out of the waiting list compared the batches' arrays: ValueError), then the first."""
+
+    class BuiltWhileChecked:
+        checks = 0
+
+        def done(self):
+            self.checks += 1
+            return self.checks > 1
+
+    program = BuiltWhileChecked()
+    batches = [scheduler._Batch(np.arange(2) + i, np.zeros(2), (np.zeros(3),)) for i in (0, 2)]
+    run = object.__new__(scheduler.Pass)
+    run.waiting, ran = [(program, batch) for batch in batches], []
+    run.run = lambda program, batch: ran.append(batch.index.tolist())
+    run.dispatch()
+    assert ran == [[2, 3], [0, 1]] and run.waiting == []

@@ -119,8 +119,9 @@ class Pass:
             ready = [item for item in self.waiting if item[0].done()]
             if not ready and not block:
                 return
+            # By identity: batches of one program compare their arrays under ==.
+            self.waiting = [item for item in self.waiting if not any(item is r for r in ready)]
             for item in ready:
-                self.waiting.remove(item)
                 self.run(*item)
 
     def run(self, program: futures.Future, batch: _Batch) -> None:
