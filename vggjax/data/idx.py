@@ -32,8 +32,11 @@ DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E:
 def read_idx(path: str) -> np.ndarray:
     """The array an IDX file (optionally gzipped) holds."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in DTYPES:
         raise UserError(f"{path} is not an IDX file (it starts {data[:4]!r})")
     ndim = data[3]
