@@ -204,8 +204,10 @@ def cut_batch(
     offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
     (h, w), span = images.shape[1:3], np.arange(size)
     pad = max(0, -offsets.min(initial=0), *(offsets.max(axis=0, initial=0) + size - (h, w)))
-    if pad:
-        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    if pad:  # (np.pad is several times slower than this copy)
+        canvas = np.zeros((len(images), h + 2 * pad, w + 2 * pad, images.shape[3]), images.dtype)
+        canvas[:, pad : pad + h, pad : pad + w] = images
+        images = canvas
     rows = offsets[:, :1] + pad + span
     cols = offsets[:, 1:] + pad + span
     cols = np.where(np.asarray(flipped, bool)[:, None], cols[:, ::-1], cols)
