@@ -81,12 +81,14 @@ class ArraySource(sources.Source):
         return {"data": data, "label": int(self.labels[index]), "id": self.ids[index]}
 
 
-def _decode_all(source: sources.Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, good) of every element; undecodable images are zeros and not good."""
-    images, labels, good, shape = [], [], [], None
+def _decode_all(source: sources.Source) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(images, labels, good, ids) of every element, read once; undecodable images are zeros and
+    not good."""
+    images, labels, good, ids, shape = [], [], [], [], None
     for index in range(len(source)):
         element = source[index]
         labels.append(element["label"])
+        ids.append(element["id"])
         try:
             image = augment.decode_image(element["data"])
         except augment.BadImageError as e:
@@ -107,20 +109,19 @@ def _decode_all(source: sources.Source) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise UserError("config.data_in_memory: no image of the split could be decoded")
     blank = np.zeros(shape, np.uint8)
     stacked = np.stack([blank if image is None else image for image in images])
-    return stacked, np.asarray(labels, np.int32), np.asarray(good, bool)
+    return stacked, np.asarray(labels, np.int32), np.asarray(good, bool), ids
 
 
 def _write(path: str, source: sources.Source) -> None:
     """Decodes `source` into the cache folder `path`, atomically (a folder renamed into place)."""
     logging.info("Decoding %d images into %s (once: config.data_in_memory).", len(source), path)
-    images, labels, good = _decode_all(source)
+    images, labels, good, ids = _decode_all(source)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".building-")
     try:
         np.save(os.path.join(tmp, "images.npy"), images)
         np.save(os.path.join(tmp, "labels.npy"), labels)
         np.save(os.path.join(tmp, "good.npy"), good)
-        ids = [element_id for element_id, _ in source.catalogue()]
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"class_names": list(source.class_names), "ids": ids}, f)
         os.rename(tmp, path)
