@@ -31,7 +31,11 @@ What published VGG-on-small-images recipes do, and where each choice comes from:
 
 Published figure to reach on MNIST (its 10,000 test images as `val`): 99.63% test accuracy for
 the smaller "VggNet5" of kkweon/mnist-competition (README, Performance; 99.71% for its larger
-VGG), the VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on.
+VGG), the VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on. Measured as it
+ships on /work/data/mnist (2-core CPU shared with other jobs, load 8-16: 60 minutes wall, 0.55 s a
+step on average; about 22 minutes at the 0.26 s step of an idle machine): 0.44% test error
+(99.56%), 7 images short of that figure; test error by epoch 3.36, 1.71, 2.22, 1.16, 1.54, 0.54,
+0.81, 0.53, 0.44, 0.44%.
 """
 
 from vggjax import recipe
