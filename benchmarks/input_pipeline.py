@@ -17,6 +17,13 @@ class-per-folder data set in a temporary folder, each under --names names, then 
   `ToTensor()` and `Normalize()` do, written with PIL and numpy, in `--num_workers` processes
   (a `multiprocessing.Pool`, as a DataLoader's workers; 0: in this process).
 
+With --small_images=DIR (a folder of small images, e.g. MNIST's: configs/small_images.py), times
+instead vggjax's two pipelines for them, as that config runs them (32-pixel crops, padding and
+crop): from the files (grain, decoded every step, in --num_workers processes) and held in memory
+(`config.data_in_memory`: decoded once, gathered by index). Compare with the step alone:
+`python benchmarks/train_step.py --model=vgg11_bn --width=0.25 --fc_width=256 --image_size=32
+--batch_size=128`.
+
 They take turns (--rounds each, a fresh pipeline every turn, stopped at its end), each timing
 --batches batches after --skip that start it. `--cpus=N` pins everything to N CPUs, so
 `--cpus=1` compares the two per core. Ends with one JSON line of images/s, in total and
@@ -27,6 +34,7 @@ the generated images in this process.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import itertools
 import json
@@ -61,6 +69,12 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per turn.")
 _SKIP = flags.DEFINE_integer("skip", 3, "Untimed batches that start each turn.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Turns of each pipeline, alternating.")
 _SCALE = flags.DEFINE_string("scale", "256", "Training scale S or S_MIN-S_MAX.")
+_SMALL_IMAGES = flags.DEFINE_string(
+    "small_images",
+    "",
+    "A folder DIR/{train,val}/<class>/<images> of small images: time configs/small_images.py's "
+    "pipelines on it, from files and in memory, instead of the JPEG pipelines.",
+)
 _CPUS = flags.DEFINE_integer(
     "cpus",
     0,
@@ -157,6 +171,10 @@ def prefetched(pool: Any, jobs: Iterator[Any], ahead: int) -> Iterator[dict[str,
         pending.append(pool.apply_async(torchvision_batch, (next(jobs),)))
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def stage_times(data_dir: str, scale: tuple[int, int]) -> dict[str, float]:
     """Milliseconds per image of each stage of both pipelines, one stage at a time over all the
     images (each at a scale S drawn for both alike), after one untimed pass."""
@@ -209,10 +227,51 @@ def stage_times(data_dir: str, scale: tuple[int, int]) -> dict[str, float]:
     return times
 
 
+def small_images_config(in_memory: bool, cache_dir: str) -> Any:
+    """configs/small_images.py on --small_images, read from files or held in memory."""
+    spec = importlib.util.spec_from_file_location(
+        "small_images", pathlib.Path(__file__).parent.parent / "configs" / "small_images.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(_SMALL_IMAGES.value)
+    c.batch_size, c.data_in_memory, c.data_cache_dir = _BATCH.value, in_memory, cache_dir
+    c.num_workers = _NUM_WORKERS.value
+    return c
+
+
+def small_images() -> dict[str, Any]:
+    """Images/s of configs/small_images.py's training batches, from files and in memory, taking
+    turns; the in-memory set is decoded before the first turn (into a temporary cache)."""
+    totals = {"files": np.zeros(3), "memory": np.zeros(3)}
+    with tempfile.TemporaryDirectory() as cache:
+        pipeline.source(small_images_config(True, cache), "train")  # decoded once, not timed
+        for turn in range(_ROUNDS.value):
+            for name in totals:
+                batches = iter(
+                    pipeline.train_dataset(small_images_config(name == "memory", cache), seed=turn)
+                )
+                try:
+                    totals[name] += time_batches(batches, _BATCHES.value)
+                finally:
+                    pipeline.close(batches)
+    result = dict(small_images=_SMALL_IMAGES.value, batch_size=_BATCH.value)
+    for name, (images, seconds, cpu) in totals.items():
+        result[f"{name}_images_per_sec"] = round(images / seconds, 1)
+        result[f"{name}_main_cpu_ms_per_batch"] = round(cpu / images * _BATCH.value * 1e3, 2)
+    result["memory_over_files"] = round(
+        result["memory_images_per_sec"] / result["files_images_per_sec"], 3
+    )
+    return result
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _CPUS.value:
         os.sched_setaffinity(0, range(_CPUS.value))  # inherited by worker processes
+    if _SMALL_IMAGES.value:
+        print(json.dumps(small_images() | dict(num_workers=_NUM_WORKERS.value, cpus=_cpus())))
+        return
     scale = recipe.parse_scale(_SCALE.value)
     with tempfile.TemporaryDirectory() as data_dir:
         write_data_set(pathlib.Path(data_dir))
@@ -235,7 +294,7 @@ def main(argv: list[str]) -> None:
         batches=_BATCHES.value,
         rounds=_ROUNDS.value,
         num_workers=_NUM_WORKERS.value,
-        cpus=len(os.sched_getaffinity(0)),
+        cpus=_cpus(),
     )
     for name, rate in rates.items():
         result[f"{name}_images_per_sec"] = round(rate, 1)

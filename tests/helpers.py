@@ -14,8 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_main(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m vggjax.main ARGS` from the repo root, environment variables `env` added."""
+    return run_module("vggjax.main", *args, timeout=timeout, **env)
+
+
+def run_module(
+    module: str, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` from the repo root, environment variables `env` added."""
     return subprocess.run(
-        [sys.executable, "-m", "vggjax.main", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT, **env),
         capture_output=True,

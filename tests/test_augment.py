@@ -352,3 +352,39 @@ def _natural(h: int, w: int, seed: int = 0) -> np.ndarray:
         x[(y - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
     data = _encode(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)), "JPEG", quality=90)
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_padded_crop_reaches_past_each_edge_by_the_padding():
+    image, rng = _positions(10, 12), np.random.default_rng(0)
+    padded = np.pad(image, ((3, 3), (3, 3), (0, 0)))
+    offsets = set()
+    for _ in range(300):
+        crop, window = augment.train_crop(image, rng, crop=8, s_min=10, s_max=10, pad=3)
+        y, x = window.offset
+        cut = padded[y + 3 : y + 11, x + 3 : x + 11]
+        np.testing.assert_array_equal(crop, cut[:, ::-1] if window.flipped else cut)
+        offsets.add(window.offset)
+    ys, xs = zip(*offsets)
+    assert (min(ys), max(ys), min(xs), max(xs)) == (-3, 5, -3, 7)
+    with pytest.raises(ValueError, match="cannot crop"):
+        augment.random_window(rng, (10, 12), crop=17, pad=3)
+
+
+def test_flips_can_be_turned_off():
+    image, rng = _positions(8, 8), np.random.default_rng(0)
+    for _ in range(50):
+        out, window = augment.train_crop(image, rng, crop=8, s_min=8, s_max=8, flip=False)
+        assert not window.flipped
+        np.testing.assert_array_equal(out, image)
+
+
+def test_cut_batch_is_each_windows_cut():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 9, 11, 3), dtype=np.uint8)
+    windows = [augment.random_window(rng, (9, 11), crop=8, pad=2) for _ in images]
+    crops = augment.cut_batch(
+        images, np.array([w.offset for w in windows]), 8, np.array([w.flipped for w in windows])
+    )
+    assert {w.flipped for w in windows} == {True, False}
+    for crop, image, window in zip(crops, images, windows):
+        np.testing.assert_array_equal(crop, window.cut(image))

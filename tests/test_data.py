@@ -11,7 +11,8 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from vggjax.data import augment, demo, pipeline, sources
+from vggjax.data import arrays, augment, demo, pipeline, sources
+from vggjax.errors import UserError
 
 N_TRAIN, N_VAL = 24, 10  # The indexed set: image i has the colour (i, 0, 0).
 
@@ -283,6 +284,104 @@ def test_scale_smaller_than_crop_is_rejected(indexed_dir):
         pipeline.train_dataset(_config(indexed_dir, train_scale=(3, 6)))
     with pytest.raises(ValueError, match="eval_scale"):
         pipeline.eval_dataset(_config(indexed_dir, eval_scale=3))
+
+
+# Images held in memory (config.data_in_memory).
+
+
+def _write_noise(root, split: str, n: int, size=(12, 10)) -> None:
+    """n noise PNGs of one size in 3 classes, and one file that is not an image."""
+    rng = np.random.default_rng(len(split))
+    for i in range(n):
+        folder = root / split / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    (root / split / "class1" / "broken.png").write_bytes(b"not a png")
+
+
+@pytest.fixture(scope="module")
+def noise_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("noise")
+    _write_noise(root, "train", 11)
+    _write_noise(root, "val", 5)
+    return str(root)
+
+
+def _augmenting(data_dir: str, tmp_path, **overrides) -> ml_collections.ConfigDict:
+    """Scale jittering (rescales up and down), padding, flips and colour shifts, in memory."""
+    return _config(
+        data_dir,
+        crop_size=8,
+        train_scale=(9, 14),
+        crop_padding=2,
+        random_flip=True,
+        colour_shift_std=0.1,
+        mean_rgb=(100.0, 110.0, 120.0),
+        data_in_memory=True,
+        data_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_in_memory_batches_are_the_folder_batches(
+    noise_dir, tmp_path, process_index, process_count
+):
+    """The same seed gives the same batches, augmentation and bad-image masks included."""
+    config = _augmenting(noise_dir, tmp_path)
+    shard = dict(process_index=process_index, process_count=process_count)
+    in_memory = _take(config, 7, **shard)  # two and a half epochs of 12
+    config.data_in_memory = False
+    from_files = _take(config, 7, **shard)
+    assert _same(in_memory, from_files) and set(in_memory[0]) == set(from_files[0])
+    masks = np.concatenate([b["mask"] for b in in_memory])
+    assert 0 < (masks == 0).sum() < len(masks)
+
+
+def test_in_memory_resumes_exactly(noise_dir, tmp_path):
+    config = _augmenting(noise_dir, tmp_path)
+    it = iter(pipeline.train_dataset(config))
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(pipeline.train_dataset(config))
+    resumed.set_state(state)
+    assert _same([next(resumed) for _ in range(3)], expected)
+
+
+def test_in_memory_eval_is_the_folder_eval(noise_dir, tmp_path):
+    config = _augmenting(noise_dir, tmp_path, eval_scale=9)
+    in_memory = list(pipeline.eval_dataset(config))
+    config.data_in_memory = False
+    assert _same(in_memory, list(pipeline.eval_dataset(config))) and len(in_memory) == 2
+
+
+def test_in_memory_cache_is_reread_when_the_folder_changes(tmp_path):
+    _write_noise(tmp_path / "data", "train", 4)
+    config = _augmenting(str(tmp_path / "data"), tmp_path)
+    first = arrays.array_source(config, "train")
+    assert arrays.array_source(config, "train").path == first.path  # decoded once
+    assert [e["id"] for e in map(first.__getitem__, range(5))] == [
+        "class0/000.png",
+        "class0/003.png",
+        "class1/001.png",
+        "class1/broken.png",
+        "class2/002.png",
+    ]
+    changed = np.full((12, 10, 3), 7, np.uint8)
+    Image.fromarray(changed).save(tmp_path / "data" / "train" / "class0" / "003.png")
+    os.utime(tmp_path / "data" / "train" / "class0" / "003.png", ns=(1, 1))
+    again = arrays.array_source(config, "train")
+    assert again.path != first.path
+    np.testing.assert_array_equal(again[1]["data"], changed)
+    assert again[3]["data"] == b"" and again[3]["label"] == 1  # masked by the pipelines
+
+
+def test_in_memory_needs_images_of_one_size(indexed_dir, tmp_path):
+    with pytest.raises(UserError, match="images of one size"):
+        arrays.array_source(_augmenting(indexed_dir, tmp_path), "train")
 
 
 # Evaluation pipeline.

@@ -47,6 +47,10 @@ DENSE_ALIGNMENTS: dict[str, tuple[float, ...]] = {
 # top5_error).
 LOC_PROTOCOLS = ("gt_class", "top5")
 
+# config.lr_schedule: the paper's rate divided on plateaus of validation accuracy (Sect. 3.1),
+# or, for a fixed budget, linear warm-up then cosine or linear decay to 0 (vggjax/train.py).
+LR_SCHEDULES = ("plateau", "cosine", "linear")
+
 # Appendix B: descriptors at several Q stacked (the paper's Caltech) or averaged (VOC).
 AGGREGATIONS = ("stack", "average")
 
@@ -78,12 +82,14 @@ def one_of(field: str, value: Any, allowed: Any) -> None:
 
 
 def check_train_scale(config: Any) -> None:
-    """Sect. 3.1 crops from images rescaled to S: S_min at least the crop."""
+    """Sect. 3.1 crops from images rescaled to S: S_min at least the crop (less twice the
+    padding, `crop_padding`)."""
     s_min, s_max = config.train_scale
+    span = config.crop_size - 2 * config.get("crop_padding", 0)
     require(
-        config.crop_size <= s_min <= s_max,
+        span <= s_min <= s_max,
         "config.train_scale",
-        f"(S_min, S_max) with crop_size ({config.crop_size}) <= S_min <= S_max",
+        f"(S_min, S_max) with crop_size - 2 * crop_padding ({span}) <= S_min <= S_max",
         tuple(config.train_scale),
     )
 
@@ -133,6 +139,8 @@ def _checks(c: Any) -> list[tuple[str, bool, str]]:
         ("learning_rate", c.learning_rate > 0, "positive"),
         ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
         ("weight_decay", c.weight_decay >= 0, "non-negative"),
+        ("warmup_epochs", c.warmup_epochs >= 0, "non-negative"),
+        ("crop_padding", c.crop_padding >= 0, "a non-negative integer"),
         ("lr_drop_factor", 0 < c.lr_drop_factor < 1, "in (0, 1)"),
         ("max_lr_drops", c.max_lr_drops >= 0, "a non-negative integer"),
         ("checkpoint_every_steps", c.checkpoint_every_steps > 0, positive_int),
@@ -211,6 +219,7 @@ def validate(c: Any) -> None:
     for field, value, allowed in [
         ("init_layers", c.init_layers, INIT_LAYERS),
         ("trainable", c.trainable, TRAINABLE),
+        ("lr_schedule", c.lr_schedule, LR_SCHEDULES),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),
         ("eval.dense_alignment", c.eval.dense_alignment, DENSE_ALIGNMENTS),
     ]:

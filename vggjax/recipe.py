@@ -62,6 +62,14 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.train_scale = train_scale  # (S_min, S_max); equal for single-scale training
     c.mean_rgb = IMAGENET_MEAN_RGB
     c.colour_shift_std = 0.1
+    c.random_flip = True  # off for images whose mirror is another class (digits)
+    # > 0: crops may reach this many pixels past the rescaled image's edges (zeros there): the
+    # padding-and-crop of small-image recipes (CIFAR, MNIST).
+    c.crop_padding = 0
+    # True: each split decoded once into arrays held in memory (cached in data_cache_dir, by
+    # default ~/.cache/vggjax/arrays), the same batches as from files (vggjax/data/arrays.py).
+    c.data_in_memory = False
+    c.data_cache_dir = ""
 
     # Optimisation (Sect. 3.1).
     c.batch_size = 256  # global, over all devices and hosts
@@ -71,6 +79,10 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.weight_decay = 5e-4  # L2 penalty multiplier on the kernels
     c.weight_decay_biases = False  # Caffe's VGG recipe: biases carry no weight decay
+    # One of options.LR_SCHEDULES: the paper's rate cut on plateau, or a fixed budget's linear
+    # warm-up over warmup_epochs then cosine or linear decay to 0 at the last step.
+    c.lr_schedule = "plateau"
+    c.warmup_epochs = 0.0
     c.lr_drop_factor = (
         0.1  # "decreased by a factor of 10 when validation accuracy stopped improving"
     )

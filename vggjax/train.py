@@ -3,7 +3,8 @@
 Multinomial logistic loss (or, for Appendix A's localisation nets, the Euclidean loss of a
 box: `config.objective`, vggjax/objectives.py), SGD with momentum 0.9, L2 weight decay 5e-4,
 dropout 0.5 on fc6 and fc7, and a learning rate divided by 10 when validation accuracy stops
-improving (at most 3 times). One jitted step over a 1-D device mesh: the batch is split over the `data` axis, the
+improving (at most 3 times); or, for a fixed budget (`config.lr_schedule`, small-image recipes),
+a linear warm-up then cosine or linear decay to 0. One jitted step over a 1-D device mesh: the batch is split over the `data` axis, the
 state is replicated, and XLA averages the gradients across devices, so the update is the one
 a single device would compute on the whole batch.
 """
@@ -52,9 +53,32 @@ def _base(name: str) -> str:
     return name.removesuffix("_bn")
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def learning_rate(
+    config: ml_collections.ConfigDict, total_steps: int = 0, steps_per_epoch: int = 0
+) -> float | optax.Schedule:
+    """SGD's rate by step: config.learning_rate throughout (the paper's, which the plateau cuts
+    scale), or config.lr_schedule's over a run of total_steps: linear from 0 over warmup_epochs,
+    then cosine or linear decay to 0 at the last step."""
+    peak = config.learning_rate
+    if config.lr_schedule == "plateau":
+        return peak
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    decay = max(total_steps - warmup, 1)
+    if config.lr_schedule == "cosine":
+        decaying = optax.cosine_decay_schedule(peak, decay)
+    else:
+        decaying = optax.linear_schedule(peak, 0.0, decay)
+    if not warmup:
+        return decaying
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decaying], [warmup])
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int = 0, steps_per_epoch: int = 0
+) -> optax.GradientTransformation:
     """SGD with momentum and L2 weight decay (on kernels; on biases too if configured), on the
-    layers `config.trainable` names; the others get no update, not even weight decay."""
+    layers `config.trainable` names; the others get no update, not even weight decay. The rate
+    follows `learning_rate` over a run of total_steps."""
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
@@ -63,7 +87,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay, decay_mask),
-        optax.sgd(config.learning_rate, momentum=config.momentum),
+        optax.sgd(learning_rate(config, total_steps, steps_per_epoch), momentum=config.momentum),
     )
     layers = options.TRAINABLE[config.trainable]
     if layers is None:
@@ -243,20 +267,28 @@ class Trainer:
     Args:
       config: the net, objective, optimizer, trainable layers and `init_from`.
       mesh: the devices; batches are split over its `data` axis, the state replicated.
+      total_steps, steps_per_epoch: the run's length, over which `config.lr_schedule` runs.
 
     Attributes:
       train_step: (state, global batch) → (state, summed metrics); the old state is donated.
       eval_step: (state, global batch) → summed error counts.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        total_steps: int = 0,
+        steps_per_epoch: int = 0,
+    ):
         self.config, self.mesh = config, mesh
+        self.learning_rate = learning_rate(config, total_steps, steps_per_epoch)
         # With the conv layers frozen, their batch norms keep their statistics too.
         self.model = models.model_from_config(config).clone(
             batch_norm_frozen=options.TRAINABLE[config.trainable] is not None
         )
         self.objective = objectives.OBJECTIVES[config.objective]
-        self.tx = make_optimizer(config)
+        self.tx = make_optimizer(config, total_steps, steps_per_epoch)
         self.plateau = make_plateau(config)
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -403,10 +435,15 @@ class _Run:
     """One training run's loop state: the train state, where the data and the checkpoints are,
     and the step metrics not yet reported. Each method moves it on explicitly."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        trainer: Trainer,
+        train_source: sources.Source,
+    ):
         self.config, self.workdir, self.trainer = config, workdir, trainer
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        train_source = pipeline.source(config, "train")
         self.total_steps, per_epoch = _steps(config, train_source)
         self.data = iter(pipeline.train_dataset(config, **self.process))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
@@ -451,7 +488,9 @@ class _Run:
         sums = self._checked_sums()
         self.pending = []
         self.skipped += sums["skipped"]
-        lr = self.config.learning_rate * float(self.state.plateau.scale)
+        rate = self.trainer.learning_rate
+        rate = rate(self.step - 1) if callable(rate) else rate  # the last step's
+        lr = float(rate) * float(self.state.plateau.scale)
         self.reporter.train(self.step, sums, lr)
 
     def _checked_sums(self) -> dict[str, float]:
@@ -474,7 +513,10 @@ class _Run:
         return result
 
     def cut_learning_rate(self, error: float) -> None:
-        """Steps the plateau schedule with a validation pass's watched error (top-1)."""
+        """Steps the plateau schedule with a validation pass's watched error (top-1); a fixed
+        budget's schedule (`config.lr_schedule`) is not cut."""
+        if self.config.lr_schedule != "plateau":
+            return
         plateau = self.trainer.plateau_step(
             self.state.plateau, self.state.params, jnp.float32(error)
         )
@@ -533,7 +575,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         localisation objective without `init_from` (A.1 starts from a classifier).
     """
     options.check_start(config)
-    run = _Run(config, workdir, Trainer(config, sharding.make_mesh()))
+    train_source = pipeline.source(config, "train")
+    steps = _steps(config, train_source)
+    run = _Run(config, workdir, Trainer(config, sharding.make_mesh(), *steps), train_source)
     preemption = _Preemption()
     try:
         finished = _loop(run, preemption)

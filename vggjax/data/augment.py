@@ -1,7 +1,8 @@
 """The paper's image preprocessing (Sect. 3.1): host-side functions on numpy arrays.
 
 Training: isotropic rescale to a sampled smallest side S, random crop, random horizontal flip
-(`train_crop`, a uint8 crop), Krizhevsky's RGB colour shift and mean RGB subtraction (one RGB
+(`train_crop`, a uint8 crop; for small images the crop may reach `pad` pixels past the image's
+edges, which are zeros: the padding-and-crop of CIFAR and MNIST recipes, and flips may be off), Krizhevsky's RGB colour shift and mean RGB subtraction (one RGB
 `shift` per image, drawn on the host with the crop's randomness and added to its pixels by
 `net_input` inside the jitted step: the host sends uint8 crops, a quarter of float32's bytes,
 and does no float work). Evaluation: rescale to Q, centre crop (`eval_crop`), minus the mean.
@@ -13,6 +14,8 @@ BENCHMARKS.md, Input pipeline), PIL's for everything else. Evaluation rescales w
 antialiased bilinear; training with OpenCV's SIMD bilinear after a Gaussian blur
 (`resize_antialiased`), a few grey levels from PIL's.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import functools
@@ -170,11 +173,6 @@ def _check_fits(image: np.ndarray, size: int) -> tuple[int, int]:
     return h, w
 
 
-def _random_offset(image: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
-    h, w = _check_fits(image, size)
-    return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-
-
 def _centre_offset(image: np.ndarray, size: int) -> tuple[int, int]:
     h, w = _check_fits(image, size)
     return (h - size) // 2, (w - size) // 2
@@ -185,11 +183,49 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return Window(image.shape[:2], _centre_offset(image, size), size).cut(image)
 
 
+def random_window(
+    rng: np.random.Generator, rescaled: tuple[int, int], crop: int, pad: int = 0, flip: bool = True
+) -> Window:
+    """Sect. 3.1's random crop x crop window of an image rescaled to `rescaled` (height, width),
+    mirrored half the time when `flip`. With `pad`, the window may reach that many pixels past
+    each edge (zeros there): the small-image recipes' padding and random crop."""
+    (h, w), span = rescaled, crop - 2 * pad
+    if h < span or w < span:
+        raise ValueError(f"cannot crop {crop}x{crop} from a {h}x{w} image padded by {pad}")
+    offset = (int(rng.integers(0, h - span + 1)) - pad, int(rng.integers(0, w - span + 1)) - pad)
+    return Window(rescaled, offset, crop, flipped=flip and bool(rng.random() < 0.5))
+
+
+def cut_batch(
+    images: np.ndarray, offsets: np.ndarray, size: int, flipped: np.ndarray
+) -> np.ndarray:
+    """`Window.cut` of each image of a batch (B, H, W, C) of one shape, in one gather: the
+    size x size crops at `offsets` (B, 2) (zeros past the edges), mirrored where `flipped` (B,)."""
+    offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+    (h, w), span = images.shape[1:3], np.arange(size)
+    pad = max(0, -offsets.min(initial=0), *(offsets.max(axis=0, initial=0) + size - (h, w)))
+    if pad:  # (np.pad is several times slower than this copy)
+        canvas = np.zeros((len(images), h + 2 * pad, w + 2 * pad, images.shape[3]), images.dtype)
+        canvas[:, pad : pad + h, pad : pad + w] = images
+        images = canvas
+    rows = offsets[:, :1] + pad + span
+    cols = offsets[:, 1:] + pad + span
+    cols = np.where(np.asarray(flipped, bool)[:, None], cols[:, ::-1], cols)
+    return images[np.arange(len(images))[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def colour_shift(rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
     """Krizhevsky's PCA lighting on the 0-255 scale: the RGB shift (3,) of one image, added to
     each of its pixels (`net_input`)."""
     alpha = rng.normal(0.0, std, size=3).astype(np.float32)
     return IMAGENET_EIGVEC @ (alpha * IMAGENET_EIGVAL) * np.float32(255.0)
+
+
+def random_shift(
+    rng: np.random.Generator, colour_std: float, mean_rgb: Sequence[float]
+) -> np.ndarray:
+    """A training image's RGB `shift` (`net_input`): its colour shift minus the mean RGB."""
+    return subtract_mean(colour_shift(rng, colour_std), mean_rgb)
 
 
 def subtract_mean(image: Any, mean_rgb: Sequence[float]) -> Any:
@@ -218,9 +254,12 @@ class Window:
     flipped: bool = False
 
     def cut(self, image: np.ndarray) -> np.ndarray:
-        """The window's pixels of the rescaled image."""
-        (y, x), s = self.offset, self.size
-        crop = image[y : y + s, x : x + s]
+        """The window's pixels of the rescaled image (zeros where it reaches past its edges)."""
+        (y, x), s, (h, w) = self.offset, self.size, image.shape[:2]
+        pad = max(0, -y, -x, y + s - h, x + s - w)
+        if pad:
+            image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+        crop = image[y + pad : y + pad + s, x + pad : x + pad + s]
         return crop[:, ::-1] if self.flipped else crop
 
     def boxes(self, boxes: np.ndarray) -> np.ndarray:
@@ -233,17 +272,29 @@ class Window:
         return b
 
 
+def train_rescale(image: np.ndarray, s: int) -> np.ndarray:
+    """Training's isotropic rescale of a decoded image to smallest side S (`resize_antialiased`)."""
+    if min(image.shape[:2]) == s:
+        return image
+    return resize_antialiased(image, rescaled_size(image.shape, s))
+
+
 def train_crop(
-    data: bytes | np.ndarray, rng: np.random.Generator, *, crop: int, s_min: int, s_max: int
+    data: bytes | np.ndarray,
+    rng: np.random.Generator,
+    *,
+    crop: int,
+    s_min: int,
+    s_max: int,
+    pad: int = 0,
+    flip: bool = True,
 ) -> tuple[np.ndarray, Window]:
-    """Sect. 3.1's rescale to S, random crop and flip: uint8 crop x crop x 3, and the window it
-    was cut from. The colour shift (`colour_shift`) is drawn next, from the same rng."""
+    """Sect. 3.1's rescale to S, random crop and flip (`random_window`): uint8 crop x crop x 3,
+    and the window it was cut from. The colour shift (`random_shift`) is drawn next, from the
+    same rng."""
     s = sample_scale(rng, s_min, s_max)
-    image = decode_image(data, min_side=s)
-    if min(image.shape[:2]) != s:
-        image = resize_antialiased(image, rescaled_size(image.shape, s))
-    offset = _random_offset(image, crop, rng)
-    window = Window(image.shape[:2], offset, crop, flipped=bool(rng.random() < 0.5))
+    image = train_rescale(decode_image(data, min_side=s), s)
+    window = random_window(rng, image.shape[:2], crop, pad, flip)
     return window.cut(image), window
 
 

@@ -9,6 +9,8 @@ position) is the same too. Batches are dicts of `image` uint8
 image's pixels (its colour shift minus the mean RGB; `augment.net_input`), `label` int32
 (B_local,) and `mask` float32 (B_local,): 0 marks undecodable images and eval padding, which
 must not count.
+With `config.data_in_memory` the images are decoded once and held as arrays (`data.arrays`):
+the same batches, gathered by index instead of decoded per step.
 For box regression (`config.objective`, Appendix A) the images are those with boxes and a batch
 also holds `box` float32 (B_local, 4), each crop's target (`data.boxes.target`); a crop that
 shows none of its image's boxes is masked too.
@@ -25,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from vggjax import options
-from vggjax.data import augment, boxes, sources
+from vggjax.data import arrays, augment, boxes, sources
 from vggjax.errors import UserError
 
 # Each element is a whole batch: a few threads overlap batch assembly with
@@ -55,10 +57,14 @@ def _regresses_boxes(config: Any) -> bool:
 
 
 def source(config: Any, split: str) -> sources.Source:
-    """The images a run reads: all of the split's, or for box regression those with boxes."""
+    """The images a run reads: all of the split's (decoded in memory with
+    `config.data_in_memory`), or for box regression those with boxes."""
+    in_memory = config.get("data_in_memory", False)
     if _regresses_boxes(config):
+        if in_memory:
+            raise UserError("config.data_in_memory is for classification, not box regression")
         return boxes.boxed_source(config, split)
-    return sources.make_source(config, split)
+    return arrays.array_source(config, split) if in_memory else sources.make_source(config, split)
 
 
 def _masked(label: int, crop: int, box: bool) -> dict[str, np.ndarray]:
@@ -108,6 +114,8 @@ class _TrainExample(grain.transforms.RandomMap):
     train_scale: tuple[int, int]
     mean_rgb: tuple[float, ...]
     colour_std: float
+    pad: int = 0
+    flip: bool = True
     box: bool = False
 
     def random_map(
@@ -115,9 +123,10 @@ class _TrainExample(grain.transforms.RandomMap):
     ) -> dict[str, np.ndarray]:
         def transform(data: Any) -> tuple[np.ndarray, np.ndarray, augment.Window]:
             s_min, s_max = self.train_scale
-            image, window = augment.train_crop(data, rng, crop=self.crop, s_min=s_min, s_max=s_max)
-            shift = augment.subtract_mean(augment.colour_shift(rng, self.colour_std), self.mean_rgb)
-            return image, shift, window
+            image, window = augment.train_crop(
+                data, rng, crop=self.crop, s_min=s_min, s_max=s_max, pad=self.pad, flip=self.flip
+            )
+            return image, augment.random_shift(rng, self.colour_std, self.mean_rgb), window
 
         return _example(element, transform, self.crop, self.box)
 
@@ -144,10 +153,19 @@ class _EvalExample(grain.transforms.Map):
 
 
 def _finish(
-    ds: grain.MapDataset, *, batch: int, process_index: int, process_count: int, num_workers: int
+    ds: grain.MapDataset,
+    *,
+    batch: int,
+    process_index: int,
+    process_count: int,
+    num_workers: int,
+    per_batch: grain.transforms.Map | None = None,
 ) -> grain.IterDataset:
-    """Shards the stream by process, batches, and runs it in workers."""
+    """Shards the stream by process, batches (then maps `per_batch` over the batches), and runs
+    it in workers."""
     ds = ds[process_index::process_count].batch(batch, drop_remainder=True)
+    if per_batch is not None:
+        ds = ds.map(per_batch)
     return ds.to_iter_dataset(_READ_OPTIONS).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers)
     )
@@ -161,34 +179,40 @@ def close(iterator: grain.DatasetIterator) -> None:
     gc.collect()
 
 
+def _augmentation(config: Any) -> dict[str, Any]:
+    """The training crop's settings, as both training pipelines take them."""
+    return dict(
+        crop=config.crop_size,
+        train_scale=tuple(config.train_scale),
+        mean_rgb=tuple(config.mean_rgb),
+        colour_std=config.colour_shift_std,
+        pad=config.get("crop_padding", 0),
+        flip=config.get("random_flip", True),
+    )
+
+
 def train_dataset(
     config: Any, *, process_index: int = 0, process_count: int = 1, seed: int | None = None
 ) -> grain.IterDataset:
-    """Endless augmented training batches, reshuffled every epoch."""
+    """Endless augmented training batches, reshuffled every epoch: from the images held in
+    memory (`config.data_in_memory`: the same batches, gathered by index), else decoded."""
     batch = local_batch_size(config, process_count)
     options.check_train_scale(config)
-    s_min, s_max = config.train_scale
-    ds = (
-        grain.MapDataset.source(source(config, "train"))
-        .seed(config.seed if seed is None else seed)
-        .shuffle()  # A fresh permutation in every epoch of the repeat.
-        .repeat()
-        .random_map(
-            _TrainExample(
-                crop=config.crop_size,
-                train_scale=(s_min, s_max),
-                mean_rgb=tuple(config.mean_rgb),
-                colour_std=config.colour_shift_std,
-                box=_regresses_boxes(config),
-            )
-        )
-    )
+    images, in_memory = source(config, "train"), config.get("data_in_memory", False)
+    # The same stream of element indices either way: a fresh permutation in every epoch.
+    ds = grain.MapDataset.range(len(images)) if in_memory else grain.MapDataset.source(images)
+    ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
+    if in_memory:  # each element's draws; the pixels are done per batch
+        ds = ds.random_map(arrays.Draws(shape=images.images.shape[1:3], **_augmentation(config)))
+    else:
+        ds = ds.random_map(_TrainExample(**_augmentation(config), box=_regresses_boxes(config)))
     return _finish(
         ds,
         batch=batch,
         process_index=process_index,
         process_count=process_count,
         num_workers=config.num_workers,
+        per_batch=arrays.Gather(images, config.crop_size) if in_memory else None,
     )
 
 

@@ -1,0 +1,195 @@
+"""A data set held in memory as arrays (`config.data_in_memory`): what PyTorch users have for
+small images, where decoding a folder's files in every epoch costs more than the step.
+
+Each split is decoded once into a uint8 array (N, H, W, 3), cached in `config.data_cache_dir`
+(default ~/.cache/vggjax/arrays) under a key of the data set, the split and, for a folder, each
+file's name, size and modification time, so a changed folder is read again. Training batches
+are gathered from it by index in the order grain's sampler gives the folder pipeline (the same
+shuffle, process sharding and checkpointed position), each image's random scale, crop, flip and
+colour shift drawn from the same per-element generator as there, so the same seed gives the same
+batches; the pixel work (rescale, padding, crop and flip) is done on the whole batch. Images that
+cannot be decoded are recorded and masked as in the folder pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from vggjax.data import augment, sources
+from vggjax.errors import UserError
+
+_FILES = ("images.npy", "labels.npy", "good.npy", "meta.json")
+
+
+def cache_root(config: Any) -> str:
+    """Where decoded splits are kept: config.data_cache_dir, else the user's cache folder."""
+    if config.get("data_cache_dir"):
+        return config.data_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vggjax", "arrays")
+
+
+def fingerprint(config: Any, split: str, source: sources.Source) -> str:
+    """The cache key of a split: the data set, its folder and split, and its elements (for a
+    folder, each file's name, label, size and modification time; else their number)."""
+    data_dir = os.path.abspath(config.data_dir) if config.data_dir else ""
+    digest = hashlib.sha256(json.dumps([config.dataset, data_dir, split]).encode())
+    if isinstance(source, sources.FolderSource):
+        for relpath, label in source.files:
+            stat = os.stat(os.path.join(source.root, relpath))
+            digest.update(f"{relpath}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    else:
+        digest.update(str(len(source)).encode())
+    return digest.hexdigest()[:20]
+
+
+class ArraySource(sources.Source):
+    """A decoded split: images memory-mapped from the cache (shared by worker processes, which
+    reopen it by path), labels, ids and which images decoded. An undecodable image's data is
+    empty bytes, which the pipelines mask as they mask a bad file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        self.class_names, self.ids = tuple(meta["class_names"]), meta["ids"]
+        self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(path, "labels.npy"))
+        self.good = np.load(os.path.join(path, "good.npy"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ArraySource, (self.path,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def catalogue(self) -> list[tuple[str, int]]:
+        return list(zip(self.ids, map(int, self.labels)))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        data = np.asarray(self.images[index]) if self.good[index] else b""
+        return {"data": data, "label": int(self.labels[index]), "id": self.ids[index]}
+
+
+def _decode_all(source: sources.Source) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(images, labels, good, ids) of every element, read once; undecodable images are zeros and
+    not good."""
+    images, labels, good, ids, shape = [], [], [], [], None
+    for index in range(len(source)):
+        element = source[index]
+        labels.append(element["label"])
+        ids.append(element["id"])
+        try:
+            image = augment.decode_image(element["data"])
+        except augment.BadImageError as e:
+            logging.warning("Masking out undecodable image %s: %s", element["id"], e)
+            images.append(None)
+            good.append(False)
+            continue
+        if shape is None:
+            shape = image.shape
+        elif image.shape != shape:
+            raise UserError(
+                f"config.data_in_memory needs images of one size: {element['id']} is "
+                f"{image.shape[0]}x{image.shape[1]}, others {shape[0]}x{shape[1]}"
+            )
+        images.append(image)
+        good.append(True)
+    if shape is None:
+        raise UserError("config.data_in_memory: no image of the split could be decoded")
+    blank = np.zeros(shape, np.uint8)
+    stacked = np.stack([blank if image is None else image for image in images])
+    return stacked, np.asarray(labels, np.int32), np.asarray(good, bool), ids
+
+
+def _write(path: str, source: sources.Source) -> None:
+    """Decodes `source` into the cache folder `path`, atomically (a folder renamed into place)."""
+    logging.info("Decoding %d images into %s (once: config.data_in_memory).", len(source), path)
+    images, labels, good, ids = _decode_all(source)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".building-")
+    try:
+        np.save(os.path.join(tmp, "images.npy"), images)
+        np.save(os.path.join(tmp, "labels.npy"), labels)
+        np.save(os.path.join(tmp, "good.npy"), good)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"class_names": list(source.class_names), "ids": ids}, f)
+        os.rename(tmp, path)
+    except OSError:
+        if not all(os.path.exists(os.path.join(path, name)) for name in _FILES):
+            raise  # not another process's finished copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def array_source(config: Any, split: str) -> ArraySource:
+    """The split of config.dataset decoded into memory, from the cache or decoded now."""
+    source = sources.make_source(config, split)
+    path = os.path.join(cache_root(config), fingerprint(config, split, source))
+    if not all(os.path.exists(os.path.join(path, name)) for name in _FILES):
+        _write(path, source)
+    return ArraySource(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws(grain.transforms.RandomMap):
+    """An element's random choices, drawn as the folder pipeline's `train_crop` and
+    `random_shift` draw them: scale S, window (offset, flip), RGB shift."""
+
+    shape: tuple[int, int]  # of the stored images
+    crop: int
+    train_scale: tuple[int, int]
+    pad: int
+    flip: bool
+    mean_rgb: tuple[float, ...]
+    colour_std: float
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        s = augment.sample_scale(rng, *self.train_scale)
+        rescaled = augment.rescaled_size(self.shape, s)
+        window = augment.random_window(rng, rescaled, self.crop, self.pad, self.flip)
+        return {
+            "index": np.int64(index),
+            "scale": np.int32(s),
+            "offset": np.asarray(window.offset, np.int64),
+            "flipped": np.bool_(window.flipped),
+            "shift": augment.random_shift(rng, self.colour_std, self.mean_rgb),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather(grain.transforms.Map):
+    """A batch of draws → a training batch: the images gathered from memory, rescaled to their
+    S, cropped and flipped as drawn (`augment.cut_batch`), bad images masked."""
+
+    source: ArraySource
+    crop: int
+
+    def map(self, draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index, scale = draws["index"], draws["scale"]
+        images = np.asarray(self.source.images[index])
+        crops = np.empty((len(index), self.crop, self.crop, images.shape[-1]), np.uint8)
+        for s in np.unique(scale):
+            group = np.flatnonzero(scale == s)
+            rescaled = np.stack([augment.train_rescale(images[i], int(s)) for i in group])
+            crops[group] = augment.cut_batch(
+                rescaled, draws["offset"][group], self.crop, draws["flipped"][group]
+            )
+        good = self.source.good[index]
+        crops[~good] = 0
+        return {
+            "image": crops,
+            "shift": np.where(good[:, None], draws["shift"], np.float32(0)),
+            "label": self.source.labels[index],
+            "mask": good.astype(np.float32),
+        }
