@@ -16,9 +16,11 @@ the run (`--torch_compile=auto`). The net is built from vggjax's layer table
 benchmark in one line (exit 2) before anything trains.
 
 Clocks: each framework's starts when its run starts, after its imports (vggjax: calling
-`train_and_evaluate`; PyTorch: before reading the images), so reading the data, building the
-net and compiling count. Validation passes do not: an epoch's time ends with its last step (the
-progress scalars vggjax writes then), and the validation seconds are given apart. vggjax's
+`train_and_evaluate`; PyTorch: before decoding the training images), so reading the data,
+building the net and compiling count. Validation passes do not: an epoch's time ends with its
+last step (the progress scalars vggjax writes then), and the validation seconds are given apart
+(the peer's test crops are made before its clock starts: vggjax makes its own in its first
+validation). vggjax's
 epoch times are read from the wall times of the TensorBoard scalars it writes in the workdir.
 PyTorch runs first, in a process of its own (probes too), then vggjax in this one: each has the
 machine (and the GPU) to itself. Runs unchanged on a GPU: JAX on its default backend, PyTorch
@@ -288,10 +290,11 @@ def _init_weights(net, kernel_init: str) -> None:
         torch.nn.init.zeros_(module.bias)
 
 
-def _optimizer(net, config: ml_collections.ConfigDict, device: str):
+def _optimizer(net, config: ml_collections.ConfigDict, device: str, compiled: bool):
     """SGD with momentum, weight decay on what vggjax's `make_optimizer` decays (the kernels; all
-    parameters with `weight_decay_biases`); the learning rate a tensor, so a compiled step is not
-    recompiled when it changes."""
+    parameters with `weight_decay_biases`). Compiled, the learning rate is a tensor, so the step
+    is not compiled again when it changes; eager, a number (a tensor's would be read back from
+    the GPU at every step)."""
     import torch
 
     kernels = {
@@ -302,7 +305,7 @@ def _optimizer(net, config: ml_collections.ConfigDict, device: str):
     rest = [p for p in params if not any(p is q for q in decayed)]
     groups = [dict(params=decayed, weight_decay=config.weight_decay)]
     groups += [dict(params=rest, weight_decay=0.0)] if rest else []
-    lr = torch.tensor(config.learning_rate, device=device)
+    lr = torch.tensor(config.learning_rate, device=device) if compiled else config.learning_rate
     return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
 
 
@@ -373,7 +376,7 @@ class _Peer:
         torch.manual_seed(config.seed)
         _init_weights(self.net, config.kernel_init)
         self.net = self.net.to(memory_format=torch.channels_last)
-        self.optimizer = _optimizer(self.net, config, device)
+        self.optimizer = _optimizer(self.net, config, device, compiled)
         self.forward, self.optimizer_step = self.net, self.optimizer.step
         if compiled:
             self.forward = torch.compile(self.net)
@@ -386,7 +389,10 @@ class _Peer:
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)
+            if isinstance(group["lr"], float):
+                group["lr"] = float(lr)
+            else:
+                group["lr"].fill_(lr)
 
     def train_step(self, images, labels) -> None:
         import torch
@@ -435,6 +441,9 @@ def _torch_setup(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
     torch.set_flush_denormal(True)
     settings = torch_train_step.torch_settings(device, config.dtype)
     settings["torch_device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    # OpenMP's waiting: under load from other processes, its default spinning cost this 2-core
+    # CPU 17x a step (BENCHMARKS.md, Time to accuracy); OMP_WAIT_POLICY=PASSIVE is the remedy.
+    settings["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     return device, settings
 
 
@@ -464,7 +473,7 @@ def torch_probe(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]
         result[variant] = dict(
             warmup_seconds=round(timed[0], 2),
             step_ms=round(per_step * 1e3, 2),
-            projected_seconds=round(timed[0] + (steps - _WARMUP) * per_step, 1),
+            projected_seconds=round(timed[0] + max(steps - _WARMUP, 0) * per_step, 1),
         )
     result["chosen"] = min(("eager", "compiled"), key=lambda v: result[v]["projected_seconds"])
     return result
@@ -628,8 +637,14 @@ def _host() -> dict[str, Any]:
         cpu_count=os.cpu_count(),
         cpu=cpu or platform.processor(),
         python=platform.python_version(),
-        load_average=[round(x, 2) for x in os.getloadavg()],
+        load_average_before=_load_average(),
     )
+
+
+def _load_average() -> list[float]:
+    """The host's load averages (1, 5, 15 minutes): the two frameworks run one after the other,
+    not taking turns, and the machine may be shared. At a run's end they include its threads."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _ratio(jax_seconds: float | None, torch_seconds: float | None) -> float | None:
@@ -687,9 +702,9 @@ def main(argv: list[str]) -> None:
     )
     runs = {}
     if _FRAMEWORKS.value != "jax":  # first: vggjax's process has not touched the GPU yet
-        runs["torch"] = _torch(config, num_train)
+        runs["torch"] = _torch(config, num_train) | dict(load_average_after=_load_average())
     if _FRAMEWORKS.value != "torch":
-        runs["jax"] = _jax(config, num_train)
+        runs["jax"] = _jax(config, num_train) | dict(load_average_after=_load_average())
     out |= {name: _summary(run, target) for name, run in runs.items()}
     if len(runs) == 2:
         out["time_to_target_jax_over_torch"] = _ratio(
