@@ -81,7 +81,6 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 PROGRAM = "time_to_accuracy"
-_HERE = pathlib.Path(__file__).resolve().parent
 _PROBE_STEPS = 8  # timed steps of each variant in the torch.compile probe, after warming up
 _WARMUP = 3  # untimed calls: torch.compile traces twice (momentum buffers appear at step 1)
 

@@ -126,3 +126,68 @@ def test_benchmark_fails_in_one_line(tmp_path, tiny_folder):
     done = _benchmark(tmp_path, tiny_folder, "--target=0.9", "--epochs=0")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("time_to_accuracy: error: ")
+
+
+def _as_vggjax(peer) -> dict:
+    """The peer's weights as vggjax variables, through vggjax.convert's torchvision reader
+    (torch_vgg's modules renamed to torchvision's: features.N, classifier.0/3/6)."""
+    from vggjax.convert import layout
+
+    fc_names = dict(zip(("3", "6", "9"), layout.TORCH_FC_NAMES["torchvision"]))
+    tensors = {}
+    for key, value in peer.net.state_dict().items():
+        module, _, rest = key.partition(".")
+        name = f"features.{rest}" if module == "0" else f"{fc_names[module]}.{rest}"
+        tensors[name] = value.detach().contiguous().numpy()
+    convs, fcs = layout.torch_layers("peer", tensors, "torchvision")
+    return layout.build_variables("peer", "vgg11_bn", convs, fcs)[1]
+
+
+def test_peer_step_is_vggjax_step():
+    """From the same weights, two SGD steps of the peer (augmentation included, here the
+    identity: 32-pixel mirror-symmetric images, no colour shift) give vggjax's weights and
+    batch-norm statistics, and the same test accuracy."""
+    import jax
+    import torch
+
+    from vggjax import sharding, train
+
+    c = recipe.paper_recipe("vgg11_bn", "32")
+    c.num_classes, c.crop_size, c.width, c.fc_width, c.dropout_rate = 10, 32, 1 / 16, 32, 0.0
+    c.kernel_init, c.batch_size, c.learning_rate, c.colour_shift_std = "he", 8, 0.05, 0.0
+    c.mean_rgb, c.weight_decay = (100.0, 110.0, 120.0), 0.1  # a decay large enough to see
+    peer = time_to_accuracy._Peer(c, "cpu", compiled=False)
+    trainer = train.Trainer(c, sharding.make_mesh())
+    variables = _as_vggjax(peer)
+    state = trainer.init(jax.random.key(0))
+    state = state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=trainer.tx.init(variables["params"]),
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (c.batch_size, 32, 32, 3), np.uint8)
+    images = ((images.astype(np.uint16) + images[:, :, ::-1]) // 2).astype(np.uint8)
+    labels = rng.integers(0, 10, c.batch_size).astype(np.int32)
+    shift = np.tile(-np.asarray(c.mean_rgb, np.float32), (c.batch_size, 1))
+    batch = trainer.global_batch(
+        dict(image=images, shift=shift, label=labels, mask=np.ones(c.batch_size, np.float32))
+    )
+    nchw, targets = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels)
+    for _ in range(2):
+        state, _ = trainer.train_step(state, batch)
+        peer.train_step(nchw, targets.long())
+    theirs = _as_vggjax(peer)
+    for collection, ours, rtol in (
+        ("params", state.params, 2e-3),
+        # PyTorch's running variance takes the batch's unbiased (n / (n - 1)), flax's the biased:
+        # here n is 32 at the last convs (a batch of 8, 2 × 2 maps); 512 at batch 128.
+        ("batch_stats", state.batch_stats, 1e-2),
+    ):
+        jax.tree.map(
+            lambda a, b, rtol=rtol: np.testing.assert_allclose(a, b, rtol=rtol, atol=2e-4),
+            jax.device_get(ours),
+            theirs[collection],
+        )
+    errors = jax.device_get(trainer.eval_step(state, batch))["top1_errors"]
+    assert peer.accuracy(nchw, targets) == pytest.approx(1 - errors / c.batch_size)
