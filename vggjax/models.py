@@ -338,7 +338,8 @@ class BatchNorm(nn.Module):
 
     Why not Flax's: XLA's CPU backend splits each sum over N·H·W into a slow tree of partial
     sums; here every sum, the gradient's included, is a matrix product (`_channel_sums`,
-    `_per_row`), 5-25× faster at 32 px (BENCHMARKS.md, "Small images on the CPU"). The variance
+    `_per_row`): at 32 px a sum over (131072, 16) took 0.46 ms against 3.8, the layer's forward
+    and gradient 1.1-7.6× less (BENCHMARKS.md, "Small images on the CPU"). The variance
     is E[(x - mean)²], not E[x²] - mean²: that one cancels catastrophically when |mean| >> std,
     so the order of a reduction (one host or two) changed the update by 10% after 4 steps.
     """
