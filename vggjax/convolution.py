@@ -7,10 +7,11 @@
   process's: "off" unless `vggjax.tune_cpu()` picked one by this process's pages (vggjax's
   command lines call it). A training run records the one it used in its config.json. Of the
   layers Winograd's does not take, every setting but "off" runs those where XLA's convolution
-  is slowest, on maps of side `PATCHES_SIDE` or less and on `PATCHES_CHANNELS` input channels
-  or fewer (conv1_1), as one matrix product over the image's patches (`patches_conv`): a 3×3
-  layer on 2×2 maps of 128 channels, batch 128, took 15.7 ms against 0.75 ms (BENCHMARKS.md,
-  "Small images on the CPU").
+  is slowest, on maps of side `PATCHES_SIDE` or less, as one matrix product over the image's
+  patches (`patches_conv`): a 3×3 layer on 2×2 maps of 128 channels, batch 128, took 15.7 ms
+  against 0.75 ms (BENCHMARKS.md, "Small images on the CPU"). Not conv1_1, though faster there
+  too: its kernel gradient, one dot summing N·H·W rows in sequence, rounded differently on
+  one device and on eight beyond tests/test_train.py's bound.
 - GPU: XLA's (cuDNN). With `RGB_PAD_ON_GPU`, conv1_1's three input channels and its kernel's
   are zero-padded to that many first, the same convolution in exact arithmetic: XLA pads
   float16 convolutions for the tensor cores itself (to 4 channels for 3 → 32 or 64, cuDNN's
@@ -35,8 +36,7 @@ from vggjax.errors import require
 RGB_PAD_ON_GPU = 0  # 0: off; else the input channels conv1_1 is padded to on a GPU
 WINOGRAD = ("off", *_winograd.RULES)  # the settings; "auto" is the process's (set_winograd)
 _process_setting = "off"  # what "auto" means: vggjax.tune_cpu() picks one by the pages
-PATCHES_SIDE = 2  # maps this small (either side), or
-PATCHES_CHANNELS = 4  # inputs of this few channels: patches_conv, under any setting but "off"
+PATCHES_SIDE = 2  # maps this small (either side): patches_conv, under any setting but "off"
 
 
 def set_winograd(setting: str) -> None:
@@ -92,9 +92,13 @@ def pad_channels(x: jax.Array, kernel: jax.Array, channels: int) -> tuple[jax.Ar
 
 def _patches_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padding) -> bool:
     """Where `patches_conv` beat XLA's convolution on the CPU, for a SAME odd square kernel."""
-    small = min(x_shape[1:3]) <= PATCHES_SIDE or x_shape[-1] <= PATCHES_CHANNELS
     k = kernel_shape[0]
-    return small and kernel_shape[1] == k and k % 2 == 1 and (padding == "SAME" or k == 3)
+    return (
+        min(x_shape[1:3]) <= PATCHES_SIDE
+        and kernel_shape[1] == k
+        and k % 2 == 1
+        and (padding == "SAME" or k == 3)
+    )
 
 
 def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

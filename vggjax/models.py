@@ -320,15 +320,20 @@ def _zero_outside(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
 
 
 def _channel_sums(weights: jax.Array, x: jax.Array) -> jax.Array:
-    """Σ_m weights[m] · x[m, c] for (M,) `weights` and (M, C) `x`, as a matrix product."""
-    return jax.lax.dot_general(weights, x, (((0,), (0,)), ((), ())))
+    """Σ_n Σ_p weights[n, p] · x[n, p, c] for (N, P) `weights` and (N, P, C) `x`: a matrix
+    product per image, then a sum over the images (a dot's sequential sum over all N·P rows
+    rounded several times worse, and differently when the batch is split over devices)."""
+    return jax.lax.dot_general(weights, x, (((1,), (1,)), ((0,), (0,)))).sum(0)
 
 
-def _per_row(values: jax.Array, rows: int) -> jax.Array:
-    """(C,) `values` repeated on `rows` rows, as a product with a column of ones: its transpose,
-    which a gradient runs, is then a matrix product (`_channel_sums`), not a reduction."""
-    ones = jnp.ones((rows, 1), values.dtype)
-    return jax.lax.dot_general(ones, values[None], (((1,), (0,)), ((), ())))
+def _per_row(values: jax.Array, x: jax.Array) -> jax.Array:
+    """(C,) `values` repeated on every row of (N, P, C) `x`, as a product with a column of ones
+    per image: its transpose, which a gradient runs, is then `_channel_sums`' form, not a
+    reduction."""
+    n, p, c = x.shape
+    ones = jnp.ones((n, p, 1), values.dtype)
+    per_image = jnp.broadcast_to(values, (n, 1, c))
+    return jax.lax.dot_general(ones, per_image, (((2,), (1,)), ((0,), (0,))))
 
 
 class BatchNorm(nn.Module):
@@ -356,24 +361,23 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        rows = x.reshape(-1, c).astype(jnp.float32)
+        rows = x.reshape(x.shape[0], -1, c).astype(jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            centred = rows - _per_row(mean, len(rows))
+            centred = rows - _per_row(mean, rows)
         else:
-            weights = jnp.ones(x.shape[:-1], jnp.float32)
+            weights = jnp.ones(rows.shape[:-1], jnp.float32)
             if counted is not None:
-                weights = weights * counted.reshape(-1, 1, 1).astype(jnp.float32)
-            weights = weights.reshape(-1)
+                weights = weights * counted.reshape(-1, 1).astype(jnp.float32)
             count = jnp.sum(weights)
             mean = _channel_sums(weights, rows) / count
-            centred = rows - _per_row(mean, len(rows))
+            centred = rows - _per_row(mean, rows)
             var = _channel_sums(weights, centred * centred) / count
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
-        y = centred * _per_row(mul, len(rows)) + _per_row(bias, len(rows))
+        y = centred * _per_row(mul, rows) + _per_row(bias, rows)
         return y.reshape(x.shape).astype(self.dtype)
 
 
