@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py --model=D --batch_size=8 --image_size=224
     python benchmarks/train_step.py --model=A --width=0.25 --batch_size=32 --image_size=64 --steps=20
+    python benchmarks/train_step.py --model=vgg11_bn --width=0.25 --fc_width=256 --image_size=32 \
+        --batch_size=128 --dropout_rate=0    # configs/small_images.py's net
 
 Ends with one JSON line holding `images_per_sec`. Multiply-adds come from the layer table
 (`vggjax.summary`); a training step costs three forward passes' worth (forward, and the two
@@ -31,6 +33,9 @@ _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier.")
 _FC_WIDTH = flags.DEFINE_integer("fc_width", 4096, "FC layer width.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Crop size (a multiple of 32).")
+_DROPOUT = flags.DEFINE_float(
+    "dropout_rate", None, "Dropout after fc6 and fc7 (default: the recipe's, 0.5)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for utilisation (0: skip).")
@@ -46,6 +51,8 @@ def config() -> ml_collections.ConfigDict:
     c = recipe.paper_recipe(_MODEL.value)
     c.width, c.fc_width, c.crop_size = _WIDTH.value, _FC_WIDTH.value, _IMAGE.value
     c.batch_size, c.dtype, c.num_classes = _BATCH.value, _DTYPE.value, 1000
+    if _DROPOUT.value is not None:
+        c.dropout_rate = _DROPOUT.value
     return c
 
 

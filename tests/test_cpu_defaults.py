@@ -1,6 +1,7 @@
 """vggjax's CPU defaults (`vggjax.tune_cpu`): the XLA flag (the user's own wins), huge pages, the
 Winograd convolutions, and the float32 gradients of the default against float64."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -238,6 +239,44 @@ def test_default_float32_gradients_match_float64(monkeypatch):
     ref = grad_accuracy.float64_gradients(model, params, images, labels, masks)
     errors = {n: grad_accuracy.relative(grads[n]["kernel"], ref[n]["kernel"]) for n in grads}
     assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize(
+    "shape, kernel",
+    [((3, 2, 2, 8), 3), ((3, 1, 1, 8), 3), ((3, 1, 3, 5), 3), ((2, 9, 7, 3), 3), ((2, 4, 4, 3), 5)],
+)
+def test_patches_convolution_equals_xla_through_every_transformation(shape, kernel):
+    """convolution.patches_conv (2×2 and smaller maps, conv1_1's 3 channels, a 5×5 kernel on a
+    map smaller than it, taps left out) against XLA's convolution: output, both gradients, and
+    the forward-mode tangent against the reverse-mode one (plain JAX operations: no custom
+    rule), to float32 rounding."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
+    dx, dk = jnp.asarray(rng.normal(size=x.shape), jnp.float32), k[::-1] * 0.5
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, winograd.NHWC)
+    xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+    y, vjp = jax.vjp(convolution.patches_conv, x, k)
+    want, want_vjp = jax.vjp(xla, x, k)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for got, ref in zip((y, *vjp(dy)), (want, *want_vjp(dy))):
+        assert grad_accuracy.relative(got, ref) < 1e-6
+    tangent = jax.jvp(convolution.patches_conv, (x, k), (dx, dk))[1]
+    np.testing.assert_allclose(
+        (tangent * dy).sum(), (vjp(dy)[0] * dx).sum() + (vjp(dy)[1] * dk).sum(), rtol=1e-5
+    )
+
+
+def test_patches_where_xla_is_slowest_under_every_setting_but_off():
+    """vgg11_bn at a 32 crop: conv5_1 and conv5_2 (2×2 maps) are one matrix product each, the
+    rest XLA's convolution; "off" leaves all eight to XLA."""
+    model = models.create_model("vgg11_bn", 10, width=0.25, fc_width=16, crop_size=32)
+    x = jnp.zeros((2, 32, 32, 3))
+    for setting, convolutions in (("huge_pages", 6), ("small_pages", 6), ("off", 8)):
+        net = model.clone(spec=dataclasses.replace(model.spec, winograd=setting))
+        variables = models.abstract_variables(net)
+        text = jax.jit(net.apply).lower(variables, x).as_text()
+        assert text.count("stablehlo.convolution") == convolutions, setting
 
 
 # Helpers

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +175,47 @@ def test_batch_norm_train_and_eval_modes():
     # ...while in training mode it does.
     train_alone = model.apply(variables, x[:2], train=True, rngs=rngs, mutable=["batch_stats"])[0]
     assert not np.allclose(train_alone[:1], out[:1], atol=1e-3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_equals_flax_batch_norm(masked):
+    """models.BatchNorm (every sum a matrix product, for XLA's CPU backend) against Flax's with
+    the settings it replaces: output, running averages, and the gradients of both parameters and
+    the input, in training (a masked image left out of the statistics) and inference, to
+    float32 rounding; the same variables."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3, 2, (4, 5, 3, 6)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    counted = (jnp.arange(4) != 2).reshape(-1, 1, 1, 1) if masked else None
+    ours = lambda train: models.BatchNorm(use_running_average=not train)
+    flax_bn = lambda train: nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=models.BN_EPSILON,
+        use_fast_variance=False,
+    )
+    variables = flax_bn(True).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours(True).init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    variables = jax.tree.map(
+        lambda v: v + jnp.asarray(rng.normal(size=v.shape), jnp.float32), variables
+    )
+    variables["batch_stats"]["var"] = jnp.abs(variables["batch_stats"]["var"])
+    for train in (True, False):
+
+        def run(bn, kwargs, params, x):
+            y, updates = bn.apply(
+                {**variables, "params": params}, x, mutable=["batch_stats"], **kwargs
+            )
+            return (y * dy).sum(), (y, updates)
+
+        results = [
+            jax.value_and_grad(run, (2, 3), has_aux=True)(bn(train), kwargs, variables["params"], x)
+            for bn, kwargs in ((ours, dict(counted=counted)), (flax_bn, dict(mask=counted)))
+        ]
+        for got, want in zip(*(jax.tree.leaves(r) for r in results)):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_dropout_only_in_training(narrow_a):

@@ -5,7 +5,13 @@
   "off" (XLA's alone), "small_pages" or "huge_pages" (the layers where it was faster, measured
   with malloc on 4 KB or on huge pages) and "all" (every float32 3×3 layer); "auto" is the
   process's: "off" unless `vggjax.tune_cpu()` picked one by this process's pages (vggjax's
-  command lines call it). A training run records the one it used in its config.json.
+  command lines call it). A training run records the one it used in its config.json. Of the
+  layers Winograd's does not take, every setting but "off" runs those where XLA's convolution
+  is slowest, on maps of side `PATCHES_SIDE` or less, as one matrix product over the image's
+  patches (`patches_conv`): a 3×3 layer on 2×2 maps of 128 channels, batch 128, took 15.7 ms
+  against 0.75 ms (BENCHMARKS.md, "Small images on the CPU"). Not conv1_1, though faster there
+  too: its kernel gradient, one dot summing N·H·W rows in sequence, rounded differently on
+  one device and on eight beyond tests/test_train.py's bound.
 - GPU: XLA's (cuDNN). With `RGB_PAD_ON_GPU`, conv1_1's three input channels and its kernel's
   are zero-padded to that many first, the same convolution in exact arithmetic: XLA pads
   float16 convolutions for the tensor cores itself (to 4 channels for 3 → 32 or 64, cuDNN's
@@ -30,6 +36,7 @@ from vggjax.errors import require
 RGB_PAD_ON_GPU = 0  # 0: off; else the input channels conv1_1 is padded to on a GPU
 WINOGRAD = ("off", *_winograd.RULES)  # the settings; "auto" is the process's (set_winograd)
 _process_setting = "off"  # what "auto" means: vggjax.tune_cpu() picks one by the pages
+PATCHES_SIDE = 2  # maps this small (either side): patches_conv, under any setting but "off"
 
 
 def set_winograd(setting: str) -> None:
@@ -69,6 +76,8 @@ def conv_general_dilated(
         )
         if train or infer:
             return _winograd.conv(lhs, rhs, train, infer)
+        if _patches_faster(lhs.shape, rhs.shape, padding):
+            return patches_conv(lhs, rhs)
     if plain and platform == "gpu" and lhs.shape[-1] == 3 < RGB_PAD_ON_GPU:
         lhs, rhs = pad_channels(lhs, rhs, RGB_PAD_ON_GPU)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
@@ -79,3 +88,28 @@ def pad_channels(x: jax.Array, kernel: jax.Array, channels: int) -> tuple[jax.Ar
     convolution, and the kernel's gradient is the padded one's first slice."""
     extra = ((0, channels - x.shape[-1]),)
     return jnp.pad(x, ((0, 0),) * 3 + extra), jnp.pad(kernel, ((0, 0),) * 2 + extra + ((0, 0),))
+
+
+def _patches_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padding) -> bool:
+    """Where `patches_conv` beat XLA's convolution on the CPU, for a SAME odd square kernel."""
+    k = kernel_shape[0]
+    return (
+        min(x_shape[1:3]) <= PATCHES_SIDE
+        and kernel_shape[1] == k
+        and k % 2 == 1
+        and (padding == "SAME" or k == 3)
+    )
+
+
+def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The stride-1 SAME convolution of NHWC `x` with an odd square HWIO `kernel`, as one matrix
+    product: each output pixel's window of inputs (im2col) times the kernel. Taps that see only
+    padding on every pixel (on maps smaller than the kernel) are left out. Plain JAX operations,
+    so every transformation differentiates it as it would anything else."""
+    (n, h, w, _), k = x.shape, kernel.shape[0]
+    half = k // 2
+    taps = [(a, b) for a in range(k) for b in range(k) if abs(a - half) < h and abs(b - half) < w]
+    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    cols = jnp.concatenate([padded[:, a : a + h, b : b + w] for a, b in taps], axis=-1)
+    weights = jnp.concatenate([kernel[a, b] for a, b in taps], axis=0)
+    return (cols.reshape(n * h * w, -1) @ weights).reshape(n, h, w, -1)
