@@ -13,8 +13,8 @@ What published VGG-on-small-images recipes do, and where each choice comes from:
 - The net: VGG-11 with batch norm after every conv (torchvision's vgg11_bn; kuangliu/pytorch-cifar
   and chengyangfu/pytorch-vgg-cifar10 train VGG with batch norm on 32-pixel CIFAR), at a quarter of
   the width (16 to 128 channels) with FC layers 256 wide and no dropout (kuangliu's VGG has a
-  single linear classifier and no dropout): the widest that trains 10 epochs of MNIST in about 30
-  minutes on 2 CPU cores (about 0.26 s a step of 128). He-style init, as chengyangfu's VGG
+  single linear classifier and no dropout): 20 epochs of MNIST train in about 13
+  minutes on 2 CPU cores (about 78 ms a step of 128). He-style init, as chengyangfu's VGG
   (normal, sqrt(2/n)) and the MNIST VGG of kkweon/mnist-competition and SpinalNet.
 - Images rescaled to S = 32 (MNIST's 28-pixel digits: 32 is the smallest side five 2x2 poolings
   take), crops of 32 from the image padded by 4 pixels of zeros on each side
@@ -23,19 +23,19 @@ What published VGG-on-small-images recipes do, and where each choice comes from:
 - SGD with momentum 0.9 and weight decay 5e-4 (kuangliu, chengyangfu), batch 128, learning rate
   0.1 (kuangliu's with batch norm; chengyangfu's 0.05) warmed up linearly over the first epoch
   (Goyal et al. 2017's warm-up for a large rate) then decayed to 0 on a cosine (kuangliu's
-  CosineAnnealingLR) over a fixed budget of 10 epochs instead of the paper's plateau cuts, which
-  need an unknown number of epochs.
+  CosineAnnealingLR) over a fixed budget of 20 epochs instead of the paper's plateau cuts, which
+  need an unknown number of epochs. 10 epochs fell 7 images short of the figure below.
 - No label smoothing: not in these recipes, and not needed on MNIST.
 - The images decoded once and held in memory (`data_in_memory`: what torchvision's MNIST and
   CIFAR data sets do), the batches those of the folder pipeline.
 
 Published figure to reach on MNIST (its 10,000 test images as `val`): 99.63% test accuracy for
 the smaller "VggNet5" of kkweon/mnist-competition (README, Performance; 99.71% for its larger
-VGG), the VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on. Measured as it
-ships on /work/data/mnist (2-core CPU shared with other jobs, load 8-16: 60 minutes wall, 0.55 s a
-step on average; about 22 minutes at the 0.26 s step of an idle machine): 0.44% test error
-(99.56%), 7 images short of that figure; test error by epoch 3.36, 1.71, 2.22, 1.16, 1.54, 0.54,
-0.81, 0.53, 0.44, 0.44%.
+VGG), the VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on
+(`published_accuracy`). Measured as it ships on MNIST as a folder, alone on the 2-core Xeon
+(2026-12-06, `benchmarks/time_to_accuracy.py`): 99.64% after 20 epochs (99.66% first at epoch
+18), 758 s of training (decoding and compiling included) plus 47 s of validation passes, about
+1,650 images/s. With 10 epochs (shared machine): 99.56%, 7 images short.
 """
 
 from vggjax import recipe
@@ -50,7 +50,7 @@ def get_config(data_dir: str = ""):
     c.mean_rgb = (33.32, 33.32, 33.32)  # MNIST's (0.1307 on the 0-1 scale, as torchvision's)
     c.colour_shift_std, c.random_flip, c.crop_padding = 0.0, False, 4
     c.data_in_memory, c.num_workers = True, 0
-    c.batch_size, c.num_epochs = 128, 10
+    c.batch_size, c.num_epochs = 128, 20
     c.lr_schedule, c.learning_rate, c.warmup_epochs = "cosine", 0.1, 1.0
     c.momentum, c.weight_decay = 0.9, 5e-4
     c.eval_every_steps = c.checkpoint_every_steps = 468  # an epoch of MNIST: 60,000 // 128
@@ -58,4 +58,6 @@ def get_config(data_dir: str = ""):
     c.eval_scale = 32
     c.eval.scales = (32, 36, 40)
     c.eval.batch_size = 128
+    # MNIST's published VGG figure (docstring): benchmarks/time_to_accuracy.py's default target.
+    c.published_accuracy = 0.9963
     return c
