@@ -113,7 +113,8 @@ def test_benchmark_json_line(tmp_path, tiny_folder):
     for name in ("jax", "torch"):
         run = result[name]
         (epoch,) = run["epochs"]
-        assert epoch["epoch"] == 1 and epoch["seconds"] > 0 and epoch["eval_seconds"] > 0
+        # eval_seconds is rounded to 10 ms: the peer tests 8 images in less
+        assert epoch["epoch"] == 1 and epoch["seconds"] > 0 and epoch["eval_seconds"] >= 0
         assert epoch["accuracy"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
         assert run["final_accuracy"] == epoch["accuracy"]
         assert run["seconds_to_target"] == run["train_seconds"] == epoch["seconds"]
