@@ -37,7 +37,6 @@ import multiprocessing
 import os
 import pathlib
 import platform
-import struct
 import sys
 import tempfile
 import time
@@ -171,22 +170,12 @@ def stream_order(seed: int, num_examples: int, steps: int, batch_size: int) -> n
 
 
 def read_scalars(logdir: pathlib.Path) -> dict[str, dict[int, tuple[float, float]]]:
-    """tag → step → (wall time, value) of the TensorBoard event files in `logdir` (records: an
-    8-byte length, its 4-byte CRC, an Event, its CRC)."""
-    from tensorboardX.proto import event_pb2
+    """tag → step → (wall time, value) of the TensorBoard scalars vggjax wrote to `logdir`."""
+    from vggjax import metrics
 
     scalars: dict[str, dict[int, tuple[float, float]]] = {}
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, pos)
-            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = (
-                    event.wall_time,
-                    value.simple_value,
-                )
+    for tag, step, wall_time, value in metrics.scalar_events(logdir):
+        scalars.setdefault(tag, {})[step] = (wall_time, value)
     return scalars
 
 

@@ -6,13 +6,32 @@ Only process 0 writes, so a pod prints and logs each figure once.
 
 from __future__ import annotations
 
+import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 from absl import logging
 
 from vggjax import storage
+
+
+def scalar_events(folder: Any) -> Iterator[tuple[str, int, float, float]]:
+    """(tag, step, wall time, value) of each scalar in the TensorBoard event files of `folder`
+    (a path, local or `storage.at`'s; none if it does not exist), in the order written: TFRecord
+    framing (length, its CRC, the Event, its CRC) read with tensorboardX's protos, without
+    TensorFlow."""
+    from tensorboardX.proto import event_pb2
+
+    for file in sorted(folder.glob("events.out.tfevents.*")) if folder.exists() else ():
+        data, offset = file.read_bytes(), 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                yield value.tag, event.step, event.wall_time, value.simple_value
 
 
 def _duration(seconds: float) -> str:

@@ -4,38 +4,22 @@ from the runs' TensorBoard scalars, top-1 error against depth (Table 3) and agai
 from __future__ import annotations
 
 import io
-import struct
-from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
 
-from vggjax import models, storage
+from vggjax import metrics, models, storage
 from vggjax.reproduce import report
 from vggjax.reproduce.plan import Plan
-
-
-def _scalars(folder: Any) -> Iterator[tuple[str, int, float]]:
-    """(tag, step, value) of the TensorBoard event files in `folder` (TFRecord framing: length,
-    its CRC, the Event, its CRC), read with tensorboardX's protos, without TensorFlow."""
-    from tensorboardX.proto import event_pb2
-
-    for file in sorted(folder.glob("events.out.tfevents.*")) if folder.exists() else ():
-        data = file.read_bytes()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                yield value.tag, event.step, value.simple_value
 
 
 def curves(root: str, run: str) -> dict[str, list[tuple[int, float]]]:
     """A run's logged scalars by tag (train/loss, val/top1_error, ...), in step order; a step
     logged again after resuming from a checkpoint counts once, as last logged."""
     out: dict[str, dict[int, float]] = {}
-    for tag, step, value in _scalars(storage.at(root) / "runs" / run / "tensorboard"):
+    for tag, step, _, value in metrics.scalar_events(
+        storage.at(root) / "runs" / run / "tensorboard"
+    ):
         out.setdefault(tag, {})[step] = value
     return {tag: sorted(points.items()) for tag, points in out.items()}
 
