@@ -226,6 +226,7 @@ def run_jax(config: ml_collections.ConfigDict, workdir: pathlib.Path, per_epoch:
         devices=jax.device_count(),
         winograd=config.winograd,  # what the run computed with (train.py records it)
         huge_pages=backend.huge_pages(),
+        malloc=backend.malloc(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         compilation_cache=bool(jax.config.jax_compilation_cache_dir),
     )
@@ -560,8 +561,9 @@ def _serve(conn, fn, args) -> None:
 
 
 def in_own_process(fn, *args) -> Any:
-    """fn(*args) in a fresh (spawned) process: PyTorch with glibc's default malloc (vggjax's
-    programs ask for huge pages; torch_train_step.py measures PyTorch without them too), JAX
+    """fn(*args) in a fresh (spawned) process: PyTorch with this process's malloc (tcmalloc where
+    the system has it, which vggjax's programs restart with and which made PyTorch's step 1.3×
+    as fast) but without glibc's huge pages (torch_train_step.py measures them for it too), JAX
     there on the CPU (the plateau rule only), and an empty inductor cache, so a compilation is
     as cold as a user's first."""
     context = multiprocessing.get_context("spawn")

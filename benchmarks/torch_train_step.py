@@ -108,6 +108,7 @@ def torch_settings(device: str, dtype: str) -> dict[str, Any]:
             torch.backends.cudnn.allow_tf32 = True
     return dict(
         torch=torch.__version__,
+        torch_malloc=backend.malloc(),  # inherited from vggjax's restart (backend.use_fast_memory)
         torch_threads=torch.get_num_threads(),
         torch_cudnn_benchmark=torch.backends.cudnn.benchmark,
         torch_tf32=dict(

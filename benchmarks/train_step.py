@@ -125,6 +125,7 @@ def describe(c: ml_collections.ConfigDict) -> dict[str, Any]:
         platform=jax.devices()[0].platform,
         xla_flags=os.environ.get("XLA_FLAGS", ""),  # with vggjax's CPU defaults (backend.tune_cpu)
         huge_pages=backend.huge_pages(),
+        malloc=backend.malloc(),
         winograd=convolution.in_effect(),
         rgb_pad=convolution.RGB_PAD_ON_GPU,
     )

@@ -172,10 +172,10 @@ def test_inference_and_training_each_get_their_own_pick():
     assert "dot_general" in grads and "convolution" not in grads
 
 
-def test_a_vggjax_program_restarts_itself_with_huge_pages():
+def test_a_vggjax_program_restarts_itself_with_fast_memory():
     """`tune_cpu(restart=True)`, as vggjax's command lines call it, runs the program again, same
-    process, with glibc's tunable, once; a large array then sits on huge pages. The user's value
-    wins."""
+    process, with glibc's tunable and (where the system has it) tcmalloc preloaded, once; a
+    large array then sits on huge pages under glibc's malloc. The user's values win."""
     if not backend._can_use_huge_pages():
         pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages")
     code = (
@@ -186,22 +186,41 @@ def test_a_vggjax_program_restarts_itself_with_huge_pages():
         " int(l.split('-')[0], 16) <= at < int(l.split(' ')[0].split('-')[1], 16))\n"
         "huge = next(l for l in vma[start:] if l.startswith('AnonHugePages'))\n"
         "print(os.environ.get('GLIBC_TUNABLES'), int(huge.split()[1]) > 0)\n"
+        "print(repr(os.environ.get('LD_PRELOAD')))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    users = {"": {}, "hugetlb=0": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LD_PRELOAD": ""}}
     runs = {
-        tunables: subprocess.run(
+        name: subprocess.run(
             [sys.executable, "-c", code],
-            env=dict(env, PYTHONPATH=ROOT, **({"GLIBC_TUNABLES": tunables} if tunables else {})),
+            env=dict(env, PYTHONPATH=ROOT, **given),
             capture_output=True,
             text=True,
             timeout=120,
         ).stdout.split("\n")
-        for tunables in ("", "glibc.malloc.hugetlb=0")
+        for name, given in users.items()
     }
-    first, again, result = runs[""][:3]
+    first, again, pages, preload = runs[""][:4]
     assert first == again and first.startswith("start")  # ran twice, as one process
-    assert result == "glibc.malloc.hugetlb=1 True"
-    assert runs["glibc.malloc.hugetlb=0"][1] == "glibc.malloc.hugetlb=0 False"
+    assert preload == repr(backend.fast_malloc())
+    if backend.fast_malloc() is None:  # tcmalloc takes memory from the kernel its own way
+        assert pages == "glibc.malloc.hugetlb=1 True"
+    assert runs["hugetlb=0"][1:3] == ["glibc.malloc.hugetlb=0 False", "''"]
+
+
+def test_fast_memory_leaves_what_the_user_set(monkeypatch):
+    monkeypatch.setattr(backend, "_can_use_huge_pages", lambda: True)
+    monkeypatch.setattr(backend, "fast_malloc", lambda: "libtcmalloc_minimal.so.4")
+    assert backend.fast_memory_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+        "LD_PRELOAD": "libtcmalloc_minimal.so.4",
+    }
+    given = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LD_PRELOAD": ""}
+    assert backend.fast_memory_environment(given) == {}
+    assert backend.malloc({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}) == "tcmalloc"
+    assert backend.malloc({}) == "glibc"
+    monkeypatch.setattr(backend, "fast_malloc", lambda: None)
+    assert backend.fast_memory_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == {}
 
 
 def test_huge_pages_reads_the_tunable(monkeypatch):

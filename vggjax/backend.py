@@ -8,10 +8,16 @@ computes anything with JAX:
   convolutions, which YNNPACK's fusions made slower. XLA reads XLA_FLAGS when JAX creates its
   backend, so flags set after the first computation change nothing. A flag you set wins.
 - With `restart=True`, the process restarts itself (`os.execve`: the same command line) with
-  glibc's malloc asking for transparent huge pages (`use_huge_pages`): XLA's CPU runtime takes a
-  step's temporaries from malloc, and fresh memory faulted in 2 MB at a time is several times
-  cheaper than 4 KB at a time. glibc reads the tunable only when a process starts. To opt out,
-  set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
+  cheaper memory for XLA's CPU runtime, which takes a step's temporaries (60 MB for
+  configs/small_images.py's step) from malloc and frees them after it (`use_fast_memory`):
+  - glibc's malloc asking for transparent huge pages: fresh memory faulted in 2 MB at a time is
+    several times cheaper than 4 KB at a time. To opt out, set
+    `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
+  - where the system has it (Debian/Ubuntu: `libtcmalloc-minimal4`), gperftools' tcmalloc in
+    place of glibc's malloc (`LD_PRELOAD`): it keeps freed memory for the next step, where glibc
+    returns it to the kernel, which zeroes it again on the next step's page faults (10% of the
+    CPU time of that step). To opt out, set `LD_PRELOAD` yourself (empty: nothing preloaded).
+  The loader and glibc read these only when a process starts.
 - Winograd's F(4×4, 3×3) for the layers where it beat XLA's convolution, by the rules measured
   for this process's pages (`vggjax.convolution.set_winograd`).
 - Random initialisation compiled at LLVM level 1 (`init_compiler_options`): the same bits, a few
@@ -24,9 +30,10 @@ and the rest change nothing on GPUs or TPUs. What each setting gains, measured: 
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from importlib import metadata
 
 CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "individual_dot"}
@@ -53,8 +60,9 @@ def tune_cpu(*, restart: bool = False) -> bool:
     """Makes this process run VGG on a CPU as vggjax's programs do (the module docstring).
 
     Args:
-      restart: also restart the process with huge pages, before it goes on (vggjax's command
-        lines do; in a notebook or a program that has done work, leave it off).
+      restart: also restart the process with cheaper memory (`use_fast_memory`), before it goes
+        on (vggjax's command lines do; in a notebook or a program that has done work, leave it
+        off).
 
     Returns:
       Whether the settings were applied: False where `VGGJAX_CPU_TUNING=0`.
@@ -64,7 +72,7 @@ def tune_cpu(*, restart: bool = False) -> bool:
         return False
     set_cpu_flags()
     if restart:
-        use_huge_pages()
+        use_fast_memory()
     from vggjax import convolution  # after the restart: it imports JAX
 
     convolution.set_winograd("huge_pages" if huge_pages() else "small_pages")
@@ -108,22 +116,49 @@ HUGE_PAGES = "glibc.malloc.hugetlb"  # a glibc tunable: 1 = malloc madvises tran
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"  # "always [madvise] never": [the mode]
 
 
-def use_huge_pages(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Restarts this program (`os.execv`: same process, same command line) with
-    `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES, unless it is set already, or this is not
-    Linux with glibc ≥ 2.35 and transparent huge pages available. Returns only if it did not."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if _tunable(tunables) is not None or not _can_use_huge_pages() or not sys.executable:
+TCMALLOC = "tcmalloc_minimal"  # gperftools' malloc, as ctypes.util.find_library names it
+PRELOAD = "LD_PRELOAD"  # the dynamic loader's libraries to load first
+
+
+def use_fast_memory(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Restarts this program (`os.execve`: same process, same command line) with the memory
+    settings of `fast_memory_environment`, unless it has them already. Returns only if not."""
+    changes = fast_memory_environment(environ)
+    if not changes or not sys.executable:
         return
-    environ["GLIBC_TUNABLES"] = with_huge_pages(tunables, True)
+    environ.update(changes)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
 
 
+def fast_memory_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What `use_fast_memory` changes in `environ`: `glibc.malloc.hugetlb=1` added to
+    GLIBC_TUNABLES (unless set, or not Linux with glibc >= 2.35 and transparent huge pages), and
+    LD_PRELOAD set to tcmalloc (unless set, or the system has no tcmalloc)."""
+    changes = {}
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if _tunable(tunables) is None and _can_use_huge_pages():
+        changes["GLIBC_TUNABLES"] = with_huge_pages(tunables, True)
+    library = fast_malloc()
+    if PRELOAD not in environ and library:
+        changes[PRELOAD] = library
+    return changes
+
+
+def fast_malloc() -> str | None:
+    """tcmalloc's library, as LD_PRELOAD takes it, if this system has it; else None."""
+    return ctypes.util.find_library(TCMALLOC) if sys.platform == "linux" else None
+
+
+def malloc(environ: Mapping[str, str] = os.environ) -> str:
+    """The malloc this process started with: "tcmalloc" (preloaded) or "glibc"."""
+    return "tcmalloc" if "tcmalloc" in environ.get(PRELOAD, "") else "glibc"
+
+
 def huge_pages(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Whether this process's large mallocs get transparent huge pages: the kernel gives them
-    to every large mapping, or it gives them where asked and `use_huge_pages`' tunable asks."""
+    to every large mapping, or it gives them where asked and `use_fast_memory`'s tunable asks."""
     mode = _thp_mode()
     return mode == "always" or (
         mode == "madvise" and _tunable(environ.get("GLIBC_TUNABLES", "")) == "1"

@@ -57,9 +57,12 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # BENCHMARKS.md, "CPU defaults"): (fewest input channels, smallest map, largest map) for the
 # forward pass alone ("infer") and with both gradients ("train"), by whether malloc gets huge
 # pages ("huge_pages": fresh temporaries cost a quarter as much, and the transforms are mostly
-# that) or not ("small_pages"). "all": every float32 3×3 layer, for tests and experiments.
+# that) or not ("small_pages"). "huge_pages" trains maps down to 4 px by it: on the 8- and 4-px
+# layers of configs/small_images.py's net (64 and 128 channels, batch 128) forward and both
+# gradients took 4.5, 2.1 and 3.2 ms against XLA's 5.3, 2.8 and 4.7 (2026-12-06; 3.5% of the
+# step), its forward alone no less than XLA's. "all": every float32 3×3 layer, for tests.
 RULES = {
-    "huge_pages": {"train": (64, 14, None), "infer": (64, 14, 112)},
+    "huge_pages": {"train": (64, 4, None), "infer": (64, 14, 112)},
     "small_pages": {"train": (128, 28, None), "infer": (128, 28, None)},
     "all": {"train": (1, 1, None), "infer": (1, 1, None)},
 }
