@@ -199,19 +199,22 @@ def random_window(
 def cut_batch(
     images: np.ndarray, offsets: np.ndarray, size: int, flipped: np.ndarray
 ) -> np.ndarray:
-    """`Window.cut` of each image of a batch (B, H, W, C) of one shape, in one gather: the
-    size x size crops at `offsets` (B, 2) (zeros past the edges), mirrored where `flipped` (B,)."""
+    """`Window.cut` of each image of a batch (B, H, W, C) of one shape: the size x size crops at
+    `offsets` (B, 2) (zeros past the edges), mirrored where `flipped` (B,). A slice per image:
+    a third of the time of one fancy-index gather over the batch."""
     offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
-    (h, w), span = images.shape[1:3], np.arange(size)
+    (h, w), channels = images.shape[1:3], images.shape[3]
     pad = max(0, -offsets.min(initial=0), *(offsets.max(axis=0, initial=0) + size - (h, w)))
     if pad:  # (np.pad is several times slower than this copy)
-        canvas = np.zeros((len(images), h + 2 * pad, w + 2 * pad, images.shape[3]), images.dtype)
+        canvas = np.zeros((len(images), h + 2 * pad, w + 2 * pad, channels), images.dtype)
         canvas[:, pad : pad + h, pad : pad + w] = images
         images = canvas
-    rows = offsets[:, :1] + pad + span
-    cols = offsets[:, 1:] + pad + span
-    cols = np.where(np.asarray(flipped, bool)[:, None], cols[:, ::-1], cols)
-    return images[np.arange(len(images))[:, None, None], rows[:, :, None], cols[:, None, :]]
+    crops = np.empty((len(images), size, size, channels), images.dtype)
+    corners, mirrored = (offsets + pad).tolist(), np.asarray(flipped, bool).reshape(-1).tolist()
+    for i, ((top, left), flip) in enumerate(zip(corners, mirrored)):
+        window = images[i, top : top + size, left : left + size]
+        crops[i] = window[:, ::-1] if flip else window
+    return crops
 
 
 def colour_shift(rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
