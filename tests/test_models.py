@@ -218,6 +218,43 @@ def test_batch_norm_equals_flax_batch_norm(masked):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_a_conv_bias_folded_into_batch_norm_is_the_bias_added():
+    """`Conv` has nn.Conv's parameters (same initial values) and output (convolution + bias), and
+    BatchNorm(x, shift=b) is BatchNorm(x + b): output, running averages and gradients, in
+    training (where the bias's gradient is exactly zero) and inference, to float32 rounding."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3, 2, (4, 6, 6, 5)), jnp.float32)
+    init_fn = models.KERNEL_INITS["he"]
+    ours = models.Conv(7, 3, init_fn, jnp.float32, "off")
+    theirs = nn.Conv(7, (3, 3), padding="SAME", kernel_init=init_fn)
+    conv_params = ours.init(jax.random.key(1), x)
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, conv_params, theirs.init(jax.random.key(1), x))
+    )
+    conv_params = {"params": {"kernel": conv_params["params"]["kernel"], "bias": jnp.arange(7.0)}}
+    y, b = ours.apply(conv_params, x)
+    np.testing.assert_allclose(y + b, theirs.apply(conv_params, x), rtol=1e-5, atol=1e-5)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for train in (True, False):
+        bn = models.BatchNorm(use_running_average=not train)
+        variables = bn.init(jax.random.key(0), y)
+        variables["batch_stats"]["mean"] = jnp.linspace(-1.0, 1.0, 7)
+
+        def run(folded, y, b, params, bn=bn, variables=variables):
+            args = (y, None, b) if folded else (y + b,)
+            out, updates = bn.apply({**variables, "params": params}, *args, mutable=["batch_stats"])
+            return (out * dy).sum(), (out, updates)
+
+        results = [
+            jax.value_and_grad(run, (1, 2, 3), has_aux=True)(folded, y, b, variables["params"])
+            for folded in (True, False)
+        ]
+        for got, want in zip(*(jax.tree.leaves(r) for r in results)):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+        if train:
+            assert not np.any(results[0][1][1])  # the shift's gradient: exactly zero
+
+
 def test_dropout_only_in_training(narrow_a):
     model, variables = narrow_a
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50

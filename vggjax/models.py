@@ -354,17 +354,27 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, counted: jax.Array | None = None) -> jax.Array:
-        """`counted`: (N, 1, 1, 1) booleans, the images the statistics are over (None: all)."""
+    def __call__(
+        self, x: jax.Array, counted: jax.Array | None = None, shift: jax.Array | None = None
+    ) -> jax.Array:
+        """Batch norm of `x` + `shift`.
+
+        counted: (N, 1, 1, 1) booleans, the images the statistics are over (None: all).
+        shift: (C,), a constant per channel added to `x` first (the conv layer's bias; None: 0).
+          It only moves the mean: in training it cancels and enters the running mean alone, so
+          `x` + `shift` is never computed (a pass over the layer's output, and one over its
+          gradient for the shift's, which is zero).
+        """
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         rows = x.reshape(x.shape[0], -1, c).astype(jnp.float32)
+        shift = jnp.zeros((c,), jnp.float32) if shift is None else shift.astype(jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            centred = rows - _per_row(mean, rows)
+            centred = rows - _per_row(mean - shift, rows)
         else:
             weights = jnp.ones(rows.shape[:-1], jnp.float32)
             if counted is not None:
@@ -374,11 +384,37 @@ class BatchNorm(nn.Module):
             centred = rows - _per_row(mean, rows)
             var = _channel_sums(weights, centred * centred) / count
             if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                moved = jax.lax.stop_gradient(mean + shift)
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * moved
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
         y = centred * _per_row(mul, rows) + _per_row(bias, rows)
         return y.reshape(x.shape).astype(self.dtype)
+
+
+class Conv(nn.Module):
+    """A conv layer with flax.linen.Conv's parameters (HWIO kernel, bias) and SAME padding, by
+    `vggjax.convolution`: the convolution and the bias apart, for a batch norm that folds the
+    bias in (`BatchNorm`'s `shift`)."""
+
+    features: int
+    kernel_size: int
+    kernel_init: Callable[..., Any]
+    dtype: Any
+    winograd: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k = self.kernel_size
+        shape = (k, k, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        y = convolution.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=numbers, winograd=self.winograd
+        )
+        return y, bias
 
 
 class VGG(nn.Module):
@@ -455,24 +491,21 @@ class VGG(nn.Module):
     def _conv(self, layer: Layer, x: jax.Array, train: bool, counted: Any) -> jax.Array:
         """Conv layer `layer` (and its batch norm in the "_bn" nets), before the ReLU."""
         dtype = jnp.dtype(self.spec.dtype)
-        x = nn.Conv(
+        y, bias = Conv(
             layer.features,
-            (layer.kernel, layer.kernel),
-            padding="SAME",
-            kernel_init=KERNEL_INITS[self.spec.kernel_init],
-            dtype=dtype,
-            conv_general_dilated=functools.partial(
-                convolution.conv_general_dilated, winograd=self.spec.winograd
-            ),
+            layer.kernel,
+            KERNEL_INITS[self.spec.kernel_init],
+            dtype,
+            self.spec.winograd,
             name=layer.name,
         )(x)
         if not self.batch_norm:
-            return x
+            return y + bias
         return BatchNorm(
             use_running_average=not train or self.batch_norm_frozen,
             dtype=dtype,
             name=layer.name + "_bn",
-        )(x, counted)
+        )(y, counted, shift=bias)
 
     @nn.compact
     def __call__(
