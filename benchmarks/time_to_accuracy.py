@@ -44,7 +44,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from vggjax import backend, cli
 from vggjax.errors import UserError
@@ -669,11 +669,7 @@ def _jax(config: ml_collections.ConfigDict, num_train: int) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     del argv
-    from vggjax import main as vggjax_main
-
-    # vggjax's own progress lines, as `python -m vggjax.main` shows them.
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(vggjax_main._OwnInfoOnly())
+    cli.show_own_info()  # vggjax's own progress lines, as `python -m vggjax.main` shows them
     config, num_train = load_config()
     target = _target(config)
     out = dict(

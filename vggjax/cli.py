@@ -8,11 +8,13 @@ exit status 2. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging as pylogging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from absl import flags
+from absl import flags, logging
 
 from vggjax import backend
 from vggjax.errors import UserError
@@ -23,6 +25,29 @@ def run(program: str, main: Callable[..., object], *args: Any, **kwargs: Any) ->
     then `one_line_errors`."""
     backend.tune_cpu(restart=True)
     one_line_errors(program, main, *args, **kwargs)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _OwnInfoOnly(pylogging.Filter):
+    """INFO lines from vggjax's own modules only (orbax, grain and jax narrate every save, worker
+    and backend probe), unless debugging: --verbosity=1 shows them all. By the module's path, not
+    its name: a checkout called vggjax holds the virtual environment's libraries too."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return (
+            record.levelno >= pylogging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+            or logging.get_verbosity() >= logging.DEBUG
+        )
+
+
+def show_own_info() -> None:
+    """Shows vggjax's own INFO lines (its progress) and, of other libraries', warnings only, as
+    `python -m vggjax.main` does; a program training through vggjax may call it too."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
 def one_line_errors(program: str, main: Callable[..., object], *args: Any, **kwargs: Any) -> None:

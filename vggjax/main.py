@@ -11,7 +11,6 @@ applies the overrides), `--mode`'s function of vggjax out (`_run_mode`).
 from __future__ import annotations
 
 import importlib.util
-import logging as pylogging
 import os
 import re
 
@@ -230,26 +229,9 @@ def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, frozenset[s
     return config, frozenset(fields["config"].override_values)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-class _OwnInfoOnly(pylogging.Filter):
-    """INFO lines from vggjax's own modules only (orbax, grain and jax narrate every save, worker
-    and backend probe), unless debugging: --verbosity=1 shows them all. By the module's path, not
-    its name: a checkout called vggjax holds the virtual environment's libraries too."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return (
-            record.levelno >= pylogging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
-            or logging.get_verbosity() >= logging.DEBUG
-        )
-
-
 def run() -> None:
     """`python -m vggjax.main` and the `vggjax` console script."""
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    cli.show_own_info()
     cli.run("vggjax", app.run, _main, flags_parser=parse_flags)
 
 
