@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from vggjax import backend, convolution
 from vggjax.errors import UserError, require
+from vggjax.winograd import NHWC
 
 # Table 1, one entry per column. Each stage is a list of layers: (kernel size, channels)
 # for a conv layer, "LRN" for local response normalisation. Max-pooling ends every stage.
@@ -291,7 +292,7 @@ class FullyConnected(nn.Module):
             fc_as_conv(kernel, self.window),
             (1, 1),
             "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=NHWC,
         )
         return y + bias
 
@@ -410,7 +411,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC)
         y = convolution.conv_general_dilated(
             x, kernel, (1, 1), "SAME", dimension_numbers=numbers, winograd=self.winograd
         )

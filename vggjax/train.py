@@ -74,11 +74,11 @@ def learning_rate(
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, total_steps: int = 0, steps_per_epoch: int = 0
+    config: ml_collections.ConfigDict, rate: float | optax.Schedule | None = None
 ) -> optax.GradientTransformation:
     """SGD with momentum and L2 weight decay (on kernels; on biases too if configured), on the
-    layers `config.trainable` names; the others get no update, not even weight decay. The rate
-    follows `learning_rate` over a run of total_steps."""
+    layers `config.trainable` names; the others get no update, not even weight decay. `rate`:
+    `learning_rate`'s for the run (None: config.learning_rate throughout)."""
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
@@ -87,7 +87,7 @@ def make_optimizer(
 
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay, decay_mask),
-        optax.sgd(learning_rate(config, total_steps, steps_per_epoch), momentum=config.momentum),
+        optax.sgd(config.learning_rate if rate is None else rate, momentum=config.momentum),
     )
     layers = options.TRAINABLE[config.trainable]
     if layers is None:
@@ -288,7 +288,7 @@ class Trainer:
             batch_norm_frozen=options.TRAINABLE[config.trainable] is not None
         )
         self.objective = objectives.OBJECTIVES[config.objective]
-        self.tx = make_optimizer(config, total_steps, steps_per_epoch)
+        self.tx = make_optimizer(config, self.learning_rate)
         self.plateau = make_plateau(config)
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -435,17 +435,13 @@ class _Run:
     """One training run's loop state: the train state, where the data and the checkpoints are,
     and the step metrics not yet reported. Each method moves it on explicitly."""
 
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        workdir: str,
-        trainer: Trainer,
-        train_source: sources.Source,
-    ):
-        self.config, self.workdir, self.trainer = config, workdir, trainer
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        train_source = pipeline.source(config, "train")
         self.total_steps, per_epoch = _steps(config, train_source)
-        self.data = iter(pipeline.train_dataset(config, **self.process))
+        self.trainer = trainer = Trainer(config, sharding.make_mesh(), self.total_steps, per_epoch)
+        self.data = iter(pipeline.train_dataset(config, **self.process, images=train_source))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
         config.winograd = convolution.in_effect(
             trainer.model.winograd
@@ -575,9 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         localisation objective without `init_from` (A.1 starts from a classifier).
     """
     options.check_start(config)
-    train_source = pipeline.source(config, "train")
-    steps = _steps(config, train_source)
-    run = _Run(config, workdir, Trainer(config, sharding.make_mesh(), *steps), train_source)
+    run = _Run(config, workdir)
     preemption = _Preemption()
     try:
         finished = _loop(run, preemption)

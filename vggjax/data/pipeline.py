@@ -197,13 +197,20 @@ def _augmentation(config: Any) -> dict[str, Any]:
 
 
 def train_dataset(
-    config: Any, *, process_index: int = 0, process_count: int = 1, seed: int | None = None
+    config: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int | None = None,
+    images: sources.Source | None = None,
 ) -> grain.IterDataset:
     """Endless augmented training batches, reshuffled every epoch: from the images held in
-    memory (`config.data_in_memory`: the same batches, gathered by index), else decoded."""
+    memory (`config.data_in_memory`: the same batches, gathered by index), else decoded.
+    `images`: `source(config, "train")`, where the caller has it already (None: read here)."""
     batch = local_batch_size(config, process_count)
     options.check_train_scale(config)
-    images, in_memory = source(config, "train"), config.get("data_in_memory", False)
+    images = source(config, "train") if images is None else images
+    in_memory = config.get("data_in_memory", False)
     # The same stream of element indices either way: a fresh permutation in every epoch.
     ds = grain.MapDataset.range(len(images)) if in_memory else grain.MapDataset.source(images)
     ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
