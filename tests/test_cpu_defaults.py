@@ -260,29 +260,32 @@ def test_default_float32_gradients_match_float64(monkeypatch):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("form", ["patches_conv", "map_conv"])
 @pytest.mark.parametrize(
     "shape, kernel",
     [((3, 2, 2, 8), 3), ((3, 1, 1, 8), 3), ((3, 1, 3, 5), 3), ((2, 9, 7, 3), 3), ((2, 4, 4, 3), 5)],
 )
-def test_patches_convolution_equals_xla_through_every_transformation(shape, kernel):
-    """convolution.patches_conv (2×2 and smaller maps, conv1_1's 3 channels, a 5×5 kernel on a
-    map smaller than it, taps left out) against XLA's convolution: output, both gradients, and
-    the forward-mode tangent against the reverse-mode one (plain JAX operations: no custom
-    rule), to float32 rounding."""
+def test_small_map_convolutions_equal_xla_through_every_transformation(form, shape, kernel):
+    """convolution.patches_conv and map_conv (2×2 and smaller maps, conv1_1's 3 channels, a 5×5
+    kernel on a map smaller than it, taps left out) against XLA's convolution: output, both
+    gradients, and the forward-mode tangent against the reverse-mode one (plain JAX operations:
+    no custom rule), to float32 rounding."""
+    conv = getattr(convolution, form)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
     dx, dk = jnp.asarray(rng.normal(size=x.shape), jnp.float32), k[::-1] * 0.5
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, winograd.NHWC)
     xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
-    y, vjp = jax.vjp(convolution.patches_conv, x, k)
+    y, vjp = jax.vjp(conv, x, k)
     want, want_vjp = jax.vjp(xla, x, k)
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     for got, ref in zip((y, *vjp(dy)), (want, *want_vjp(dy))):
         assert grad_accuracy.relative(got, ref) < 1e-6
-    tangent = jax.jvp(convolution.patches_conv, (x, k), (dx, dk))[1]
+    tangent = jax.jvp(conv, (x, k), (dx, dk))[1]
+    dot = lambda a, b: np.vdot(np.float64(a), np.float64(b))  # no float32 sum of the products
     np.testing.assert_allclose(
-        (tangent * dy).sum(), (vjp(dy)[0] * dx).sum() + (vjp(dy)[1] * dk).sum(), rtol=1e-5
+        dot(tangent, dy), dot(vjp(dy)[0], dx) + dot(vjp(dy)[1], dk), rtol=1e-5
     )
 
 

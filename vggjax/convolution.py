@@ -7,9 +7,10 @@
   process's: "off" unless `vggjax.tune_cpu()` picked one by this process's pages (vggjax's
   command lines call it). A training run records the one it used in its config.json. Of the
   layers Winograd's does not take, every setting but "off" runs those where XLA's convolution
-  is slowest, on maps of side `PATCHES_SIDE` or less, as one matrix product over the image's
-  patches (`patches_conv`): a 3×3 layer on 2×2 maps of 128 channels, batch 128, took 15.7 ms
-  against 0.75 ms (BENCHMARKS.md, "Small images on the CPU"). Not conv1_1, though faster there
+  is slowest, on maps of side `PATCHES_SIDE` or less, as one matrix product
+  (`small_map_conv`): a 3×3 layer on 2×2 maps of 128 channels, batch 128, took 15.7 ms against
+  0.75 ms over the image's patches (BENCHMARKS.md, "Small images on the CPU"), less as one dense
+  layer over the whole map (`map_conv`). Not conv1_1 by patches, though faster there
   too: its kernel gradient, one dot summing N·H·W rows in sequence, rounded differently on
   one device and on eight beyond tests/test_train.py's bound.
 - GPU: XLA's (cuDNN). With `RGB_PAD_ON_GPU`, conv1_1's three input channels and its kernel's
@@ -77,7 +78,7 @@ def conv_general_dilated(
         if train or infer:
             return _winograd.conv(lhs, rhs, train, infer)
         if _patches_faster(lhs.shape, rhs.shape, padding):
-            return patches_conv(lhs, rhs)
+            return small_map_conv(lhs, rhs)
     if plain and platform == "gpu" and lhs.shape[-1] == 3 < RGB_PAD_ON_GPU:
         lhs, rhs = pad_channels(lhs, rhs, RGB_PAD_ON_GPU)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
@@ -99,6 +100,32 @@ def _patches_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pad
         and k % 2 == 1
         and (padding == "SAME" or k == 3)
     )
+
+
+def small_map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`map_conv` or `patches_conv`, whichever multiplies less: (h·w)² against h·w times the
+    kernel's taps per channel pair, so `map_conv` on maps of up to 9 pixels under a 3×3 kernel."""
+    (_, h, w, _), k = x.shape, kernel.shape[0]
+    taps = min(k, 2 * h - 1) * min(k, 2 * w - 1)
+    return map_conv(x, kernel) if h * w <= taps else patches_conv(x, kernel)
+
+
+def map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The stride-1 SAME convolution of NHWC `x` with an odd square HWIO `kernel` as one dense
+    layer over the whole map: input pixel q reaches output pixel p through tap q - p (centred),
+    zero beyond the kernel. On 2×2 maps of 128 channels, batch 128, it did 16 products per
+    channel pair where `patches_conv` does 36 (BENCHMARKS.md, "Small images on the CPU"). Plain
+    JAX operations, as `patches_conv`."""
+    (n, h, w, _), k = x.shape, kernel.shape[0]
+    half, zero = k // 2, jnp.zeros(kernel.shape[2:], kernel.dtype)
+    pixels = [(i, j) for i in range(h) for j in range(w)]
+
+    def tap(q: tuple[int, int], p: tuple[int, int]) -> jax.Array:
+        a, b = q[0] - p[0] + half, q[1] - p[1] + half
+        return kernel[a, b] if 0 <= a < k and 0 <= b < k else zero
+
+    matrix = jnp.block([[tap(q, p) for p in pixels] for q in pixels])
+    return (x.reshape(n, -1) @ matrix).reshape(n, h, w, -1)
 
 
 def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
