@@ -375,14 +375,14 @@ class BatchNorm(nn.Module):
         shift = jnp.zeros((c,), jnp.float32) if shift is None else shift.astype(jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            centred = rows - _per_row(mean - shift, rows)
+            centred = rows + _per_row(shift - mean, rows)
         else:
             weights = jnp.ones(rows.shape[:-1], jnp.float32)
             if counted is not None:
                 weights = weights * counted.reshape(-1, 1).astype(jnp.float32)
             count = jnp.sum(weights)
             mean = _channel_sums(weights, rows) / count
-            centred = rows - _per_row(mean, rows)
+            centred = rows + _per_row(-mean, rows)  # + (-mean): no gradient pass to negate
             var = _channel_sums(weights, centred * centred) / count
             if not self.is_initializing():
                 moved = jax.lax.stop_gradient(mean + shift)
