@@ -225,16 +225,33 @@ PRE_RELU = ":pre"
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
-    """Non-overlapping max-pooling (window == strides), floor, as a reshape and a max.
+    """Non-overlapping max-pooling (window == strides), floor: the same values as `nn.max_pool`.
 
-    The same values as `nn.max_pool`; its gradient is an elementwise equality mask (a tie
-    shares the gradient) where reduce_window's is an argmax scatter, which XLA's CPU backend
-    runs slowly (BENCHMARKS.md, "VGG16 train step and inference").
+    Computed as the maximum of the window's strided slices, one elementwise pass (a reduction over
+    a reshape took 3× as long at 32 px), with the reduction's derivative (`_pool_jvp`): an
+    elementwise equality mask, a tie sharing the gradient, where reduce_window's is an argmax
+    scatter, which XLA's CPU backend runs slowly (BENCHMARKS.md, "VGG16 train step and
+    inference"); the slices' own would split ties in halves through padded slices.
     """
-    (wh, ww), (n, h, w, c) = window, x.shape
+    (wh, ww), (_, h, w, _) = window, x.shape
     assert tuple(strides) == tuple(window), "non-overlapping windows only"
-    x = x[:, : h // wh * wh, : w // ww * ww]
-    return x.reshape(n, h // wh, wh, w // ww, ww, c).max(axis=(2, 4))
+    return _pool(x[:, : h // wh * wh, : w // ww * ww], wh, ww)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _pool(x: jax.Array, wh: int, ww: int) -> jax.Array:
+    slices = [x[:, i::wh, j::ww] for i in range(wh) for j in range(ww)]
+    return functools.reduce(jnp.maximum, slices)
+
+
+@_pool.defjvp
+def _pool_jvp(wh: int, ww: int, primals: tuple, tangents: tuple) -> tuple:
+    """JAX's derivative of a max over the windows of a reshape, linear in the tangent."""
+    (x,), (t,) = primals, tangents
+    (n, h, w, c), y = x.shape, _pool(x, wh, ww)
+    windows = lambda a: a.reshape(n, h // wh, wh, w // ww, ww, c)
+    at_max = (windows(x) == y[:, :, None, :, None]).astype(t.dtype)
+    return y, (windows(t) * at_max).sum((2, 4)) / at_max.sum((2, 4))
 
 
 # VGG.pooling: the paper's max-pooling, or average pooling (Gatys et al.'s choice for style).
