@@ -146,6 +146,28 @@ def test_fc_as_conv_is_the_flattened_fc():
     np.testing.assert_allclose(conv[0, 0, 0], fmap.reshape(1, -1)[0] @ kernel, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 5, 4), (1, 1, 3, 2)])
+def test_max_pool_is_flax_max_pool_with_the_reduction_derivative(shape):
+    """models.max_pool (strided slices, custom JVP): flax's values, floor included; the gradient
+    and the forward-mode tangent of a max over each window of a reshape, ties (ReLU's zeros,
+    repeated values) sharing it evenly, to float32 rounding."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(-2, 3, size=shape), jnp.float32)  # many ties
+    dx = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    (n, h, w, c) = shape
+
+    def reduction(x):
+        x = x[:, : h // 2 * 2, : w // 2 * 2]
+        return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+    pool = lambda x: models.max_pool(x, (2, 2), (2, 2))
+    np.testing.assert_array_equal(pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    dy = jnp.asarray(rng.normal(size=pool(x).shape), jnp.float32)
+    gradient = lambda f: jax.jit(jax.grad(lambda x: jnp.vdot(f(x), dy)))(x)
+    np.testing.assert_allclose(gradient(pool), gradient(reduction), rtol=1e-6)
+    np.testing.assert_allclose(jax.jvp(pool, (x,), (dx,))[1], jax.jvp(reduction, (x,), (dx,))[1])
+
+
 def test_lrn_matches_krizhevsky_formula():
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 9)).astype(np.float32) * 20
     p = models.LRN_PARAMS
