@@ -37,7 +37,7 @@ from vggjax.errors import require
 RGB_PAD_ON_GPU = 0  # 0: off; else the input channels conv1_1 is padded to on a GPU
 WINOGRAD = ("off", *_winograd.RULES)  # the settings; "auto" is the process's (set_winograd)
 _process_setting = "off"  # what "auto" means: vggjax.tune_cpu() picks one by the pages
-PATCHES_SIDE = 2  # maps this small (either side): patches_conv, under any setting but "off"
+PATCHES_SIDE = 2  # maps this small (either side): small_map_conv, under any setting but "off"
 
 
 def set_winograd(setting: str) -> None:
@@ -106,8 +106,14 @@ def small_map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`map_conv` or `patches_conv`, whichever multiplies less: (h·w)² against h·w times the
     kernel's taps per channel pair, so `map_conv` on maps of up to 9 pixels under a 3×3 kernel."""
     (_, h, w, _), k = x.shape, kernel.shape[0]
-    taps = min(k, 2 * h - 1) * min(k, 2 * w - 1)
-    return map_conv(x, kernel) if h * w <= taps else patches_conv(x, kernel)
+    return map_conv(x, kernel) if h * w <= len(_taps(h, w, k)) else patches_conv(x, kernel)
+
+
+def _taps(h: int, w: int, k: int) -> list[tuple[int, int]]:
+    """The taps (row, column) of a k×k SAME kernel that see an image pixel from some output pixel
+    of an h×w map: on maps smaller than the kernel, the outer ones see only padding."""
+    half = k // 2
+    return [(a, b) for a in range(k) for b in range(k) if abs(a - half) < h and abs(b - half) < w]
 
 
 def map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -134,8 +140,7 @@ def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padding on every pixel (on maps smaller than the kernel) are left out. Plain JAX operations,
     so every transformation differentiates it as it would anything else."""
     (n, h, w, _), k = x.shape, kernel.shape[0]
-    half = k // 2
-    taps = [(a, b) for a in range(k) for b in range(k) if abs(a - half) < h and abs(b - half) < w]
+    half, taps = k // 2, _taps(h, w, k)
     padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
     cols = jnp.concatenate([padded[:, a : a + h, b : b + w] for a, b in taps], axis=-1)
     weights = jnp.concatenate([kernel[a, b] for a, b in taps], axis=0)
