@@ -2,6 +2,7 @@
 Winograd convolutions, and the float32 gradients of the default against float64."""
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -270,7 +271,58 @@ def test_small_map_convolutions_equal_xla_through_every_transformation(form, sha
     kernel on a map smaller than it, taps left out) against XLA's convolution: output, both
     gradients, and the forward-mode tangent against the reverse-mode one (plain JAX operations:
     no custom rule), to float32 rounding."""
-    conv = getattr(convolution, form)
+    _check_against_xla(getattr(convolution, form), shape, kernel)
+
+
+@pytest.mark.parametrize("shape, kernel", [((2, 9, 7, 3), 3), ((3, 2, 2, 1), 3), ((2, 6, 5, 4), 5)])
+def test_rgb_convolution_equals_xla_through_every_transformation(shape, kernel):
+    """convolution.rgb_conv (conv1_1's few input channels: multiply-adds in a conditional, XLA's
+    derivatives by a custom JVP) against XLA's convolution as the small-map forms are, under
+    vmap too, and on a kernel holding a NaN (the conditional's other branch: NaN where XLA's)."""
+    _check_against_xla(convolution.rgb_conv, shape, kernel)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, *shape)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
+    batched = jax.vmap(convolution.rgb_conv, (0, None))(x, k)
+    np.testing.assert_allclose(batched, jax.vmap(winograd.direct, (0, None))(x, k), atol=1e-5)
+    bad = k.at[0, 0, 0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(
+        np.isnan(convolution.rgb_conv(x[0], bad)), np.isnan(winograd.direct(x[0], bad))
+    )
+
+
+def test_conv1_1_by_products_on_the_cpu_under_every_setting_but_off():
+    """A 3-channel float32 layer goes to rgb_conv (a conditional in the program) under every
+    Winograd setting but "off", and in bfloat16 to XLA's convolution alone."""
+    x, k = jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))
+    for setting, dtype, products in (
+        ("huge_pages", jnp.float32, True),
+        ("off", jnp.float32, False),
+        ("huge_pages", jnp.bfloat16, False),
+    ):
+        text = jax.jit(functools.partial(_layer_conv, setting=setting))
+        text = text.lower(x.astype(dtype), k.astype(dtype)).as_text()
+        assert ("stablehlo.case" in text or "stablehlo.if" in text) == products, (setting, dtype)
+
+
+def test_patches_where_xla_is_slowest_under_every_setting_but_off():
+    """vgg11_bn at a 32 crop: conv5_1 and conv5_2 (2×2 maps) are one matrix product each, the
+    rest XLA's convolution; "off" leaves all eight to XLA."""
+    model = models.create_model("vgg11_bn", 10, width=0.25, fc_width=16, crop_size=32)
+    x = jnp.zeros((2, 32, 32, 3))
+    for setting, convolutions in (("huge_pages", 6), ("small_pages", 6), ("off", 8)):
+        net = model.clone(spec=dataclasses.replace(model.spec, winograd=setting))
+        variables = models.abstract_variables(net)
+        text = jax.jit(net.apply).lower(variables, x).as_text()
+        assert text.count("stablehlo.convolution") == convolutions, setting
+
+
+# Helpers
+
+
+def _check_against_xla(conv, shape: tuple[int, ...], kernel: int) -> None:
+    """`conv` against XLA's convolution: output, both gradients and the tangent against the
+    reverse mode's, to float32 rounding."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
@@ -287,21 +339,6 @@ def test_small_map_convolutions_equal_xla_through_every_transformation(form, sha
     np.testing.assert_allclose(
         dot(tangent, dy), dot(vjp(dy)[0], dx) + dot(vjp(dy)[1], dk), rtol=1e-5
     )
-
-
-def test_patches_where_xla_is_slowest_under_every_setting_but_off():
-    """vgg11_bn at a 32 crop: conv5_1 and conv5_2 (2×2 maps) are one matrix product each, the
-    rest XLA's convolution; "off" leaves all eight to XLA."""
-    model = models.create_model("vgg11_bn", 10, width=0.25, fc_width=16, crop_size=32)
-    x = jnp.zeros((2, 32, 32, 3))
-    for setting, convolutions in (("huge_pages", 6), ("small_pages", 6), ("off", 8)):
-        net = model.clone(spec=dataclasses.replace(model.spec, winograd=setting))
-        variables = models.abstract_variables(net)
-        text = jax.jit(net.apply).lower(variables, x).as_text()
-        assert text.count("stablehlo.convolution") == convolutions, setting
-
-
-# Helpers
 
 
 def _layer_conv(x: jax.Array, kernel: jax.Array, setting: str = "auto") -> jax.Array:

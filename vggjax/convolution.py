@@ -12,7 +12,8 @@
   0.75 ms over the image's patches (BENCHMARKS.md, "Small images on the CPU"), less as one dense
   layer over the whole map (`map_conv`). Not conv1_1 by patches, though faster there
   too: its kernel gradient, one dot summing N·H·W rows in sequence, rounded differently on
-  one device and on eight beyond tests/test_train.py's bound.
+  one device and on eight beyond tests/test_train.py's bound. conv1_1's forward, with its
+  `RGB_CHANNELS` or fewer input channels, is `rgb_conv`'s 27 multiply-adds (XLA's derivatives).
 - GPU: XLA's (cuDNN). With `RGB_PAD_ON_GPU`, conv1_1's three input channels and its kernel's
   are zero-padded to that many first, the same convolution in exact arithmetic: XLA pads
   float16 convolutions for the tensor cores itself (to 4 channels for 3 → 32 or 64, cuDNN's
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from vggjax import winograd as _winograd
 from vggjax.errors import require
@@ -38,6 +40,7 @@ RGB_PAD_ON_GPU = 0  # 0: off; else the input channels conv1_1 is padded to on a 
 WINOGRAD = ("off", *_winograd.RULES)  # the settings; "auto" is the process's (set_winograd)
 _process_setting = "off"  # what "auto" means: vggjax.tune_cpu() picks one by the pages
 PATCHES_SIDE = 2  # maps this small (either side): small_map_conv, under any setting but "off"
+RGB_CHANNELS = 4  # inputs this narrow (conv1_1's): rgb_conv, under any setting but "off"
 
 
 def set_winograd(setting: str) -> None:
@@ -79,6 +82,8 @@ def conv_general_dilated(
             return _winograd.conv(lhs, rhs, train, infer)
         if _patches_faster(lhs.shape, rhs.shape, padding):
             return small_map_conv(lhs, rhs)
+        if _rgb(lhs, rhs):
+            return rgb_conv(lhs, rhs)
     if plain and platform == "gpu" and lhs.shape[-1] == 3 < RGB_PAD_ON_GPU:
         lhs, rhs = pad_channels(lhs, rhs, RGB_PAD_ON_GPU)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
@@ -99,6 +104,18 @@ def _patches_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pad
         and kernel_shape[1] == k
         and k % 2 == 1
         and (padding == "SAME" or k == 3)
+    )
+
+
+def _rgb(x: jax.Array, kernel: jax.Array) -> bool:
+    """Where `rgb_conv` beat XLA's convolution on the CPU: few input channels, an odd square
+    kernel, float32 (the products add in the operands' type; XLA's convolution in float32)."""
+    k = kernel.shape[0]
+    return (
+        x.shape[-1] <= RGB_CHANNELS
+        and kernel.shape[1] == k
+        and k % 2 == 1
+        and x.dtype == kernel.dtype == jnp.float32
     )
 
 
@@ -145,3 +162,44 @@ def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     cols = jnp.concatenate([padded[:, a : a + h, b : b + w] for a, b in taps], axis=-1)
     weights = jnp.concatenate([kernel[a, b] for a, b in taps], axis=0)
     return (cols.reshape(n * h * w, -1) @ weights).reshape(n, h, w, -1)
+
+
+@jax.custom_jvp
+def rgb_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The stride-1 SAME convolution of NHWC `x` with few channels (conv1_1's RGB) and an odd
+    square HWIO `kernel` as k·k·C multiply-adds of shifted slices, XLA's convolution for its
+    derivatives. XLA's convolution packs 3-channel windows slowly: at 32 px, batch 128, 16
+    outputs, 1.06 against 3.56 ms; at 224 px, batch 8, 64 outputs, 11.6 against 16.5 ms
+    (BENCHMARKS.md, "Small images on the CPU"). The products sit in a conditional's branch because
+    XLA fuses an elementwise producer into each of its consumers: batch norm's three passes then
+    each recomputed them, and the step went 58 → 70 ms. Its other branch, taken only for a
+    non-finite kernel (whose output is NaN either way), is XLA's convolution."""
+    return jax.lax.cond(jnp.isfinite(kernel[0, 0, 0, 0]), _products, _winograd.direct, x, kernel)
+
+
+def _rgb_conv_jvp(primals: tuple, tangents: tuple) -> tuple:
+    """The products' output; XLA's convolution of each non-zero tangent, so reverse mode runs
+    XLA's kernel gradient (one sum per image, then over the images, however the batch is split)."""
+    (x, kernel), (dx, dk) = primals, tangents
+    y = rgb_conv(x, kernel)
+    pairs = ((dx, kernel), (x, dk))
+    given = [pair for pair, t in zip(pairs, tangents) if not isinstance(t, SymbolicZero)]
+    parts = [_winograd.direct(*pair) for pair in given]
+    return y, sum(parts[1:], parts[0]) if parts else jnp.zeros_like(y)
+
+
+rgb_conv.defjvp(_rgb_conv_jvp, symbolic_zeros=True)
+
+
+def _products(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Σ over taps (a, b) and input channels c of the shifted slice times kernel[a, b, c]."""
+    (_, h, w, channels), k = x.shape, kernel.shape[0]
+    half = k // 2
+    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    terms = [
+        padded[:, a : a + h, b : b + w, c : c + 1] * kernel[a, b, c]
+        for a in range(k)
+        for b in range(k)
+        for c in range(channels)
+    ]
+    return sum(terms[1:], terms[0])

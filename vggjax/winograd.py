@@ -99,7 +99,7 @@ def conv(x: jax.Array, kernel: jax.Array, train: bool, infer: bool) -> jax.Array
     A custom JVP, not a custom VJP, so forward mode works too: the tangent, linear in (dx, dk),
     is the transpose of `_backward`, which JAX transposes back to `_backward` for reverse mode
     (`_conv_jvp`)."""
-    return _forward(x, kernel)[0] if infer else _direct(x, kernel)
+    return _forward(x, kernel)[0] if infer else direct(x, kernel)
 
 
 def _conv_jvp(train: bool, infer: bool, primals: tuple, tangents: tuple) -> tuple:
@@ -110,7 +110,7 @@ def _conv_jvp(train: bool, infer: bool, primals: tuple, tangents: tuple) -> tupl
     given = [not isinstance(t, SymbolicZero) for t in tangents]
     if not train:
         tangents = [t.instantiate() if isinstance(t, SymbolicZero) else t for t in tangents]
-        return jax.jvp(_direct, primals, tuple(tangents))
+        return jax.jvp(direct, primals, tuple(tangents))
     y, residuals = _forward(*primals)
     if not any(given):
         return y, jnp.zeros_like(y)
@@ -122,7 +122,8 @@ def _conv_jvp(train: bool, infer: bool, primals: tuple, tangents: tuple) -> tupl
 conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
-def _direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def direct(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's stride-1 SAME convolution of NHWC `x` with HWIO `kernel`."""
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC)
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn)
 
