@@ -98,25 +98,26 @@ def pad_channels(x: jax.Array, kernel: jax.Array, channels: int) -> tuple[jax.Ar
 
 def _patches_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padding) -> bool:
     """Where `patches_conv` beat XLA's convolution on the CPU, for a SAME odd square kernel."""
-    k = kernel_shape[0]
     return (
         min(x_shape[1:3]) <= PATCHES_SIDE
-        and kernel_shape[1] == k
-        and k % 2 == 1
-        and (padding == "SAME" or k == 3)
+        and _odd_square(kernel_shape)
+        and (padding == "SAME" or kernel_shape[0] == 3)
     )
 
 
 def _rgb(x: jax.Array, kernel: jax.Array) -> bool:
     """Where `rgb_conv` beat XLA's convolution on the CPU: few input channels, an odd square
     kernel, float32 (the products add in the operands' type; XLA's convolution in float32)."""
-    k = kernel.shape[0]
     return (
         x.shape[-1] <= RGB_CHANNELS
-        and kernel.shape[1] == k
-        and k % 2 == 1
+        and _odd_square(kernel.shape)
         and x.dtype == kernel.dtype == jnp.float32
     )
+
+
+def _odd_square(kernel_shape: tuple[int, ...]) -> bool:
+    """Whether an HWIO kernel is k×k with k odd: SAME padding centres it."""
+    return kernel_shape[0] == kernel_shape[1] and kernel_shape[0] % 2 == 1
 
 
 def small_map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -131,6 +132,14 @@ def _taps(h: int, w: int, k: int) -> list[tuple[int, int]]:
     of an h×w map: on maps smaller than the kernel, the outer ones see only padding."""
     half = k // 2
     return [(a, b) for a in range(k) for b in range(k) if abs(a - half) < h and abs(b - half) < w]
+
+
+def _windows(x: jax.Array, k: int, taps: list[tuple[int, int]]) -> list[jax.Array]:
+    """What each tap (a, b) of a k×k SAME kernel sees at every output pixel of NHWC `x`: the
+    h×w window at (a, b) of `x` zero-padded by k // 2."""
+    (_, h, w, _), half = x.shape, k // 2
+    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    return [padded[:, a : a + h, b : b + w] for a, b in taps]
 
 
 def map_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -157,9 +166,8 @@ def patches_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padding on every pixel (on maps smaller than the kernel) are left out. Plain JAX operations,
     so every transformation differentiates it as it would anything else."""
     (n, h, w, _), k = x.shape, kernel.shape[0]
-    half, taps = k // 2, _taps(h, w, k)
-    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
-    cols = jnp.concatenate([padded[:, a : a + h, b : b + w] for a, b in taps], axis=-1)
+    taps = _taps(h, w, k)
+    cols = jnp.concatenate(_windows(x, k, taps), axis=-1)
     weights = jnp.concatenate([kernel[a, b] for a, b in taps], axis=0)
     return (cols.reshape(n * h * w, -1) @ weights).reshape(n, h, w, -1)
 
@@ -193,13 +201,11 @@ rgb_conv.defjvp(_rgb_conv_jvp, symbolic_zeros=True)
 
 def _products(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Σ over taps (a, b) and input channels c of the shifted slice times kernel[a, b, c]."""
-    (_, h, w, channels), k = x.shape, kernel.shape[0]
-    half = k // 2
-    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    k, channels = kernel.shape[0], x.shape[-1]
+    taps = [(a, b) for a in range(k) for b in range(k)]
     terms = [
-        padded[:, a : a + h, b : b + w, c : c + 1] * kernel[a, b, c]
-        for a in range(k)
-        for b in range(k)
+        window[..., c : c + 1] * kernel[a, b, c]
+        for (a, b), window in zip(taps, _windows(x, k, taps))
         for c in range(channels)
     ]
     return sum(terms[1:], terms[0])
