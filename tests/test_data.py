@@ -310,8 +310,7 @@ def noise_dir(tmp_path_factory) -> str:
 
 def _augmenting(data_dir: str, tmp_path, **overrides) -> ml_collections.ConfigDict:
     """Scale jittering (rescales up and down), padding, flips and colour shifts, in memory."""
-    return _config(
-        data_dir,
+    augmenting = dict(
         crop_size=8,
         train_scale=(9, 14),
         crop_padding=2,
@@ -320,16 +319,21 @@ def _augmenting(data_dir: str, tmp_path, **overrides) -> ml_collections.ConfigDi
         mean_rgb=(100.0, 110.0, 120.0),
         data_in_memory=True,
         data_cache_dir=str(tmp_path / "cache"),
-        **overrides,
     )
+    return _config(data_dir, **(augmenting | overrides))
 
 
-@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "process_index,process_count,fixed",
+    [(0, 1, False), (1, 2, False), (0, 1, True)],
+)
 def test_in_memory_batches_are_the_folder_batches(
-    noise_dir, tmp_path, process_index, process_count
+    noise_dir, tmp_path, process_index, process_count, fixed
 ):
-    """The same seed gives the same batches, augmentation and bad-image masks included."""
-    config = _augmenting(noise_dir, tmp_path)
+    """The same seed gives the same batches, augmentation and bad-image masks included; with a
+    fixed S (the split rescaled once) and no colour shift (not drawn) too."""
+    fixing = dict(train_scale=(12, 12), colour_shift_std=0.0) if fixed else {}
+    config = _augmenting(noise_dir, tmp_path, **fixing)
     shard = dict(process_index=process_index, process_count=process_count)
     in_memory = _take(config, 7, **shard)  # two and a half epochs of 12
     config.data_in_memory = False

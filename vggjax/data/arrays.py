@@ -7,8 +7,10 @@ file's name, size and modification time, so a changed folder is read again. Trai
 are gathered from it by index in the order grain's sampler gives the folder pipeline (the same
 shuffle, process sharding and checkpointed position), each image's random scale, crop, flip and
 colour shift drawn from the same per-element generator as there, so the same seed gives the same
-batches; the pixel work (rescale, padding, crop and flip) is done on the whole batch. Images that
-cannot be decoded are recorded and masked as in the folder pipeline.
+batches; the pixel work (rescale, padding, crop and flip) is done on the whole batch, and with
+a fixed training scale S the split is rescaled once and kept in memory (one more copy of it at
+S in each process reading it). Images that cannot be decoded are recorded and masked as in the
+folder pipeline.
 """
 
 from __future__ import annotations
@@ -66,9 +68,19 @@ class ArraySource(sources.Source):
         self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
         self.labels = np.load(os.path.join(path, "labels.npy"))
         self.good = np.load(os.path.join(path, "good.npy"))
+        self._rescaled: tuple[int, np.ndarray] | None = None  # (S, the images at S): `rescaled`
 
     def __reduce__(self) -> tuple[Any, ...]:
         return ArraySource, (self.path,)
+
+    def rescaled(self, s: int) -> np.ndarray:
+        """Every image rescaled to smallest side `s` (`augment.train_rescale`), made on the first
+        call and kept in this process: a fixed training scale rescales the same images in every
+        epoch (MNIST's 28 pixels to 32: half the pipeline's time a batch)."""
+        if self._rescaled is None or self._rescaled[0] != s:
+            images = np.stack([augment.train_rescale(np.asarray(i), s) for i in self.images])
+            self._rescaled = (s, images)
+        return self._rescaled[1]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -170,20 +182,24 @@ class Draws(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class Gather(grain.transforms.Map):
     """A batch of draws → a training batch: the images gathered from memory, rescaled to their
-    S, cropped and flipped as drawn (`augment.cut_batch`), bad images masked."""
+    S (once for all epochs where S is fixed: `ArraySource.rescaled`), cropped and flipped as
+    drawn (`augment.cut_batch`), bad images masked."""
 
     source: ArraySource
     crop: int
+    train_scale: tuple[int, int]
 
     def map(self, draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index, scale = draws["index"], draws["scale"]
-        images = np.asarray(self.source.images[index])
-        crops = np.empty((len(index), self.crop, self.crop, images.shape[-1]), np.uint8)
+        channels = self.source.images.shape[-1]
+        crops = np.empty((len(index), self.crop, self.crop, channels), np.uint8)
         for s in np.unique(scale):
             group = np.flatnonzero(scale == s)
-            rescaled = np.stack([augment.train_rescale(images[i], int(s)) for i in group])
             crops[group] = augment.cut_batch(
-                rescaled, draws["offset"][group], self.crop, draws["flipped"][group]
+                self._rescaled(index[group], int(s)),
+                draws["offset"][group],
+                self.crop,
+                draws["flipped"][group],
             )
         good = self.source.good[index]
         crops[~good] = 0
@@ -193,3 +209,9 @@ class Gather(grain.transforms.Map):
             "label": self.source.labels[index],
             "mask": good.astype(np.float32),
         }
+
+    def _rescaled(self, index: np.ndarray, s: int) -> np.ndarray:
+        """The images at `index` rescaled to smallest side `s`."""
+        if self.train_scale[0] == self.train_scale[1]:
+            return self.source.rescaled(s)[index]
+        return np.stack([augment.train_rescale(image, s) for image in self.source.images[index]])

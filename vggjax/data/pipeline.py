@@ -225,7 +225,9 @@ def train_dataset(
         process_count=process_count,
         num_workers=config.num_workers,
         in_memory=in_memory,
-        per_batch=arrays.Gather(images, config.crop_size) if in_memory else None,
+        per_batch=arrays.Gather(images, config.crop_size, tuple(config.train_scale))
+        if in_memory
+        else None,
     )
 
 
