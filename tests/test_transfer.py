@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import run_main
 
-from vggjax import pretrained, recipe
+from vggjax import options, pretrained, recipe
 from vggjax.data import augment
+from vggjax.errors import UserError
 from vggjax.evaluators import features, transfer
 
 
@@ -101,13 +102,39 @@ def test_svm_on_demo_features_beats_chance_by_a_wide_margin(
     assert splits["mean_class_recall"] >= 0.4 and splits["mean_class_recall_std"] > 0, splits
 
 
+def test_features_dense_alignment_centres_the_map(trained_demo_net, tiny_demo_dir):
+    """features.dense_alignment=centred: each image's descriptor, extracted batched, is that of
+    the image (and of its mirror) less half of each side's unseen margin at the top and left,
+    alone; top-left's differs."""
+    c = transfer_config(tiny_demo_dir, [trained_demo_net], scales=(88,))
+    c.features.dense_alignment = "centred"
+    data = features.extract(c, trained_demo_net, "val")
+    model, variables, preprocess = pretrained.load_pretrained(trained_demo_net)
+    for i in (0, 13, 38):
+        with open(os.path.join(tiny_demo_dir, "val", data["ids"][i]), "rb") as f:
+            x = preprocess(augment.rescale_smallest_side(augment.decode_image(f.read()), 88))
+        dy, dx = np.asarray(x.shape[:2]) % 32 // 2  # the crop is a multiple of 32
+        alone = {
+            "centred": [fc7_descriptor(model, variables, im[dy:, dx:]) for im in (x, x[:, ::-1])],
+            "top_left": [fc7_descriptor(model, variables, im) for im in (x, x[:, ::-1])],
+        }
+        unit = {k: features.l2_normalise(np.mean(v, 0)) for k, v in alone.items()}
+        np.testing.assert_allclose(data["features"][i], unit["centred"], atol=1e-5)
+        assert np.abs(unit["top_left"] - unit["centred"]).max() > 1e-3
+    c.features.dense_alignment = "diagonal"
+    with pytest.raises(UserError, match="config.features.dense_alignment must be one of"):
+        options.validate(c)
+
+
 def test_feature_files_are_reused_only_with_the_same_settings(tmp_path):
     about = dict(checkpoints=["/a"], scales=[256, 384], aggregation="stack", flip=True)
+    about["dense_alignment"] = "top_left"
     path = str(tmp_path / "f.npz")
     features.save(path, dict(features=np.ones((2, 3)), labels=np.zeros(2)), about)
     assert features.load(path, about)["features"].shape == (2, 3)
     assert features.load(path, dict(about, scales=[256])) is None
     assert features.load(path, dict(about, aggregation="average")) is None
+    assert features.load(path, dict(about, dense_alignment="centred")) is None
     assert features.load(str(tmp_path / "missing.npz"), about) is None
 
 

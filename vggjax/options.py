@@ -32,9 +32,9 @@ EVAL_PROTOCOLS = {
     "fusion": "fusion",
 }
 
-# config.eval.dense_alignment → where the dense protocols' score map lies on an image. Its windows
-# are crop-sized at a stride of 32 and pooling floors each map, so up to 31 pixels of a side fall
-# outside every window (`engine.buckets.unseen_margins`): the fractions of that margin the map is
+# config.eval.dense_alignment → where the dense protocols' score map lies on an image (and
+# config.features.dense_alignment: Appendix B's fc7 map). Its windows are crop-sized at a stride
+# of 32 and pooling floors each map, so up to 31 pixels of a side fall outside every window (`engine.buckets.unseen_margins`): the fractions of that margin the map is
 # shifted by, on each side; several make a grid of shifts whose maps are averaged together.
 DENSE_ALIGNMENTS: dict[str, tuple[float, ...]] = {
     "top_left": (0.0,),  # the paper's and Caffe's: the margin is lost at the bottom and right
@@ -222,6 +222,7 @@ def validate(c: Any) -> None:
         ("lr_schedule", c.lr_schedule, LR_SCHEDULES),
         ("features.aggregation", c.features.aggregation, AGGREGATIONS),
         ("eval.dense_alignment", c.eval.dense_alignment, DENSE_ALIGNMENTS),
+        ("features.dense_alignment", c.features.dense_alignment, DENSE_ALIGNMENTS),
     ]:
         one_of(f"config.{field}", value, allowed)
     for field, ok, allowed in _checks(c) + _test_checks(c):

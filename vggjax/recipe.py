@@ -135,6 +135,7 @@ def paper_recipe(model: str, scale: str = "256") -> ml_collections.ConfigDict:
     c.features.scales = (256, 384, 512)  # Q
     c.features.aggregation = "stack"  # over Q: "stack" (the paper's Caltech) or "average" (VOC)
     c.features.flip = True
+    c.features.dense_alignment = "top_left"  # one of options.DENSE_ALIGNMENTS, as eval's
     c.features.splits = ("train", "val")
     c.transfer = ml_collections.ConfigDict()
     c.transfer.c_values = (

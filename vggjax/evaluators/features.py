@@ -1,9 +1,9 @@
 """Appendix B: very deep features for other data sets (the `features` evaluator).
 
-The net without its last FC layer is applied densely to the whole image rescaled to Q; its
-4096-D penultimate activations are averaged over the map and with those of the mirror image,
-then over several Q either averaged or stacked, and L2-normalised. Two nets' descriptors are
-stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.engine`),
+The net without its last FC layer is applied densely to the whole image rescaled to Q (the map
+placed as `features.dense_alignment` says); its 4096-D penultimate activations are averaged over
+the map and with those of the mirror image, then over several Q either averaged or stacked, and
+L2-normalised. Two nets' descriptors are stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.engine`),
 so any image size runs exactly, batched and sharded over the devices.
 """
 
@@ -24,7 +24,12 @@ from vggjax.errors import UserError
 
 
 def dense_descriptor(
-    model: models.VGG, variables: Any, images: jax.Array, sizes: jax.Array, flip: bool = True
+    model: models.VGG,
+    variables: Any,
+    images: jax.Array,
+    sizes: jax.Array,
+    flip: bool = True,
+    alignment: str = "top_left",
 ) -> jax.Array:
     """One scale's descriptor: fc7's activations averaged over each image's own map positions,
     and with the mirror image's (an engine `Head`'s compute).
@@ -34,11 +39,14 @@ def dense_descriptor(
       images: a padded batch, mean-subtracted, each image top-left in its bucket.
       sizes: each image's valid (height, width), so the padding does not count.
       flip: average with the mirror image's descriptor too.
+      alignment: where the map lies on each image, one of options.DENSE_ALIGNMENTS (as
+        `eval.dense_alignment` for the test protocols).
 
     Returns:
       (N, fc_width) descriptors, not yet normalised (`aggregate` does).
     """
-    return engine.dense_averages(model, variables, images, sizes, "fc7", flip).mean(1)
+    averages = engine.dense_averages(model, variables, images, sizes, "fc7", flip, alignment)
+    return averages.mean(1)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -68,6 +76,7 @@ def settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         scales=list(config.features.scales),
         aggregation=config.features.aggregation,
         flip=bool(config.features.flip),
+        dense_alignment=config.features.dense_alignment,
         dataset=config.dataset,
         data_dir=os.path.abspath(config.data_dir or "."),
     )
@@ -77,7 +86,8 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
     """Appendix B's descriptors of every image of a split, computed (not read from a file).
 
     Args:
-      config: the data set and `config.features` (checkpoints, scales, aggregation, flip).
+      config: the data set and `config.features` (checkpoints, scales, aggregation, flip,
+        dense_alignment).
       workdir: the net whose latest checkpoint is used when `features.checkpoints` is empty.
       split: 'train' or 'val'.
 
@@ -93,11 +103,12 @@ def extract(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
     nets = [pretrained.with_net_of(config, path) for path in paths]  # bad paths fail first
     source = sources.make_source(config, split)
     scales = tuple(config.features.scales)
-    heads = {
-        "features": engine.Head(
-            functools.partial(dense_descriptor, flip=config.features.flip), fill=lambda width: 0.0
-        )
-    }
+    compute = functools.partial(
+        dense_descriptor,
+        flip=config.features.flip,
+        alignment=config.features.dense_alignment,
+    )
+    heads = {"features": engine.Head(compute, fill=lambda width: 0.0)}
     per_net = []
     for i, (path, net) in enumerate(zip(paths, nets)):
         runner = engine.Engine.from_config(net, dict.fromkeys(scales, ("features",)), heads)
