@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -102,25 +103,27 @@ def test_svm_on_demo_features_beats_chance_by_a_wide_margin(
     assert splits["mean_class_recall"] >= 0.4 and splits["mean_class_recall_std"] > 0, splits
 
 
-def test_features_dense_alignment_centres_the_map(trained_demo_net, tiny_demo_dir):
-    """features.dense_alignment=centred: each image's descriptor, extracted batched, is that of
-    the image (and of its mirror) less half of each side's unseen margin at the top and left,
-    alone; top-left's differs."""
-    c = transfer_config(tiny_demo_dir, [trained_demo_net], scales=(88,))
-    c.features.dense_alignment = "centred"
-    data = features.extract(c, trained_demo_net, "val")
+def test_features_dense_alignment_centres_the_map(trained_demo_net, tiny_demo_dir, tmp_path):
+    """features.dense_alignment=centred: an image's descriptor, extracted batched with one of
+    another shape, is that of the image (and of its mirror) less half of each side's unseen
+    margin at the top and left, alone; top-left's descriptors differ."""
+    for name in ("circle/0000.jpg", "star/0002.jpg"):  # landscape and portrait
+        (tmp_path / "val" / os.path.dirname(name)).mkdir(parents=True)
+        shutil.copy(os.path.join(tiny_demo_dir, "val", name), tmp_path / "val" / name)
+    c = transfer_config(str(tmp_path), [trained_demo_net], scales=(88,))
+    extracted = {}
+    for alignment in ("top_left", "centred"):
+        c.features.dense_alignment = alignment
+        extracted[alignment] = features.extract(c, trained_demo_net, "val")["features"]
+    assert np.abs(extracted["top_left"] - extracted["centred"]).max(1).min() > 1e-3  # each image
     model, variables, preprocess = pretrained.load_pretrained(trained_demo_net)
-    for i in (0, 13, 38):
-        with open(os.path.join(tiny_demo_dir, "val", data["ids"][i]), "rb") as f:
-            x = preprocess(augment.rescale_smallest_side(augment.decode_image(f.read()), 88))
-        dy, dx = np.asarray(x.shape[:2]) % 32 // 2  # the crop is a multiple of 32
-        alone = {
-            "centred": [fc7_descriptor(model, variables, im[dy:, dx:]) for im in (x, x[:, ::-1])],
-            "top_left": [fc7_descriptor(model, variables, im) for im in (x, x[:, ::-1])],
-        }
-        unit = {k: features.l2_normalise(np.mean(v, 0)) for k, v in alone.items()}
-        np.testing.assert_allclose(data["features"][i], unit["centred"], atol=1e-5)
-        assert np.abs(unit["top_left"] - unit["centred"]).max() > 1e-3
+    with open(tmp_path / "val" / "circle" / "0000.jpg", "rb") as f:
+        x = preprocess(augment.rescale_smallest_side(augment.decode_image(f.read()), 88))
+    dy, dx = np.asarray(x.shape[:2]) % 32 // 2  # the crop is a multiple of 32
+    alone = [fc7_descriptor(model, variables, im[dy:, dx:]) for im in (x, x[:, ::-1])]
+    np.testing.assert_allclose(
+        extracted["centred"][0], features.l2_normalise(np.mean(alone, 0)), atol=1e-5
+    )
     c.features.dense_alignment = "diagonal"
     with pytest.raises(UserError, match="config.features.dense_alignment must be one of"):
         options.validate(c)
