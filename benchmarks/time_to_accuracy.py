@@ -12,7 +12,9 @@ data sets are), augmented as tensors on its device, `torch.set_num_threads(cpus)
 denormals flushed, and `torch.compile` where a short probe says it pays for its compilation over
 the run (`--torch_compile=auto`). The net is built from vggjax's layer table
 (`torch_train_step.torch_vgg`); the peer reproduces vggjax's order of examples exactly
-(`stream_order`), not its random numbers. A config option the peer does not implement ends the
+(`stream_order`), not its random numbers: with `--peer_init=vggjax` it starts from the very
+variables vggjax's run starts from (a paired comparison: only the augmentation's draws and the
+arithmetic's rounding differ), by default from its own draws of the same scheme. A config option the peer does not implement ends the
 benchmark in one line (exit 2) before anything trains.
 
 Clocks: each framework's starts when its run starts, after its imports (vggjax: calling
@@ -73,6 +75,14 @@ _TORCH_COMPILE = flags.DEFINE_enum(
     ["auto", "eager", "compiled"],
     "PyTorch eager, torch.compile, or (auto) whichever a probe projects faster over the run, "
     "compilation included.",
+    flag_values=FLAGS,
+)
+_PEER_INIT = flags.DEFINE_enum(
+    "peer_init",
+    "own",
+    ["own", "vggjax"],
+    "The peer's initial weights: its own draws of vggjax's scheme, or vggjax's run's own "
+    "(the same seed's variables, copied before its clock starts): a paired comparison.",
     flag_values=FLAGS,
 )
 _WORKDIR = flags.DEFINE_string(
@@ -279,6 +289,47 @@ def _init_weights(net, kernel_init: str) -> None:
         torch.nn.init.zeros_(module.bias)
 
 
+def vggjax_initial(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The variables vggjax's run of `config` starts from (its trainer's init, the same seed)."""
+    import jax
+
+    from vggjax import sharding, train
+
+    state = train.Trainer(config, sharding.make_mesh()).init(jax.random.key(config.seed))
+    return jax.device_get(dict(params=state.params, batch_stats=state.batch_stats))
+
+
+def _load_vggjax(net, model, variables: dict[str, Any]) -> None:
+    """vggjax's variables into `torch_vgg(model)`'s modules: HWIO kernels as OIHW, fc6's rows
+    from NHWC's flattening to NCHW's (the inverse of vggjax.convert's torchvision reader)."""
+    import torch
+
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    convs = [layer.name for layer in model.layers if layer.kind == "conv"]
+    fcs = [layer.name for layer in model.layers if layer.kind == "fc"]
+    modules = lambda kind: [m for m in net.modules() if isinstance(m, kind)]
+    as_tensor = lambda a: torch.from_numpy(np.array(a))  # a writable copy
+    window = model.crop_size // 32
+    with torch.no_grad():
+        for name, conv in zip(convs, modules(torch.nn.Conv2d), strict=True):
+            conv.weight.copy_(as_tensor(np.transpose(params[name]["kernel"], (3, 2, 0, 1))))
+            conv.bias.copy_(as_tensor(params[name]["bias"]))
+        for name, norm in zip(convs, modules(torch.nn.BatchNorm2d)):
+            p, s = params[f"{name}_bn"], stats[f"{name}_bn"]
+            for tensor, value in zip(
+                (norm.weight, norm.bias, norm.running_mean, norm.running_var),
+                (p["scale"], p["bias"], s["mean"], s["var"]),
+            ):
+                tensor.copy_(as_tensor(value))
+        for name, linear in zip(fcs, modules(torch.nn.Linear), strict=True):
+            kernel = np.asarray(params[name]["kernel"]).T  # (out, in)
+            if name == fcs[0]:  # its inputs flattened NHWC → NCHW, as torch flattens them
+                out = kernel.shape[0]
+                kernel = kernel.reshape(out, window, window, -1).transpose(0, 3, 1, 2)
+            linear.weight.copy_(as_tensor(kernel.reshape(kernel.shape[0], -1)))
+            linear.bias.copy_(as_tensor(params[name]["bias"]))
+
+
 def _optimizer(net, config: ml_collections.ConfigDict, device: str, compiled: bool):
     """SGD with momentum, weight decay on what vggjax's `make_optimizer` decays (the kernels; all
     parameters with `weight_decay_biases`). Compiled, the learning rate is a tensor, so the step
@@ -350,7 +401,13 @@ class _Peer:
     batches of the in-memory images, eager or through `torch.compile` (the net's forward and
     the optimizer's step, as torch_train_step.py compiles them)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, device: str, compiled: bool):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        device: str,
+        compiled: bool,
+        initial: dict[str, Any] | None = None,
+    ):
         import functools
 
         import torch
@@ -364,6 +421,8 @@ class _Peer:
         assert sum(p.numel() for p in self.net.parameters()) == n, "not the same net"
         torch.manual_seed(config.seed)
         _init_weights(self.net, config.kernel_init)
+        if initial is not None:
+            _load_vggjax(self.net, model, initial)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer = _optimizer(self.net, config, device, compiled)
         self.forward, self.optimizer_step = self.net, self.optimizer.step
@@ -508,10 +567,14 @@ class _Plateau:
 
 
 def torch_run(
-    config: ml_collections.ConfigDict, order: np.ndarray, per_epoch: int, compiled: bool
+    config: ml_collections.ConfigDict,
+    order: np.ndarray,
+    per_epoch: int,
+    compiled: bool,
+    peer_init: str = "own",
 ) -> dict[str, Any]:
     """The peer's run: its clock from reading the images to each epoch's last step (synced),
-    validation apart."""
+    validation apart; from vggjax's initial weights with `peer_init` "vggjax"."""
     import torch
 
     from vggjax.data import sources
@@ -520,10 +583,11 @@ def torch_run(
     # The test crops before the clock starts: vggjax prepares its own in its first validation.
     val = _decoded(sources.make_source(config, "val"), crop=config.crop_size, q=config.eval_scale)
     val = tuple(t.to(device) for t in val)
+    initial = vggjax_initial(config) if peer_init == "vggjax" else None
     start = time.time()
     images, labels = (t.to(device) for t in _decoded(sources.make_source(config, "train")))
     load_seconds = time.time() - start
-    peer, plateau = _Peer(config, device, compiled), _Plateau(config)
+    peer, plateau = _Peer(config, device, compiled, initial), _Plateau(config)
     rates = learning_rates(config, len(order), per_epoch)
     order, scale = torch.from_numpy(order).to(device), 1.0
     epochs, clock, resumed = [], 0.0, start
@@ -544,6 +608,7 @@ def torch_run(
         epochs=epochs,
         load_seconds=round(load_seconds, 2),
         variant="compiled" if compiled else "eager",
+        peer_init=peer_init,
         **settings,
     )
 
@@ -652,7 +717,8 @@ def _torch(config: ml_collections.ConfigDict, num_train: int) -> dict[str, Any]:
         probe = dict(compile_probe=in_own_process(torch_probe, config, steps))
         compiled = probe["compile_probe"]["chosen"] == "compiled"
     order = stream_order(config.seed, num_train, steps, config.batch_size)
-    return in_own_process(torch_run, config, order, per_epoch, compiled) | probe
+    run = in_own_process(torch_run, config, order, per_epoch, compiled, _PEER_INIT.value)
+    return run | probe
 
 
 def _jax(config: ml_collections.ConfigDict, num_train: int) -> dict[str, Any]:

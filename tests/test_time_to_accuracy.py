@@ -103,9 +103,11 @@ def _benchmark(tmp_path, tiny_folder, *flags: str) -> subprocess.CompletedProces
 
 
 def test_benchmark_json_line(tmp_path, tiny_folder):
-    """One epoch of a narrow net, both frameworks: per-epoch seconds and accuracies, the seconds
-    to the target, the ratio and the host."""
-    done = _benchmark(tmp_path, tiny_folder, "--target=0", "--torch_compile=eager")
+    """One epoch of a narrow net, both frameworks (the peer from vggjax's initial weights):
+    per-epoch seconds and accuracies, the seconds to the target, the ratio and the host."""
+    done = _benchmark(
+        tmp_path, tiny_folder, "--target=0", "--torch_compile=eager", "--peer_init=vggjax"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps_per_epoch"] == 3 and result["target"] == 0
@@ -118,7 +120,7 @@ def test_benchmark_json_line(tmp_path, tiny_folder):
         assert epoch["accuracy"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
         assert run["final_accuracy"] == epoch["accuracy"]
         assert run["seconds_to_target"] == run["train_seconds"] == epoch["seconds"]
-    assert result["torch"]["variant"] == "eager"
+    assert result["torch"]["variant"] == "eager" and result["torch"]["peer_init"] == "vggjax"
     ratio = result["jax"]["seconds_to_target"] / result["torch"]["seconds_to_target"]
     assert result["time_to_target_jax_over_torch"] == pytest.approx(ratio, abs=1e-3)
 
@@ -142,6 +144,24 @@ def _as_vggjax(peer) -> dict:
         tensors[name] = value.detach().contiguous().numpy()
     convs, fcs = layout.torch_layers("peer", tensors, "torchvision")
     return layout.build_variables("peer", "vgg11_bn", convs, fcs)[1]
+
+
+def test_peer_starts_from_vggjax_weights_with_peer_init_vggjax():
+    """--peer_init=vggjax: the peer's weights and batch-norm statistics are exactly those vggjax's
+    run starts from (read back through vggjax.convert's torchvision reader; a 64-pixel crop, so
+    fc6's inputs are a 2×2 map whose flattening differs), and not its own draws'."""
+    import jax
+
+    c = recipe.paper_recipe("vgg11_bn", "64")
+    c.num_classes, c.crop_size, c.width, c.fc_width = 10, 64, 1 / 16, 32
+    c.kernel_init = "he"
+    initial = time_to_accuracy.vggjax_initial(c)
+    peer = time_to_accuracy._Peer(c, "cpu", compiled=False, initial=initial)
+    own = _as_vggjax(time_to_accuracy._Peer(c, "cpu", compiled=False))
+    theirs = _as_vggjax(peer)
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, initial[collection], theirs[collection])
+    assert not np.array_equal(own["params"]["fc6"]["kernel"], initial["params"]["fc6"]["kernel"])
 
 
 def test_peer_step_is_vggjax_step():
