@@ -14,8 +14,9 @@ the run (`--torch_compile=auto`). The net is built from vggjax's layer table
 (`torch_train_step.torch_vgg`); the peer reproduces vggjax's order of examples exactly
 (`stream_order`), not its random numbers: with `--peer_init=vggjax` it starts from the very
 variables vggjax's run starts from (a paired comparison: only the augmentation's draws and the
-arithmetic's rounding differ), by default from its own draws of the same scheme. A config option the peer does not implement ends the
-benchmark in one line (exit 2) before anything trains.
+arithmetic's rounding differ), by default from its own draws of the same scheme. A config
+option the peer does not implement ends the benchmark in one line (exit 2) before anything
+trains.
 
 Clocks: each framework's starts when its run starts, after its imports (vggjax: calling
 `train_and_evaluate`; PyTorch: before decoding the training images), so reading the data,
@@ -420,8 +421,9 @@ class _Peer:
         n = models.count_params(models.abstract_variables(model)["params"])
         assert sum(p.numel() for p in self.net.parameters()) == n, "not the same net"
         torch.manual_seed(config.seed)
-        _init_weights(self.net, config.kernel_init)
-        if initial is not None:
+        if initial is None:
+            _init_weights(self.net, config.kernel_init)
+        else:
             _load_vggjax(self.net, model, initial)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer = _optimizer(self.net, config, device, compiled)

@@ -201,8 +201,8 @@ rgb_conv.defjvp(_rgb_conv_jvp, symbolic_zeros=True)
 
 def _products(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Σ over taps (a, b) and input channels c of the shifted slice times kernel[a, b, c]."""
-    k, channels = kernel.shape[0], x.shape[-1]
-    taps = [(a, b) for a in range(k) for b in range(k)]
+    (_, h, w, channels), k = x.shape, kernel.shape[0]
+    taps = _taps(h, w, k)
     terms = [
         window[..., c : c + 1] * kernel[a, b, c]
         for (a, b), window in zip(taps, _windows(x, k, taps))

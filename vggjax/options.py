@@ -34,8 +34,9 @@ EVAL_PROTOCOLS = {
 
 # config.eval.dense_alignment → where the dense protocols' score map lies on an image (and
 # config.features.dense_alignment: Appendix B's fc7 map). Its windows are crop-sized at a stride
-# of 32 and pooling floors each map, so up to 31 pixels of a side fall outside every window (`engine.buckets.unseen_margins`): the fractions of that margin the map is
-# shifted by, on each side; several make a grid of shifts whose maps are averaged together.
+# of 32 and pooling floors each map, so up to 31 pixels of a side fall outside every window
+# (`engine.buckets.unseen_margins`): the fractions of that margin the map is shifted by, on each
+# side; several make a grid of shifts whose maps are averaged together.
 DENSE_ALIGNMENTS: dict[str, tuple[float, ...]] = {
     "top_left": (0.0,),  # the paper's and Caffe's: the margin is lost at the bottom and right
     "centred": (0.5,),  # the margin split evenly between the sides: one pass, as top_left

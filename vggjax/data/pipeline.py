@@ -214,8 +214,10 @@ def train_dataset(
     # The same stream of element indices either way: a fresh permutation in every epoch.
     ds = grain.MapDataset.range(len(images)) if in_memory else grain.MapDataset.source(images)
     ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
+    gather = None
     if in_memory:  # each element's draws; the pixels are done per batch
         ds = ds.random_map(arrays.Draws(shape=images.images.shape[1:3], **_augmentation(config)))
+        gather = arrays.Gather(images, config.crop_size, tuple(config.train_scale))
     else:
         ds = ds.random_map(_TrainExample(**_augmentation(config), box=_regresses_boxes(config)))
     return _finish(
@@ -225,9 +227,7 @@ def train_dataset(
         process_count=process_count,
         num_workers=config.num_workers,
         in_memory=in_memory,
-        per_batch=arrays.Gather(images, config.crop_size, tuple(config.train_scale))
-        if in_memory
-        else None,
+        per_batch=gather,
     )
 
 

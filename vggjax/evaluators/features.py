@@ -3,8 +3,9 @@
 The net without its last FC layer is applied densely to the whole image rescaled to Q (the map
 placed as `features.dense_alignment` says); its 4096-D penultimate activations are averaged over
 the map and with those of the mirror image, then over several Q either averaged or stacked, and
-L2-normalised. Two nets' descriptors are stacked ("late fusion"). The images go through the bucketed inference engine (`vggjax.engine`),
-so any image size runs exactly, batched and sharded over the devices.
+L2-normalised. Two nets' descriptors are stacked ("late fusion"). The images go through the
+bucketed inference engine (`vggjax.engine`), so any image size runs exactly, batched and sharded
+over the devices.
 """
 
 from __future__ import annotations
