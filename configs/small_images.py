@@ -32,20 +32,20 @@ What published VGG-on-small-images recipes do, and where each choice comes from:
 - The images decoded once and held in memory (`data_in_memory`: what torchvision's MNIST and
   CIFAR data sets do), the batches those of the folder pipeline.
 
-Published figure to reach on MNIST (its 10,000 test images as `val`): 99.63% test accuracy for
-the smaller "VggNet5" of kkweon/mnist-competition (README, Performance; 99.71% for its larger
-VGG), the VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on
-(`published_accuracy`). Measured as it ships on MNIST as a folder, alone on the 2-core Xeon
-(2026-12-06, `benchmarks/time_to_accuracy.py`): **99.67%** on the centre crop after 30 epochs
-(at or past the figure at epoch 24 and from epoch 27 on), in 829 s of training (decoding and
-compiling included) plus 55 s of validation passes; `--mode=eval`'s multi-scale dense test
-(Q = 32, 34, 36) **99.70%**. With seeds 1 and 2 (`--config.seed`, the same day): 99.65% and
-99.68% on the centre crop, 99.70% and 99.71% multi-scale. The training scale was measured once for each range (one seed, the
-same 30 epochs; a seed moves such figures by a few test images), as the centre crop's final
-accuracy at Q = 32 and the multi-scale dense one at Q = 32, 36, 40: S = 32 (the version
-before) 99.62% and 99.64%; S in [32, 36] 99.65% and 99.75%; S in [32, 40] 99.57% and 99.67%. Jittered S with
-several test scales helps, as in the paper's Table 4; of the two ranges the narrower did better
-(one run each: a choice made on the test split, as MNIST has no other).
+Published figure to reach on MNIST (its 10,000 test images as `val`): 99.63% test accuracy for the
+smaller "VggNet5" of kkweon/mnist-competition (README, Performance; 99.71% for its larger VGG), the
+VGG-5 that SpinalNet (Kabir et al. 2020, arXiv 2007.03347) builds on (`published_accuracy`).
+Measured as it ships on MNIST as a folder, alone on the 2-core Xeon (2026-12-06,
+`benchmarks/time_to_accuracy.py`): **99.67%** on the centre crop after 30 epochs (at or past the
+figure at epoch 24 and from epoch 27 on), in 829 s of training (decoding and compiling included)
+plus 55 s of validation passes; `--mode=eval`'s multi-scale dense test (Q = 32, 34, 36) **99.70%**.
+With seeds 1 and 2 (`--config.seed`, the same day): 99.65% and 99.68% on the centre crop, 99.70%
+and 99.71% multi-scale. The training scale was measured once for each range (one seed, the same 30
+epochs; a seed moves such figures by a few test images), as the centre crop's final accuracy at
+Q = 32 and the multi-scale dense one at Q = 32, 36, 40: S = 32 (the version before) 99.62% and 99.64%;
+S in [32, 36] 99.65% and 99.75%; S in [32, 40] 99.57% and 99.67%. Jittered S with several test
+scales helps, as in the paper's Table 4; of the two ranges the narrower did better (one run each: a
+choice made on the test split, as MNIST has no other).
 
 Dense evaluation (`--mode=eval`; `benchmarks/dense_alignment.py`) of the net above, top-1 test
 error (%) at Q = 32, 34, 36 and multi-scale: "top_left" (the paper's) 0.35, 0.31, 0.32, 0.28;
