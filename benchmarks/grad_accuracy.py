@@ -15,6 +15,7 @@ with --torch, PyTorch's float32 against its float64 shows it too). Ends with one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -137,7 +138,8 @@ def main(argv: list[str]) -> None:
         }
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        masks64 = decisions(model.clone(dtype=jnp.float64), p64, images.astype(np.float64))
+        model64 = model.clone(spec=dataclasses.replace(model.spec, dtype=jnp.float64))
+        masks64 = decisions(model64, p64, images.astype(np.float64))
     result["decisions_differing"] = {
         n: int(np.sum(masks[n] != masks64[n]) // (2 if "pool" in n else 1)) for n in masks
     }
@@ -151,20 +153,11 @@ def torch_errors(model: models.VGG, params: Any, images: np.ndarray, labels) -> 
     import torch
 
     def gradients(dtype):
-        net = torch_train_step.torch_vgg(model).to(dtype)
+        net = torch_train_step.torch_vgg(model)
+        torch_train_step.load_vggjax(net, model, {"params": params})  # float32, exact in float64
+        net = net.to(dtype)
         layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         names = [layer.name for layer in model.layers if layer.kind in ("conv", "fc")]
-        for module, name in zip(layers, names):
-            kernel = np.asarray(params[name]["kernel"], np.float64)
-            if kernel.ndim == 4:  # HWIO → OIHW
-                kernel = kernel.transpose(3, 2, 0, 1)
-            elif name == "fc6":  # vggjax flattens NHWC, torchvision NCHW
-                window = model.crop_size // 32
-                kernel = kernel.reshape(window, window, -1, kernel.shape[1]).transpose(3, 2, 0, 1)
-            else:
-                kernel = kernel.T
-            module.weight.data = torch.tensor(kernel.reshape(module.weight.shape), dtype=dtype)
-            module.bias.data = torch.tensor(np.asarray(params[name]["bias"]), dtype=dtype)
         net.eval()
         x = torch.tensor(images.transpose(0, 3, 1, 2), dtype=dtype)
         torch.nn.functional.cross_entropy(net(x), torch.tensor(labels)).backward()

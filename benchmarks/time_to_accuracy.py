@@ -300,37 +300,6 @@ def vggjax_initial(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return jax.device_get(dict(params=state.params, batch_stats=state.batch_stats))
 
 
-def _load_vggjax(net, model, variables: dict[str, Any]) -> None:
-    """vggjax's variables into `torch_vgg(model)`'s modules: HWIO kernels as OIHW, fc6's rows
-    from NHWC's flattening to NCHW's (the inverse of vggjax.convert's torchvision reader)."""
-    import torch
-
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    convs = [layer.name for layer in model.layers if layer.kind == "conv"]
-    fcs = [layer.name for layer in model.layers if layer.kind == "fc"]
-    modules = lambda kind: [m for m in net.modules() if isinstance(m, kind)]
-    as_tensor = lambda a: torch.from_numpy(np.array(a))  # a writable copy
-    window = model.crop_size // 32
-    with torch.no_grad():
-        for name, conv in zip(convs, modules(torch.nn.Conv2d), strict=True):
-            conv.weight.copy_(as_tensor(np.transpose(params[name]["kernel"], (3, 2, 0, 1))))
-            conv.bias.copy_(as_tensor(params[name]["bias"]))
-        for name, norm in zip(convs, modules(torch.nn.BatchNorm2d)):
-            p, s = params[f"{name}_bn"], stats[f"{name}_bn"]
-            for tensor, value in zip(
-                (norm.weight, norm.bias, norm.running_mean, norm.running_var),
-                (p["scale"], p["bias"], s["mean"], s["var"]),
-            ):
-                tensor.copy_(as_tensor(value))
-        for name, linear in zip(fcs, modules(torch.nn.Linear), strict=True):
-            kernel = np.asarray(params[name]["kernel"]).T  # (out, in)
-            if name == fcs[0]:  # its inputs flattened NHWC → NCHW, as torch flattens them
-                out = kernel.shape[0]
-                kernel = kernel.reshape(out, window, window, -1).transpose(0, 3, 1, 2)
-            linear.weight.copy_(as_tensor(kernel.reshape(kernel.shape[0], -1)))
-            linear.bias.copy_(as_tensor(params[name]["bias"]))
-
-
 def _optimizer(net, config: ml_collections.ConfigDict, device: str, compiled: bool):
     """SGD with momentum, weight decay on what vggjax's `make_optimizer` decays (the kernels; all
     parameters with `weight_decay_biases`). Compiled, the learning rate is a tensor, so the step
@@ -424,7 +393,7 @@ class _Peer:
         if initial is None:
             _init_weights(self.net, config.kernel_init)
         else:
-            _load_vggjax(self.net, model, initial)
+            torch_train_step.load_vggjax(self.net, model, initial)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer = _optimizer(self.net, config, device, compiled)
         self.forward, self.optimizer_step = self.net, self.optimizer.step

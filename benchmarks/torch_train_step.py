@@ -28,6 +28,7 @@ from typing import Any
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import ml_collections
+import numpy as np
 import train_step  # benchmarks/train_step.py: its flags, config and JAX runners
 from absl import app, flags
 
@@ -88,6 +89,36 @@ def torch_vgg(model: models.VGG):
         nn.Dropout(model.dropout_rate),
         nn.Linear(fc7, fc8),
     )
+
+
+def load_vggjax(net, model: models.VGG, variables: dict[str, Any]) -> None:
+    """vggjax's variables into `torch_vgg(model)`'s modules: HWIO kernels as OIHW, fc6's rows
+    from NHWC's flattening to NCHW's (the inverse of vggjax.convert's torchvision reader)."""
+    import torch
+
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    convs = [layer.name for layer in model.layers if layer.kind == "conv"]
+    fcs = [layer for layer in model.layers if layer.kind == "fc"]
+    modules = lambda kind: [m for m in net.modules() if isinstance(m, kind)]
+    as_tensor = lambda a: torch.from_numpy(np.array(a))  # a writable copy
+    with torch.no_grad():
+        for name, conv in zip(convs, modules(torch.nn.Conv2d), strict=True):
+            conv.weight.copy_(as_tensor(np.transpose(params[name]["kernel"], (3, 2, 0, 1))))
+            conv.bias.copy_(as_tensor(params[name]["bias"]))
+        for name, norm in zip(convs, modules(torch.nn.BatchNorm2d)):
+            p, s = params[f"{name}_bn"], stats[f"{name}_bn"]
+            for tensor, value in zip(
+                (norm.weight, norm.bias, norm.running_mean, norm.running_var),
+                (p["scale"], p["bias"], s["mean"], s["var"]),
+            ):
+                tensor.copy_(as_tensor(value))
+        for layer, linear in zip(fcs, modules(torch.nn.Linear), strict=True):
+            kernel = np.asarray(params[layer.name]["kernel"]).T  # (out, in)
+            if layer is fcs[0]:  # its inputs flattened NHWC → NCHW, as torch flattens them
+                window = layer.kernel  # fc6's window over the last map (the layer table's)
+                kernel = kernel.reshape(kernel.shape[0], window, window, -1).transpose(0, 3, 1, 2)
+            linear.weight.copy_(as_tensor(kernel.reshape(kernel.shape[0], -1)))
+            linear.bias.copy_(as_tensor(params[layer.name]["bias"]))
 
 
 def torch_device() -> str:
