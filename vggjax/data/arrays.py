@@ -27,7 +27,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from vggjax.data import augment, sources
+from vggjax.data import augment, batch_rng, sources
 from vggjax.errors import UserError
 
 _FILES = ("images.npy", "labels.npy", "good.npy", "meta.json")
@@ -154,10 +154,22 @@ def array_source(config: Any, split: str) -> ArraySource:
 
 
 @dataclasses.dataclass(frozen=True)
-class Draws(grain.transforms.RandomMap):
-    """An element's random choices, drawn as the folder pipeline's `train_crop` and
-    `random_shift` draw them: scale S, window (offset, flip), RGB shift."""
+class Position(grain.transforms.MapWithIndex):
+    """An element of the shuffled stream → its stream position (which seeds its draws) and the
+    index of its image."""
 
+    def map_with_index(self, position: int, index: int) -> dict[str, np.int64]:
+        return {"position": np.int64(position), "index": np.int64(index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws(grain.transforms.Map):
+    """A batch of `Position`s → each element's random choices, drawn as the folder pipeline's
+    `train_crop` and `random_shift` draw them from the generator grain's `random_map(seed=seed)`
+    gives its position, for the whole batch at once (`batch_rng`): scale S, window (offset,
+    flip), RGB shift."""
+
+    seed: int
     shape: tuple[int, int]  # of the stored images
     crop: int
     train_scale: tuple[int, int]
@@ -166,17 +178,28 @@ class Draws(grain.transforms.RandomMap):
     mean_rgb: tuple[float, ...]
     colour_std: float
 
-    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        s = augment.sample_scale(rng, *self.train_scale)
-        rescaled = augment.rescaled_size(self.shape, s)
-        window = augment.random_window(rng, rescaled, self.crop, self.pad, self.flip)
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = batch_rng.BatchRng(self.seed, batch["position"])
+        scale = rng.integers(self.train_scale[0], self.train_scale[1] + 1)
+        sizes = {int(s): augment.rescaled_size(self.shape, int(s)) for s in np.unique(scale)}
+        rescaled = np.array([sizes[int(s)] for s in scale], np.int64).reshape(-1, 2)
+        rows, cols = augment.window_positions(rescaled, self.crop, self.pad).T
+        offset = np.stack([rng.integers(0, rows), rng.integers(0, cols)], axis=1) - self.pad
+        flipped = rng.random() < 0.5 if self.flip else np.zeros(len(scale), bool)
+        if self.colour_std:  # normal draws: numpy's own generators, each from its stream's place
+            shift = np.stack([self._shift(g) for g in rng.generators()])
+        else:
+            shift = np.broadcast_to(self._shift(None), (len(scale), 3))
         return {
-            "index": np.int64(index),
-            "scale": np.int32(s),
-            "offset": np.asarray(window.offset, np.int64),
-            "flipped": np.bool_(window.flipped),
-            "shift": augment.random_shift(rng, self.colour_std, self.mean_rgb),
+            "index": batch["index"],
+            "scale": scale.astype(np.int32),
+            "offset": offset,
+            "flipped": flipped,
+            "shift": np.array(shift, np.float32),
         }
+
+    def _shift(self, rng: np.random.Generator | None) -> np.ndarray:
+        return augment.random_shift(rng, self.colour_std, self.mean_rgb)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,11 +189,20 @@ def random_window(
     """Sect. 3.1's random crop x crop window of an image rescaled to `rescaled` (height, width),
     mirrored half the time when `flip`. With `pad`, the window may reach that many pixels past
     each edge (zeros there): the small-image recipes' padding and random crop."""
-    (h, w), span = rescaled, crop - 2 * pad
-    if h < span or w < span:
-        raise ValueError(f"cannot crop {crop}x{crop} from a {h}x{w} image padded by {pad}")
-    offset = (int(rng.integers(0, h - span + 1)) - pad, int(rng.integers(0, w - span + 1)) - pad)
+    rows, cols = window_positions(np.asarray(rescaled), crop, pad)
+    offset = (int(rng.integers(0, rows)) - pad, int(rng.integers(0, cols)) - pad)
     return Window(rescaled, offset, crop, flipped=flip and bool(rng.random() < 0.5))
+
+
+def window_positions(rescaled: np.ndarray, crop: int, pad: int) -> np.ndarray:
+    """How many top and left offsets `random_window` draws from, for images rescaled to
+    `rescaled` (..., 2: height, width); ValueError where the window does not fit."""
+    span, sizes = crop - 2 * pad, rescaled.reshape(-1, 2)
+    too_small = sizes[(sizes < span).any(axis=1)]
+    if len(too_small):
+        h, w = too_small[0]
+        raise ValueError(f"cannot crop {crop}x{crop} from a {h}x{w} image padded by {pad}")
+    return rescaled - span + 1
 
 
 def cut_batch(

@@ -163,13 +163,14 @@ def _finish(
     process_count: int,
     num_workers: int,
     in_memory: bool,
-    per_batch: grain.transforms.Map | None = None,
+    per_batch: tuple[grain.transforms.Map, ...] = (),
 ) -> grain.IterDataset:
-    """Shards the stream by process, batches (then maps `per_batch` over the batches), and runs
-    it in workers, read by the threads `in_memory` (gathered from arrays, or decoded) calls for."""
+    """Shards the stream by process, batches (then maps `per_batch` over the batches, in turn),
+    and runs it in workers, read by the threads `in_memory` (gathered from arrays, or decoded)
+    calls for."""
     ds = ds[process_index::process_count].batch(batch, drop_remainder=True)
-    if per_batch is not None:
-        ds = ds.map(per_batch)
+    for transform in per_batch:
+        ds = ds.map(transform)
     read = _READ_OPTIONS_IN_MEMORY if in_memory else _READ_OPTIONS
     return ds.to_iter_dataset(read).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers)
@@ -213,13 +214,18 @@ def train_dataset(
     in_memory = config.get("data_in_memory", False)
     # The same stream of element indices either way: a fresh permutation in every epoch.
     ds = grain.MapDataset.range(len(images)) if in_memory else grain.MapDataset.source(images)
-    ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
-    gather = None
-    if in_memory:  # each element's draws; the pixels are done per batch
-        ds = ds.random_map(arrays.Draws(shape=images.images.shape[1:3], **_augmentation(config)))
-        gather = arrays.Gather(images, config.crop_size, tuple(config.train_scale))
+    seed = config.seed if seed is None else seed
+    ds = ds.seed(seed).shuffle().repeat()
+    per_batch = ()
+    if in_memory:  # draws and pixels per batch, each image's draws those of its position
+        ds = ds.map_with_index(arrays.Position())
+        per_batch = (
+            arrays.Draws(_draws_seed(seed), images.images.shape[1:3], **_augmentation(config)),
+            arrays.Gather(images, config.crop_size, tuple(config.train_scale)),
+        )
     else:
-        ds = ds.random_map(_TrainExample(**_augmentation(config), box=_regresses_boxes(config)))
+        transform = _TrainExample(**_augmentation(config), box=_regresses_boxes(config))
+        ds = ds.random_map(transform, seed=_draws_seed(seed))
     return _finish(
         ds,
         batch=batch,
@@ -227,8 +233,15 @@ def train_dataset(
         process_count=process_count,
         num_workers=config.num_workers,
         in_memory=in_memory,
-        per_batch=gather,
+        per_batch=per_batch,
     )
+
+
+def _draws_seed(seed: int) -> int:
+    """The training augmentation's seed: the one grain's `ds.seed(seed)` gives a random map after
+    its shuffle and repeat (three nodes below it), stated so that both training pipelines share it
+    (the in-memory one draws for a batch at once: `arrays.Draws`) and runs before keep their draws."""
+    return int(np.random.SeedSequence([seed, 3]).generate_state(1, np.uint32)[0])
 
 
 def eval_dataset(
