@@ -14,6 +14,7 @@ import pytest
 from helpers import ROOT, run_main
 
 from vggjax import checkpoints, pretrained, sharding, train
+from vggjax.data import pipeline
 
 
 def synthetic_batches(config, n, seed=0):
@@ -104,6 +105,30 @@ def test_a_masked_image_changes_nothing(tiny_config, model):
         np.allclose(a, b, rtol=1e-4, atol=2e-6)
         for a, b in zip(jax.tree.leaves(counted.params), jax.tree.leaves(alone.params))
     )
+
+
+def test_the_step_compiled_ahead_is_the_one_the_loop_runs(tiny_config):
+    """`_Run` compiles the train step while the data is read (`compile_ahead`): the first step
+    on the pipeline's batches must not compile it again."""
+    trainer = train.Trainer(tiny_config, sharding.make_mesh(), 10, 5)
+    trainer.compile_ahead().result()
+    states = [trainer.init(jax.random.key(0)) for _ in range(2)]  # each step donates its own
+    batch = trainer.global_batch(next(iter(pipeline.train_dataset(tiny_config))))
+    other = batch | {"image": batch["image"].astype(jnp.float32)}  # another program
+    compiled = []
+
+    def listen(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.block_until_ready(trainer.train_step(states[0], batch))
+        assert not compiled
+        jax.block_until_ready(trainer.train_step(states[1], other))  # so the test can fail
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiled) == 1
 
 
 def test_weight_decay_skips_biases_unless_asked(tiny_config):

@@ -11,6 +11,7 @@ a single device would compute on the whole batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import signal
 from typing import Any
@@ -352,6 +353,23 @@ class Trainer:
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes
         )
 
+    def compile_ahead(self) -> concurrent.futures.Future:
+        """Compiles `train_step` for the config's batches in a thread of its own, where jit's
+        calls then find it: a run's compiling overlaps its reading of the data. The future's
+        `result()` raises what compiling raised."""
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                (self.config.batch_size, *v.shape), v.dtype, sharding=self.batch_sharding
+            )
+            for k, v in pipeline.blank_example(self.config).items()
+        }
+        executor = concurrent.futures.ThreadPoolExecutor(1, "compile_ahead")
+        future = executor.submit(
+            lambda: self.train_step.lower(self.abstract_state(), batch).compile()
+        )
+        executor.shutdown(wait=False)  # the thread ends with its one task
+        return future
+
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One global batch from each process's own slice of it (the input pipeline's), as
         `train_step` and `eval_step` take it: sharded on `data`, nothing copied between hosts."""
@@ -415,7 +433,8 @@ class _Preemption:
 
 
 def _steps(config: ml_collections.ConfigDict, train_source: sources.Source) -> tuple[int, int]:
-    """(total steps, steps per epoch) of the run, checking the training set fits the config."""
+    """(total steps, steps per epoch) of the run, checking the training set (listed or decoded)
+    fits the config."""
     if train_source.num_classes != config.num_classes:
         raise UserError(
             f"config.num_classes is {config.num_classes} but the {config.dataset} "
@@ -438,9 +457,11 @@ class _Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        train_source = pipeline.source(config, "train")
-        self.total_steps, per_epoch = _steps(config, train_source)
+        listed = pipeline.listed(config, "train")
+        self.total_steps, per_epoch = _steps(config, listed)
         self.trainer = trainer = Trainer(config, sharding.make_mesh(), self.total_steps, per_epoch)
+        compiling = trainer.compile_ahead()  # while the images are decoded (data_in_memory)
+        train_source = pipeline.source(config, "train", listed)
         self.data = iter(pipeline.train_dataset(config, **self.process, images=train_source))
         self.ckpt = checkpoints.Checkpoints(workdir, config.max_to_keep)
         config.winograd = convolution.in_effect(
@@ -470,6 +491,7 @@ class _Run:
             per_epoch,
         )
         self.profiler = metrics.Profiler(workdir, config.profile_steps, self.step)
+        compiling.result()
 
     def train_step(self) -> None:
         with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):

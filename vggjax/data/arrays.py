@@ -144,9 +144,10 @@ def _write(path: str, source: sources.Source) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def array_source(config: Any, split: str) -> ArraySource:
-    """The split of config.dataset decoded into memory, from the cache or decoded now."""
-    source = sources.make_source(config, split)
+def array_source(config: Any, split: str, source: sources.Source | None = None) -> ArraySource:
+    """The split of config.dataset (its listed `source`, where the caller has it) decoded into
+    memory, from the cache or decoded now."""
+    source = sources.make_source(config, split) if source is None else source
     path = os.path.join(cache_root(config), fingerprint(config, split, source))
     if not all(os.path.exists(os.path.join(path, name)) for name in _FILES):
         _write(path, source)

@@ -59,15 +59,28 @@ def _regresses_boxes(config: Any) -> bool:
     return config.get("objective", "classification") != "classification"
 
 
-def source(config: Any, split: str) -> sources.Source:
-    """The images a run reads: all of the split's (decoded in memory with
-    `config.data_in_memory`), or for box regression those with boxes."""
-    in_memory = config.get("data_in_memory", False)
+def listed(config: Any, split: str) -> sources.Source:
+    """The images a run reads, not decoded: all of the split's, or for box regression those
+    with boxes."""
     if _regresses_boxes(config):
-        if in_memory:
+        if config.get("data_in_memory", False):
             raise UserError("config.data_in_memory is for classification, not box regression")
         return boxes.boxed_source(config, split)
-    return arrays.array_source(config, split) if in_memory else sources.make_source(config, split)
+    return sources.make_source(config, split)
+
+
+def source(config: Any, split: str, images: sources.Source | None = None) -> sources.Source:
+    """The images a run reads (`images`: `listed(config, split)`, where the caller has it),
+    decoded into memory with `config.data_in_memory`."""
+    images = listed(config, split) if images is None else images
+    if config.get("data_in_memory", False):
+        return arrays.array_source(config, split, images)
+    return images
+
+
+def blank_example(config: Any) -> dict[str, np.ndarray]:
+    """A masked zero example of the batches' elements: their keys, shapes and dtypes."""
+    return _masked(0, config.crop_size, _regresses_boxes(config))
 
 
 def _masked(label: int, crop: int, box: bool) -> dict[str, np.ndarray]:
