@@ -67,6 +67,13 @@ _TARGET = flags.DEFINE_float(
     flag_values=FLAGS,
 )
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Epochs (default: the config's).", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer(
+    "seed",
+    None,
+    "config.seed for both runs (default: the config's): the data order, and each framework's "
+    "initial weights and augmentation draws.",
+    flag_values=FLAGS,
+)
 _FRAMEWORKS = flags.DEFINE_enum(
     "frameworks", "both", ["both", "jax", "torch"], "Which to train.", flag_values=FLAGS
 )
@@ -148,6 +155,8 @@ def load_config() -> tuple[ml_collections.ConfigDict, int]:
         config.data_dir = _DATA_DIR.value
     if _EPOCHS.value is not None:
         config.num_epochs, config.num_train_steps = _EPOCHS.value, -1
+    if _SEED.value is not None:
+        config.seed = _SEED.value
     classes = sources.train_classes(config)
     if classes is not None:
         config.num_classes = len(classes)
@@ -717,6 +726,7 @@ def main(argv: list[str]) -> None:
         train_images=num_train,
         batch_size=config.batch_size,
         epochs=config.num_epochs,
+        seed=config.seed,
         steps_per_epoch=num_train // config.batch_size,
         target=target,
         clock="from the run's start (reading data, building the net, compiling) to each "

@@ -103,14 +103,19 @@ def _benchmark(tmp_path, tiny_folder, *flags: str) -> subprocess.CompletedProces
 
 
 def test_benchmark_json_line(tmp_path, tiny_folder):
-    """One epoch of a narrow net, both frameworks (the peer from vggjax's initial weights):
+    """One epoch of a narrow net, both frameworks (the peer from vggjax's initial weights, seed 3):
     per-epoch seconds and accuracies, the seconds to the target, the ratio and the host."""
     done = _benchmark(
-        tmp_path, tiny_folder, "--target=0", "--torch_compile=eager", "--peer_init=vggjax"
+        tmp_path,
+        tiny_folder,
+        "--target=0",
+        "--torch_compile=eager",
+        "--peer_init=vggjax",
+        "--seed=3",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps_per_epoch"] == 3 and result["target"] == 0
+    assert result["steps_per_epoch"] == 3 and result["target"] == 0 and result["seed"] == 3
     assert result["host"]["cpus"] == len(os.sched_getaffinity(0))
     for name in ("jax", "torch"):
         run = result[name]
