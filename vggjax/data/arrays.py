@@ -7,10 +7,10 @@ file's name, size and modification time, so a changed folder is read again. Trai
 are gathered from it by index in the order grain's sampler gives the folder pipeline (the same
 shuffle, process sharding and checkpointed position), each image's random scale, crop, flip and
 colour shift those of the same per-element generator as there (computed for the whole batch at
-once: `batch_rng`), so the same seed gives the same batches; the pixel work (rescale, padding, crop and flip) is done on the whole batch, and with
-a fixed training scale S the split is rescaled once and kept in memory (one more copy of it at
-S in each process reading it). Images that cannot be decoded are recorded and masked as in the
-folder pipeline.
+once: `batch_rng`), so the same seed gives the same batches; the pixel work (rescale, padding,
+crop and flip) is done on the whole batch, and with a fixed training scale S the split is
+rescaled once and kept in memory (one more copy of it at S in each process reading it). Images
+that cannot be decoded are recorded and masked as in the folder pipeline.
 """
 
 from __future__ import annotations

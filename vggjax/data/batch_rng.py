@@ -42,10 +42,10 @@ def philox4x64(counter: list[np.ndarray], key: tuple[np.uint64, np.uint64]) -> l
 
 
 class BatchRng:
-    """The generators grain's `random_map(seed=seed)` gives stream positions `positions`, drawn
-        from together: each call draws once from every generator (where `active`) and returns an
-        array of the draws. Only the draws numpy makes from whole words and their halves are here; for
-    the others (`normal`), `generators` hands each element's stream on to numpy at its place."""
+    """The generators grain's `random_map(seed=seed)` gives the stream positions `positions`,
+    drawn from together: each call draws once from every one and returns an array of the draws.
+    Only the draws numpy makes from whole words and their halves are here; for the others
+    (`normal`), `generators` hands each stream on to numpy at its place."""
 
     def __init__(self, seed: int, positions: np.ndarray):
         key = np.random.Philox(seed).state["state"]["key"]

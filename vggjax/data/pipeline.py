@@ -251,9 +251,10 @@ def train_dataset(
 
 
 def _draws_seed(seed: int) -> int:
-    """The training augmentation's seed: the one grain's `ds.seed(seed)` gives a random map after
-    its shuffle and repeat (three nodes below it), stated so that both training pipelines share it
-    (the in-memory one draws for a batch at once: `arrays.Draws`) and runs before keep their draws."""
+    """The training augmentation's seed: the one grain's `ds.seed(seed)` gives a random map
+    after its shuffle and repeat (three nodes below it), stated so that both training pipelines
+    share it (the in-memory one draws for a batch at once: `arrays.Draws`) and runs from before
+    keep their draws."""
     return int(np.random.SeedSequence([seed, 3]).generate_state(1, np.uint32)[0])
 
 
