@@ -23,9 +23,9 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 def test_tune_cpu_sets_the_flag_and_xla_uses_it():
     out = _convolution_in_subprocess("--xla_force_host_platform_device_count=2")
-    assert out["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}=individual_dot"
+    assert out["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}="
     assert out["devices"] == "2"  # the user's other flags still reach XLA
-    assert out["ynn"] == "False"  # the convolution runs in XLA's kernels, not YNNPACK
+    assert out["ynn"] == "False"  # the convolution and the product run outside YNNPACK
     assert out["tuned"] == "True"
 
 
@@ -44,8 +44,8 @@ def test_one_variable_turns_the_tuning_off():
 
 
 def test_with_cpu_flags_appends_only_what_is_missing():
-    assert backend.with_cpu_flags("") == f"{FLAG}=individual_dot"
-    assert backend.with_cpu_flags(" --a=1 ") == f"--a=1 {FLAG}=individual_dot"
+    assert backend.with_cpu_flags("") == f"{FLAG}="
+    assert backend.with_cpu_flags(" --a=1 ") == f"--a=1 {FLAG}="
     assert backend.with_cpu_flags(f"--a=1 {FLAG}=dot") == f"--a=1 {FLAG}=dot"
 
 
@@ -349,15 +349,15 @@ def _layer_conv(x: jax.Array, kernel: jax.Array, setting: str = "auto") -> jax.A
 
 def _convolution_in_subprocess(xla_flags: str, off: bool = False) -> dict[str, str]:
     """Calls vggjax.tune_cpu under `xla_flags` (and VGGJAX_CPU_TUNING=0 if `off`), compiles a
-    convolution; XLA_FLAGS, device count, whether the compiled program hands the convolution to
-    YNNPACK, what tune_cpu returned and the Winograd setting."""
+    convolution and a matrix product; XLA_FLAGS, device count, whether the compiled program hands
+    either to YNNPACK, what tune_cpu returned and the Winograd setting."""
     code = (
         "import os, jax, jax.numpy as jnp, vggjax\n"
         "from vggjax import convolution\n"
         "tuned = vggjax.tune_cpu()\n"
         "x, k = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))\n"
         "conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',"
-        " dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+        " dimension_numbers=('NHWC', 'HWIO', 'NHWC')).reshape(64, 2048) @ jnp.ones((2048, 16))\n"
         "text = jax.jit(conv).lower(x, k).compile().as_text()\n"
         "print(os.environ['XLA_FLAGS']); print(jax.device_count()); print('__ynn_fusion' in text)\n"
         "print(tuned); print(convolution.in_effect())\n"

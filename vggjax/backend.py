@@ -4,9 +4,12 @@ Importing vggjax sets nothing. `tune_cpu()` applies four settings; every vggjax 
 calls it first (`vggjax.cli`), and a program of your own may call it at its top, before it
 computes anything with JAX:
 
-- XLA_FLAGS gains CPU_FLAGS: YNNPACK gets the matrix products alone and XLA's own kernels the
-  convolutions, which YNNPACK's fusions made slower. XLA reads XLA_FLAGS when JAX creates its
-  backend, so flags set after the first computation change nothing. A flag you set wins.
+- XLA_FLAGS gains CPU_FLAGS: no YNNPACK fusions, so XLA's own kernels compute the convolutions
+  and Eigen the matrix products. JAX's default fuses whole convolution stacks into YNNPACK, far
+  slower; YNNPACK's products alone ran single-threaded at small sizes (Winograd's batched
+  products of a 32-pixel net), 10% of configs/small_images.py's step. XLA reads XLA_FLAGS when
+  JAX creates its backend, so flags set after the first computation change nothing. A flag you
+  set wins.
 - With `restart=True`, the process restarts itself (`os.execve`: the same command line) with
   cheaper memory for XLA's CPU runtime, which takes a step's temporaries (60 MB for
   configs/small_images.py's step) from malloc and frees them after it (`use_fast_memory`):
@@ -36,7 +39,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from importlib import metadata
 
-CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "individual_dot"}
+CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ""}  # none: BENCHMARKS.md, seventh pass
 JAXLIB_RANGE = ((0, 10), (0, 12))  # [first, past the last) (major, minor) known to have them
 
 
