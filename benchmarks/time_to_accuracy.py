@@ -36,10 +36,13 @@ accuracy), the final accuracies, the host, and vggjax's time ÷ PyTorch's.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import pathlib
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +77,14 @@ _SEED = flags.DEFINE_integer(
     "initial weights and augmentation draws.",
     flag_values=FLAGS,
 )
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    [],
+    "Seeds to run one after the other, each as --seed=S in a fresh process (--workdir gets a "
+    "folder per seed); ends with a line of medians: which framework reaches the target first is "
+    "decided by a few test images near the end, so one seed measures speed poorly.",
+    flag_values=FLAGS,
+)
 _FRAMEWORKS = flags.DEFINE_enum(
     "frameworks", "both", ["both", "jax", "torch"], "Which to train.", flag_values=FLAGS
 )
@@ -98,6 +109,8 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 PROGRAM = "time_to_accuracy"
+_GIVEN = (_CONFIG, _DATA_DIR, _TARGET, _EPOCHS, _FRAMEWORKS, _TORCH_COMPILE, _PEER_INIT)  # --seeds
+_BOTH = ("jax", "torch")
 _PROBE_STEPS = 8  # timed steps of each variant in the torch.compile probe, after warming up
 _WARMUP = 3  # untimed calls: torch.compile traces twice (momentum buffers appear at step 1)
 
@@ -713,8 +726,79 @@ def _jax(config: ml_collections.ConfigDict, num_train: int) -> dict[str, Any]:
     return run_jax(config, workdir, per_epoch)
 
 
+def seed_commands(seeds: list[int]) -> list[list[str]]:
+    """This benchmark's command line for each seed: the flags given, --seed=S, and a workdir of
+    its own below --workdir (or a temporary one)."""
+    given = [h for h in _GIVEN if h.present]
+    commands = []
+    for seed in seeds:
+        command = [sys.executable, os.path.abspath(__file__), *(h.serialize() for h in given)]
+        if _WORKDIR.value:
+            command.append(f"--workdir={pathlib.Path(_WORKDIR.value) / f'seed_{seed}'}")
+        commands.append([*command, f"--seed={seed}"])
+    return commands
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median, None (the target never reached, or no ratio) counting as the largest."""
+    middle = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(middle) else round(middle, 3)
+
+
+def across_seeds(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The line that ends a --seeds run: each seed's two times and ratios, their medians, and in
+    how many seeds each framework reached the target first."""
+    per_seed = [
+        dict(
+            seed=line["seed"],
+            **{f"{name}_seconds_to_target": line[name]["seconds_to_target"] for name in _BOTH},
+            **{f"{name}_train_seconds": line[name]["train_seconds"] for name in _BOTH},
+            time_to_target_jax_over_torch=line["time_to_target_jax_over_torch"],
+            train_time_jax_over_torch=line["train_time_jax_over_torch"],
+        )
+        for line in lines
+    ]
+    median = {
+        f"median_{key}": _median([s[key] for s in per_seed]) for key in per_seed[0] if key != "seed"
+    }
+    first = [(s["jax_seconds_to_target"], s["torch_seconds_to_target"]) for s in per_seed]
+    return dict(
+        seeds=per_seed,
+        **median,
+        jax_first=sum(j is not None and (t is None or j < t) for j, t in first),
+        torch_first=sum(t is not None and (j is None or t < j) for j, t in first),
+    )
+
+
+def run_seeds(given: list[str]) -> None:
+    """Each seed's benchmark in a fresh process, its JSON line passed on as it ends, then the
+    line of medians."""
+    try:
+        seeds = [int(seed) for seed in given]
+    except ValueError:
+        raise UserError(
+            f"--seeds takes integers separated by commas, not {','.join(given)}"
+        ) from None
+    if _SEED.present:
+        raise UserError("give --seed or --seeds, not both")
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds names a seed twice: {','.join(given)}")
+    if _FRAMEWORKS.value != "both":
+        raise UserError("--seeds compares the two frameworks: leave --frameworks at 'both'")
+    lines = []
+    for command in seed_commands(seeds):
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if done.returncode:
+            sys.exit(done.returncode)  # its error (one line for a user's mistake) is on stderr
+        lines.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(lines[-1]), flush=True)
+    print(json.dumps(across_seeds(lines)))
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if _SEEDS.value:
+        return run_seeds(_SEEDS.value)
     cli.show_own_info()  # vggjax's own progress lines, as `python -m vggjax.main` shows them
     config, num_train = load_config()
     target = _target(config)

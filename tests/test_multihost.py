@@ -54,9 +54,15 @@ def test_two_processes_train_stop_on_sigterm_and_resume_like_one(tiny_config, tm
     assert done in second[0] and done not in second[1]
 
     tiny_config.num_train_steps = step + 2
-    train.train_and_evaluate(tiny_config, str(tmp_path / "one"))  # 8 devices, one process
+    _assert_ends_like_one_process(tiny_config, workdir, tmp_path / "one")
+
+
+def _assert_ends_like_one_process(tiny_config, workdir, one_dir) -> None:
+    """The two processes' checkpoint in `workdir` holds what a straight run of `tiny_config` on 8
+    devices in one process (written to `one_dir`) ends with."""
+    train.train_and_evaluate(tiny_config, str(one_dir))  # 8 devices, one process
     two = jax.device_get(checkpoints.restore_params(str(workdir)))
-    one = jax.device_get(checkpoints.restore_params(str(tmp_path / "one")))
+    one = jax.device_get(checkpoints.restore_params(str(one_dir)))
     init = jax.device_get(
         train.Trainer(tiny_config, sharding.make_mesh())
         .init(jax.random.key(tiny_config.seed))

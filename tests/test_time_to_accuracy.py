@@ -103,37 +103,87 @@ def _benchmark(tmp_path, tiny_folder, *flags: str) -> subprocess.CompletedProces
 
 
 def test_benchmark_json_line(tmp_path, tiny_folder):
-    """One epoch of a narrow net, both frameworks (the peer from vggjax's initial weights, seed 3):
-    per-epoch seconds and accuracies, the seconds to the target, the ratio and the host."""
+    """One epoch of a narrow net, both frameworks (the peer from vggjax's initial weights), seed 3
+    through --seeds: its per-epoch seconds and accuracies, the seconds to the target, the ratio
+    and the host, then the line across seeds that restates them."""
     done = _benchmark(
         tmp_path,
         tiny_folder,
         "--target=0",
         "--torch_compile=eager",
         "--peer_init=vggjax",
-        "--seed=3",
+        "--seeds=3",
+        f"--workdir={tmp_path / 'runs'}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps_per_epoch"] == 3 and result["target"] == 0 and result["seed"] == 3
-    assert result["host"]["cpus"] == len(os.sched_getaffinity(0))
+    *_, line, summary = (json.loads(line) for line in done.stdout.strip().splitlines())
+    assert line["steps_per_epoch"] == 3 and line["target"] == 0 and line["seed"] == 3
+    assert line["host"]["cpus"] == len(os.sched_getaffinity(0))
     for name in ("jax", "torch"):
-        run = result[name]
+        run = line[name]
         (epoch,) = run["epochs"]
         # eval_seconds is rounded to 10 ms: the peer tests 8 images in less
         assert epoch["epoch"] == 1 and epoch["seconds"] > 0 and epoch["eval_seconds"] >= 0
         assert epoch["accuracy"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
         assert run["final_accuracy"] == epoch["accuracy"]
         assert run["seconds_to_target"] == run["train_seconds"] == epoch["seconds"]
-    assert result["torch"]["variant"] == "eager" and result["torch"]["peer_init"] == "vggjax"
-    ratio = result["jax"]["seconds_to_target"] / result["torch"]["seconds_to_target"]
-    assert result["time_to_target_jax_over_torch"] == pytest.approx(ratio, abs=1e-3)
+        assert summary[f"median_{name}_seconds_to_target"] == round(epoch["seconds"], 3)
+    assert line["torch"]["variant"] == "eager" and line["torch"]["peer_init"] == "vggjax"
+    ratio = line["jax"]["seconds_to_target"] / line["torch"]["seconds_to_target"]
+    assert line["time_to_target_jax_over_torch"] == pytest.approx(ratio, abs=1e-3)
+    assert [s["seed"] for s in summary["seeds"]] == [3]
+    assert summary["jax_first"] + summary["torch_first"] == 1
+    assert any((tmp_path / "runs" / "seed_3").iterdir())  # the seed's vggjax run
+
+
+def _line(seed: int, jax: float | None, torch: float | None) -> dict:
+    """A seed's JSON line, as far as the line across seeds reads it."""
+    return dict(
+        seed=seed,
+        jax=dict(seconds_to_target=jax, train_seconds=300.0),
+        torch=dict(seconds_to_target=torch, train_seconds=400.0),
+        time_to_target_jax_over_torch=time_to_accuracy._ratio(jax, torch),
+        train_time_jax_over_torch=0.75,
+    )
+
+
+def test_across_seeds_medians_count_a_missed_target_as_slowest():
+    summary = time_to_accuracy.across_seeds(
+        [_line(0, 100.0, 120.0), _line(1, 200.0, 150.0), _line(2, None, 300.0)]
+    )
+    assert summary["median_jax_seconds_to_target"] == 200.0
+    assert summary["median_torch_seconds_to_target"] == 150.0
+    assert summary["median_time_to_target_jax_over_torch"] == 1.333  # of 0.833, 1.333, None
+    assert summary["median_train_time_jax_over_torch"] == 0.75
+    assert (summary["jax_first"], summary["torch_first"]) == (1, 2)
+    two = time_to_accuracy.across_seeds([_line(0, 100.0, 120.0), _line(1, None, 150.0)])
+    assert two["median_jax_seconds_to_target"] is None  # the mean of 100 and never
+    assert two["median_torch_seconds_to_target"] == 135.0
 
 
 def test_benchmark_fails_in_one_line(tmp_path, tiny_folder):
     done = _benchmark(tmp_path, tiny_folder, "--target=0.9", "--epochs=0")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("time_to_accuracy: error: ")
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--seeds=1,x"], "integers"),
+        (["--seeds=1,2", "--seed=1"], "not both"),
+        (["--seeds=2,1,2"], "twice"),
+        (["--seeds=1", "--frameworks=jax"], "both"),
+    ],
+)
+def test_seeds_refuses_what_it_cannot_run(flags, error):
+    """Before any seed's run starts (the one-line form of a UserError: the test above)."""
+    time_to_accuracy.FLAGS(["time_to_accuracy", *flags])
+    try:
+        with pytest.raises(UserError, match=error):
+            time_to_accuracy.main([])
+    finally:
+        time_to_accuracy.FLAGS.unparse_flags()
 
 
 def _as_vggjax(peer) -> dict:
