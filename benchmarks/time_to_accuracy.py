@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_accuracy.py --data_dir=DATA     # DATA/{train,val}/<class>/<image>
     python benchmarks/time_to_accuracy.py --data_dir=DATA --epochs=2 --torch_compile=eager
+    python benchmarks/time_to_accuracy.py --data_dir=DATA --seeds=0,1,2   # then medians across seeds
 
 Both train the config's net with its recipe (learning rate and its schedule, batch, epochs,
 augmentation, initialisation, weight decay) on the same images in the same order, and test on
@@ -30,7 +31,8 @@ machine (and the GPU) to itself. Runs unchanged on a GPU: JAX on its default bac
 on CUDA when it has it.
 
 Ends with one JSON line: seconds each took to reach `--target` accuracy, each epoch's (seconds,
-accuracy), the final accuracies, the host, and vggjax's time ÷ PyTorch's.
+accuracy), the final accuracies, the host, and vggjax's time ÷ PyTorch's. With --seeds, one
+such line per seed (each from a fresh process), then one across them (`across_seeds`).
 """
 
 from __future__ import annotations
