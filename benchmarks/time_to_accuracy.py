@@ -114,6 +114,7 @@ PROGRAM = "time_to_accuracy"
 _GIVEN = (_CONFIG, _DATA_DIR, _TARGET, _EPOCHS, _FRAMEWORKS, _TORCH_COMPILE, _PEER_INIT)  # --seeds
 _BOTH = ("jax", "torch")
 _PROBE_STEPS = 8  # timed steps of each variant in the torch.compile probe, after warming up
+_PROBE_ROUNDS = 3  # turns each variant takes at them: the median counts
 _WARMUP = 3  # untimed calls: torch.compile traces twice (momentum buffers appear at step 1)
 
 # Config fields that change nothing the two frameworks learn (logging, checkpoints, data
@@ -491,8 +492,10 @@ def _torch_setup(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
 
 
 def torch_probe(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-    """Each variant's seconds for its first `_WARMUP` steps (compilation) and per step after,
-    on random images, and the variant that finishes `steps` steps first."""
+    """Each variant's seconds for its first `_WARMUP` steps (compilation) and its median step
+    after, on random images, and the variant that finishes `steps` steps first. The variants
+    take turns (`_PROBE_ROUNDS` rounds of `_PROBE_STEPS` steps each), so neither is timed alone
+    while the process is still warming up or the machine drifts."""
     import torch
 
     from vggjax.data import sources
@@ -502,23 +505,28 @@ def torch_probe(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]
     shape = _decoded_shape(first)
     images = torch.randint(0, 256, (config.batch_size, 3, *shape), dtype=torch.uint8)
     images, labels = images.to(device), torch.zeros(config.batch_size, dtype=torch.long).to(device)
+    peers = {v: _Peer(config, device, compiled=v == "compiled") for v in ("eager", "compiled")}
+
+    def timed(peer: _Peer, n: int) -> float:
+        begin = time.perf_counter()
+        for _ in range(n):
+            peer.train_step(images, labels)
+        peer.sync()
+        return time.perf_counter() - begin
+
+    warmup = {v: timed(peer, _WARMUP) for v, peer in peers.items()}
+    rounds = [
+        {v: timed(peer, _PROBE_STEPS) for v, peer in peers.items()} for _ in range(_PROBE_ROUNDS)
+    ]
     result = {}
-    for variant in ("eager", "compiled"):
-        peer = _Peer(config, device, compiled=variant == "compiled")
-        timed = []
-        for n in (_WARMUP, _PROBE_STEPS):
-            begin = time.perf_counter()
-            for _ in range(n):
-                peer.train_step(images, labels)
-            peer.sync()
-            timed.append(time.perf_counter() - begin)
-        per_step = timed[1] / _PROBE_STEPS
-        result[variant] = dict(
-            warmup_seconds=round(timed[0], 2),
+    for v in peers:
+        per_step = statistics.median(r[v] for r in rounds) / _PROBE_STEPS
+        result[v] = dict(
+            warmup_seconds=round(warmup[v], 2),
             step_ms=round(per_step * 1e3, 2),
-            projected_seconds=round(timed[0] + max(steps - _WARMUP, 0) * per_step, 1),
+            projected_seconds=round(warmup[v] + max(steps - _WARMUP, 0) * per_step, 1),
         )
-    result["chosen"] = min(("eager", "compiled"), key=lambda v: result[v]["projected_seconds"])
+    result["chosen"] = min(peers, key=lambda v: result[v]["projected_seconds"])
     return result
 
 
