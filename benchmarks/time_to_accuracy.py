@@ -114,8 +114,8 @@ PROGRAM = "time_to_accuracy"
 _GIVEN = (_CONFIG, _DATA_DIR, _TARGET, _EPOCHS, _FRAMEWORKS, _TORCH_COMPILE, _PEER_INIT)  # --seeds
 _BOTH = ("jax", "torch")
 _PROBE_STEPS = 8  # timed steps of each variant in the torch.compile probe, after warming up
-_PROBE_ROUNDS = 3  # turns each variant takes at them: the median counts
-_WARMUP = 3  # untimed calls: torch.compile traces twice (momentum buffers appear at step 1)
+_PROBE_ROUNDS = 3  # rounds in which the variants take turns at those steps; the median counts
+_WARMUP = 3  # first calls, timed apart: torch.compile traces twice (momentum buffers at step 1)
 
 # Config fields that change nothing the two frameworks learn (logging, checkpoints, data
 # workers, how the CPU computes, the test protocols run after training), and the values the
